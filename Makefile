@@ -1,0 +1,63 @@
+# The two commands a newcomer runs:  make demo   and   make test
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+RUNTIME_VENV := .venv-runtime
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint unit integration e2e test-runtime binaries venv runtime-venv crds clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd and kwok, built from Go modules
+# once and cached in ~/.cache/kaito-py (see hack/build-binaries.sh).
+binaries:
+	@bash hack/build-binaries.sh >/dev/null
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/python -m pytest test/unit
+
+integration: venv binaries
+	$(BIN)/python -m pytest test/integration
+
+e2e: venv binaries
+	$(BIN)/python -m pytest test/e2e
+
+# The model runtime (presets/) has its own dependencies (torch, transformers) in its own venv.
+$(RUNTIME_VENV)/.installed: $(wildcard presets/requirements*.txt)
+	$(PY) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip
+	$(RUNTIME_VENV)/bin/pip install -q --disable-pip-version-check -r presets/requirements-test.txt
+	touch $@
+
+runtime-venv: $(RUNTIME_VENV)/.installed
+
+test-runtime:
+	@if [ -f presets/requirements-test.txt ]; then \
+	  $(MAKE) --no-print-directory runtime-venv && \
+	  $(RUNTIME_VENV)/bin/python -m pytest test/runtime -p no:cacheprovider; \
+	else echo "no model runtime yet (presets/requirements-test.txt missing)"; fi
+
+# Everything: lint + types, then unit, integration (real apiserver) and e2e (full local cluster) suites,
+# then the model runtime's suite.
+test: venv binaries lint
+	$(BIN)/python -m pytest test/unit test/integration test/e2e
+	$(MAKE) --no-print-directory test-runtime
+
+# Brings up the full local cluster, runs the operator on the seed's phi-3 Workspace, prints the result.
+demo: venv binaries
+	$(BIN)/python hack/localcluster.py run --profile full -- bash hack/demo.sh
+
+clean:
+	rm -rf $(VENV) $(RUNTIME_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Test suites. A regular package so ``test.<helper>`` resolves here, not to the stdlib's ``test``."""
