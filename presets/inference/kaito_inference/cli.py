@@ -1,0 +1,77 @@
+"""Process entry point: parse flags, check adapters, serve with uvicorn, exit non-zero on load failure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from .adapters import AdapterError, discover_adapters
+from .config import ConfigError, ServerConfig, parse_args
+
+log = logging.getLogger("kaito_inference")
+
+
+def _configure_logging(level: str) -> None:
+    if os.environ.get("DEBUG_MODE", "").lower() == "true":  # upstream's switch
+        level = "debug"
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+async def serve(cfg: ServerConfig) -> int:
+    """Run the server until SIGTERM/SIGINT; return the process exit code (1 if the model failed to load)."""
+    import uvicorn
+    from transformers.utils import logging as hf_logging
+
+    from .server import create_app
+
+    if cfg.log_level != "debug" and os.environ.get("DEBUG_MODE", "").lower() != "true":
+        # transformers warns on every request about flag combinations upstream's defaults produce
+        # (max_length with max_new_tokens, top_k with greedy decoding); keep the pod log readable.
+        hf_logging.set_verbosity_error()
+
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_failure(message: str) -> None:
+        failure.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(cfg, on_load_failure=on_load_failure)
+    config = uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level=cfg.log_level,
+        timeout_graceful_shutdown=30,
+        ws="none",  # no websocket endpoints; avoids importing the websockets package
+        # Default access logs on every probe would drown the model's own messages.
+        access_log=cfg.log_level == "debug",
+    )
+    server = uvicorn.Server(config)
+    await server.serve()
+    return 1 if failure else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``inference_api.py``; returns the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_args(args)
+    except ConfigError as exc:
+        print(f"inference_api.py: error: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(cfg.log_level)
+    try:
+        # Cheap checks first, so a broken adapter is reported before minutes of model loading.
+        adapters = discover_adapters(cfg.adapters_dir)
+    except AdapterError as exc:
+        log.error("adapter error: %s", exc)
+        return 1
+    for a in adapters:
+        log.info("adapter %s from %s with strength %s", a.name, a.path, a.strength)
+    return asyncio.run(serve(cfg))

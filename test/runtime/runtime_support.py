@@ -1,0 +1,167 @@
+"""Helpers for the model runtime tests: a tiny random causal LM built locally, and real servers.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained here on a few sentences with the
+``tokenizers`` library, the model a two-layer Llama with random weights; both are saved with
+``save_pretrained`` exactly like the weights in a model image.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from kaito_inference.config import ServerConfig
+from kaito_inference.engine import LoadedModel, load_model
+
+REPO = Path(__file__).resolve().parents[2]
+RUNTIME_DIR = REPO / "presets" / "inference"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Kubernetes schedules pods onto nodes with GPUs.",
+    "KAITO deploys a model preset and answers chat requests.",
+    "Hello world! How are you today? I am fine, thank you.",
+    "A tiny random model produces random but deterministic text.",
+]
+MODEL_ID = "tiny-llama"
+
+
+def build_tokenizer(path: Path) -> Any:
+    """Train a byte-level BPE tokenizer (every byte is in the vocabulary, so no text is unknown)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=256
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_model(path: Path, tokenizer: Any, seed: int = 0) -> None:
+    """A two-layer Llama with random weights; the EOS logit is pushed down so greedy runs are long."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # Random weights would otherwise pick EOS now and then and make token counts flaky; the final
+        # RMSNorm output is not sign-controlled, so zero the row and let a bias-free logit of 0 lose.
+        model.lm_head.weight[tokenizer.eos_token_id].zero_()
+        model.lm_head.weight[tokenizer.pad_token_id].zero_()
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def free_port() -> int:
+    """A port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until true or fail after ``timeout`` seconds (no blind sleeps)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+@dataclass
+class RunningServer:
+    """A real uvicorn server on loopback, running in its own thread and event loop."""
+
+    url: str
+    app: Any
+    server: Any
+    thread: threading.Thread
+    failures: list[str]
+
+    @property
+    def runtime(self) -> Any:
+        """The app's :class:`Runtime` (state, engine)."""
+        return self.app.state.runtime
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Block until the model is loaded (or loading failed)."""
+        wait_for(lambda: self.runtime.state != "loading", timeout, "model load")
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit and join its thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "server thread did not stop"
+
+
+def start_server(
+    cfg: ServerConfig, load_fn: Callable[[ServerConfig], LoadedModel] = load_model, wait: bool = True
+) -> RunningServer:
+    """Start ``create_app(cfg)`` under uvicorn on a free loopback port."""
+    import uvicorn
+    from kaito_inference.server import create_app
+
+    failures: list[str] = []
+    app = create_app(cfg, load_fn=load_fn, on_load_failure=failures.append)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="none")
+    )
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), 30, "uvicorn start")
+    assert thread.is_alive(), "uvicorn exited during start-up"
+    running = RunningServer(f"http://127.0.0.1:{port}", app, server, thread, failures)
+    if wait:
+        running.wait_ready()
+    return running
+
+
+def make_config(model_dir: Path, adapters_dir: Path | None = None, **overrides: Any) -> ServerConfig:
+    """Server configuration for the tiny model on CPU (float32 so results are exact)."""
+    cfg = ServerConfig(
+        pretrained_model_name_or_path=str(model_dir),
+        served_model_name=MODEL_ID,
+        torch_dtype="float32",
+        device_map="cpu",
+        adapters_dir=str(adapters_dir) if adapters_dir is not None else str(model_dir / "no-adapters"),
+        port=0,
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
