@@ -1,0 +1,263 @@
+"""The admission webhook HTTPS server (AdmissionReview v1), served by every controller replica.
+
+Paths: ``/validate/workspace.kaito.sh`` (validating, upstream's path) and ``/mutate/workspace.kaito.sh``
+(defaulting); ``/healthz`` answers 200 once the server is listening.
+
+A malformed request never takes the server down: bodies that are not an AdmissionReview get HTTP 400
+with a JSON error; a review whose object cannot be read is denied with a message naming the field;
+an unexpected exception in a rule is logged and the request denied with HTTP 500 in the review status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from pydantic import ValidationError
+
+from kaito.api.workspace import GROUP, KIND, Workspace
+from kaito.webhook.defaulting import default_patch
+from kaito.webhook.validation import Result, WorkspaceValidator
+
+VALIDATE_PATH = "/validate/workspace.kaito.sh"
+MUTATE_PATH = "/mutate/workspace.kaito.sh"
+HEALTH_PATH = "/healthz"
+TLS_CERT_FILE = "tls.crt"
+TLS_KEY_FILE = "tls.key"
+MAX_BODY_BYTES = 8 * 1024 * 1024  # the apiserver allows ~3 MiB objects; old + new object both travel
+
+log = structlog.get_logger("kaito.webhook")
+
+
+class BadReview(ValueError):
+    """The request body is not a usable AdmissionReview v1."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[")
+        parts.append(f"{path or 'object'}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _review(uid: str, allowed: bool, **response: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {"uid": uid, "allowed": allowed, **response},
+    }
+
+
+def _deny(
+    uid: str, code: int, message: str, reason: str = "Invalid", warnings: list[str] | None = None
+) -> dict[str, Any]:
+    extra: dict[str, Any] = {"status": {"code": code, "reason": reason, "message": message}}
+    if warnings:
+        extra["warnings"] = warnings
+    return _review(uid, False, **extra)
+
+
+def _parse_request(body: bytes) -> dict[str, Any]:
+    try:
+        review = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadReview(f"body is not JSON: {e}") from e
+    if not isinstance(review, dict):
+        raise BadReview("body must be a JSON object (an AdmissionReview)")
+    if review.get("kind") != "AdmissionReview" or review.get("apiVersion") != "admission.k8s.io/v1":
+        raise BadReview(
+            f"expected apiVersion admission.k8s.io/v1, kind AdmissionReview; got "
+            f"{review.get('apiVersion')!r}, {review.get('kind')!r}"
+        )
+    request = review.get("request")
+    if not isinstance(request, dict) or not isinstance(request.get("uid"), str) or not request["uid"]:
+        raise BadReview("AdmissionReview.request with a uid is required")
+    return request
+
+
+class WebhookServer:
+    """aiohttp HTTPS server for the validating and mutating Workspace webhooks.
+
+    ``cert_dir`` holds ``tls.crt``/``tls.key`` (written by :class:`kaito.webhook.certs.CertManager`);
+    call :meth:`reload_certificates` after they change (new handshakes use the new pair). With
+    ``cert_dir=None`` the server speaks plain HTTP (only for local tools; the apiserver needs HTTPS).
+    """
+
+    def __init__(
+        self,
+        validator: WorkspaceValidator,
+        host: str = "0.0.0.0",
+        port: int = 9443,
+        cert_dir: Path | None = None,
+    ) -> None:
+        self.validator = validator
+        self.host = host
+        self._port = port
+        self.cert_dir = cert_dir
+        self._ssl: ssl.SSLContext | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES)
+        self.app.router.add_post(VALIDATE_PATH, self._handle_validate)
+        self.app.router.add_post(MUTATE_PATH, self._handle_mutate)
+        self.app.router.add_get(HEALTH_PATH, self._handle_health)
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when constructed with port 0)."""
+        if self._runner is not None:
+            for addr in self._runner.addresses:
+                if isinstance(addr, tuple) and len(addr) >= 2:
+                    return int(addr[1])
+        return self._port
+
+    def _load_ssl(self) -> ssl.SSLContext:
+        assert self.cert_dir is not None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cert_dir / TLS_CERT_FILE, self.cert_dir / TLS_KEY_FILE)
+        return ctx
+
+    def reload_certificates(self) -> None:
+        """Re-read the key pair from ``cert_dir``; connections opened afterwards present the new one."""
+        if self._ssl is not None and self.cert_dir is not None:
+            self._ssl.load_cert_chain(self.cert_dir / TLS_CERT_FILE, self.cert_dir / TLS_KEY_FILE)
+            log.info("webhook certificate reloaded", cert_dir=str(self.cert_dir))
+
+    async def start(self) -> None:
+        """Start listening (the certificate files must exist when ``cert_dir`` is set)."""
+        if self.cert_dir is not None:
+            self._ssl = await asyncio.to_thread(self._load_ssl)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.host, self._port, ssl_context=self._ssl, backlog=512)
+        await self._site.start()
+        log.info("webhook server listening", host=self.host, port=self.port, tls=self._ssl is not None)
+
+    async def stop(self) -> None:
+        """Stop listening and finish in-flight requests."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            self._site = None
+
+    async def __aenter__(self) -> WebhookServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --------------------------------------------------------------------------------------- handlers
+
+    async def _handle_health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _read(self, request: web.Request) -> dict[str, Any] | web.Response:
+        try:
+            return _parse_request(await request.read())
+        except BadReview as e:
+            log.warning("bad admission request", path=request.path, error=str(e))
+            return web.json_response({"error": str(e)}, status=400)
+
+    async def _handle_validate(self, request: web.Request) -> web.Response:
+        req = await self._read(request)
+        if isinstance(req, web.Response):
+            return req
+        uid = req["uid"]
+        try:
+            review = await self.review_validate(req)
+        except Exception as e:  # a rule bug must deny this request, not crash the server
+            log.exception("validation failed unexpectedly", uid=uid)
+            review = _deny(
+                uid, 500, f"internal error in the kaito webhook: {type(e).__name__}: {e}", "InternalError"
+            )
+        return web.json_response(review)
+
+    async def _handle_mutate(self, request: web.Request) -> web.Response:
+        req = await self._read(request)
+        if isinstance(req, web.Response):
+            return req
+        uid = req["uid"]
+        try:
+            review = self.review_mutate(req)
+        except Exception as e:
+            log.exception("defaulting failed unexpectedly", uid=uid)
+            review = _deny(
+                uid, 500, f"internal error in the kaito webhook: {type(e).__name__}: {e}", "InternalError"
+            )
+        return web.json_response(review)
+
+    # ---------------------------------------------------------------------------------------- reviews
+
+    @staticmethod
+    def _check_kind(req: dict[str, Any]) -> str | None:
+        kind = req.get("kind") or {}
+        if not isinstance(kind, dict) or kind.get("group") != GROUP or kind.get("kind") != KIND:
+            return f"this webhook admits {GROUP} {KIND} objects only; got {kind!r}"
+        return None
+
+    def _parse_workspace(self, raw: Any, namespace: str | None, what: str) -> Workspace:
+        if not isinstance(raw, dict):
+            raise BadReview(f"request.{what} is required and must be an object")
+        ws = Workspace.model_validate(raw)
+        if not ws.metadata.namespace and namespace:
+            ws.metadata.namespace = namespace
+        return ws
+
+    async def review_validate(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The validating AdmissionReview response for one request."""
+        uid = req["uid"]
+        problem = self._check_kind(req)
+        if problem:
+            return _deny(uid, 400, problem, "BadRequest")
+        operation = req.get("operation")
+        if operation not in ("CREATE", "UPDATE"):
+            return _review(uid, True)
+        namespace = req.get("namespace")
+        try:
+            new = self._parse_workspace(req.get("object"), namespace, "object")
+            old = (
+                self._parse_workspace(req.get("oldObject"), namespace, "oldObject")
+                if operation == "UPDATE"
+                else None
+            )
+        except BadReview as e:
+            return _deny(uid, 400, str(e), "BadRequest")
+        except ValidationError as e:
+            return _deny(uid, 422, _format_validation_error(e))
+        result: Result
+        if old is None:
+            result = await self.validator.validate_create(new)
+        else:
+            result = await self.validator.validate_update(old, new)
+        if not result.allowed:
+            log.info(
+                "workspace denied", uid=uid, operation=operation, namespace=namespace, name=new.metadata.name
+            )
+            return _deny(uid, 422, "; ".join(result.errors), warnings=result.warnings)
+        return _review(uid, True, warnings=result.warnings) if result.warnings else _review(uid, True)
+
+    def review_mutate(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The mutating AdmissionReview response (a JSONPatch with the missing defaults)."""
+        uid = req["uid"]
+        problem = self._check_kind(req)
+        if problem:
+            return _deny(uid, 400, problem, "BadRequest")
+        if req.get("operation") not in ("CREATE", "UPDATE"):
+            return _review(uid, True)
+        obj = req.get("object")
+        if not isinstance(obj, dict):
+            return _deny(uid, 400, "request.object is required and must be an object", "BadRequest")
+        ops = default_patch(obj)
+        if not ops:
+            return _review(uid, True)
+        patch = base64.b64encode(json.dumps(ops).encode()).decode()
+        return _review(uid, True, patchType="JSONPatch", patch=patch)
