@@ -147,6 +147,8 @@ class FakeArm:
     """When set, requests must carry exactly this bearer token."""
     page_size: int = 0
     """When > 0, LIST answers this many pools per page with a nextLink."""
+    lro_headers: str = "both"
+    """Which polling headers operations announce: ``both`` (as AKS does), ``async`` or ``location``."""
     pools: dict[tuple[str, str, str, str], dict[str, Any]] = field(default_factory=dict)
     requests: list[RecordedRequest] = field(default_factory=list)
     _operations: dict[str, _Operation] = field(default_factory=dict)
@@ -266,11 +268,12 @@ class FakeArm:
         self._operations[op_id] = _Operation(op_id, kind, key, self.polls, error)
         base = f"{request.scheme}://{request.host}/subscriptions/{sub}/providers/Microsoft.ContainerService/locations/{self.location}"
         version = request.query.get("api-version", "")
-        return {
-            "Azure-AsyncOperation": f"{base}/operations/{op_id}?api-version={version}",
-            "Location": f"{base}/operationresults/{op_id}?api-version={version}",
-            "Retry-After": str(self.retry_after),
-        }
+        headers = {"Retry-After": str(self.retry_after)}
+        if self.lro_headers in ("both", "async"):
+            headers["Azure-AsyncOperation"] = f"{base}/operations/{op_id}?api-version={version}"
+        if self.lro_headers in ("both", "location"):
+            headers["Location"] = f"{base}/operationresults/{op_id}?api-version={version}"
+        return headers
 
     # --- HTTP ----------------------------------------------------------------------------------
 

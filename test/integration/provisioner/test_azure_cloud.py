@@ -368,3 +368,22 @@ async def test_metrics_wrap_every_call(arm: FakeArmServer, cloud: AzureCloudProv
     assert (
         value("kaito_cloud_request_errors_total", provider="azure", operation="list", reason="NotFound") == 0
     )
+
+
+@pytest.mark.parametrize("protocol", ["async", "location"])
+async def test_both_polling_protocols(arm: FakeArmServer, cloud: AzureCloudProvider, protocol: str) -> None:
+    arm.arm.lro_headers = protocol
+    instance = await cloud.create(machine())
+    assert instance.state is InstanceState.RUNNING
+    marker = "/operations/" if protocol == "async" else "/operationresults/"
+    assert any(marker in r.path for r in arm.arm.requests)
+    await cloud.delete("ws1a2b3c4d5")
+    with pytest.raises(NotFound):
+        await cloud.get("ws1a2b3c4d5")
+    # A failed operation is classified the same way whichever protocol reported it.
+    arm.arm.inject("operation", QUOTA_EXCEEDED)
+    with pytest.raises(QuotaExceeded):
+        await cloud.create(machine("wsquota"))
+    arm.arm.inject("operation", ALLOCATION_FAILED)
+    with pytest.raises(CapacityUnavailable):
+        await cloud.create(machine("wsalloc"))
