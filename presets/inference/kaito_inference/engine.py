@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from .adapters import AdapterSpec, discover_adapters, merge_adapters
 from .config import ServerConfig
 
@@ -233,6 +235,19 @@ class StreamDelta:
 _END = object()
 
 
+async def _wait_settled(fut: asyncio.Future[Any]) -> None:
+    """Wait for a worker-thread future even while the calling task is being cancelled.
+
+    Starlette runs streaming responses in anyio task groups whose cancellation is level-triggered: every
+    await in a cancelled scope fails again at once. A shielded scope lets the owner still wait for the
+    thread it started (it stops within one token once its cancel flag is set).
+    """
+    if fut.done():
+        return
+    with anyio.CancelScope(shield=True):
+        await asyncio.wait({fut})
+
+
 class _Control:
     """Per-request state shared between the event loop and the generating thread."""
 
@@ -388,8 +403,7 @@ class Engine:
             # If the awaiting request was cancelled, stop the thread and still wait for it: the future
             # is owned here and must not outlive the request.
             control.cancel.set()
-            if not fut.done():
-                await asyncio.wait({fut})
+            await _wait_settled(fut)
             self._controls.discard(control)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamDelta]:
@@ -452,8 +466,7 @@ class Engine:
             yield StreamDelta(text=tail, final=result)
         finally:
             control.cancel.set()
-            if not fut.done():
-                await asyncio.wait({fut})
+            await _wait_settled(fut)
             self._controls.discard(control)
 
     async def close(self) -> None:

@@ -1,0 +1,312 @@
+"""The OpenAI-compatible API through the official ``openai`` client, streaming and concurrency included."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from kaito_inference.config import ServerConfig
+from kaito_inference.engine import LoadedModel, load_model
+from runtime_support import MODEL_ID, RunningServer, make_config, wait_for
+
+pytestmark = [pytest.mark.runtime, pytest.mark.timeout(60)]
+
+MESSAGES = [{"role": "user", "content": "Hello! How are you today?"}]
+
+
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def aclient(server: RunningServer) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def greedy_reference(server: RunningServer, input_ids: list[int], max_new_tokens: int) -> tuple[str, int]:
+    engine = server.runtime.engine
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=torch.tensor([input_ids]),
+            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=engine.tokenizer.pad_token_id,
+        )
+    new = out[0, len(input_ids) :]
+    return engine.tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+
+def chat_ids(server: RunningServer, messages: list[dict[str, str]]) -> list[int]:
+    tok = server.runtime.engine.tokenizer
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+
+def metric(server: RunningServer, name: str, labels: str = "") -> float:
+    """Read one sample from /metrics (0 when absent)."""
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_models_list(base_server: RunningServer) -> None:
+    models = client(base_server).models.list()
+    assert [m.id for m in models.data] == [MODEL_ID]
+    assert models.data[0].owned_by == "kaito"
+    assert models.data[0].model_extra["max_model_len"] == 256
+
+
+def test_chat_completion_matches_generate(base_server: RunningServer) -> None:
+    out = client(base_server).chat.completions.create(
+        model=MODEL_ID, messages=MESSAGES, max_tokens=12, temperature=0
+    )
+    ids = chat_ids(base_server, MESSAGES)
+    expected, n = greedy_reference(base_server, ids, 12)
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == expected
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage is not None
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), n)
+    assert out.usage.total_tokens == len(ids) + n
+
+
+def test_chat_stream_equals_non_stream(base_server: RunningServer) -> None:
+    c = client(base_server)
+    full = c.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=20, temperature=0)
+    stream = c.chat.completions.create(
+        model=MODEL_ID,
+        messages=MESSAGES,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    content_chunks = [ch for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    assert text == full.choices[0].message.content
+    assert len(content_chunks) > 1, "tokens were not streamed one by one"
+    assert finishes == ["length"]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_sampling_with_seed_is_reproducible(base_server: RunningServer) -> None:
+    c = client(base_server)
+    kwargs: dict[str, Any] = {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 10, "temperature": 1.0}
+    a = c.chat.completions.create(seed=7, **kwargs).choices[0].message.content
+    b = c.chat.completions.create(seed=7, **kwargs).choices[0].message.content
+    assert a == b
+    many = c.chat.completions.create(n=3, seed=1, **kwargs)
+    assert [ch.index for ch in many.choices] == [0, 1, 2]
+
+
+def test_completions_and_stream(base_server: RunningServer) -> None:
+    c = client(base_server)
+    prompt = "Kubernetes schedules pods"
+    ids = base_server.runtime.engine.encode_prompt(prompt)
+    expected, n = greedy_reference(base_server, ids, 8)
+    out = c.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0)
+    assert out.object == "text_completion"
+    assert out.choices[0].text == expected
+    assert out.usage is not None and out.usage.completion_tokens == n
+    echo = c.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0, echo=True)
+    assert echo.choices[0].text == prompt + expected
+    streamed = "".join(
+        ch.choices[0].text
+        for ch in c.completions.create(
+            model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0, stream=True
+        )
+        if ch.choices
+    )
+    assert streamed == expected
+    both = c.completions.create(model=MODEL_ID, prompt=[prompt, "Hello"], max_tokens=4, temperature=0)
+    assert [ch.index for ch in both.choices] == [0, 1]
+    # OpenAI's default max_tokens for completions is 16.
+    default = c.completions.create(model=MODEL_ID, prompt=prompt, temperature=0)
+    assert default.usage is not None and default.usage.completion_tokens == 16
+
+
+def test_stop_sequences(base_server: RunningServer) -> None:
+    c = client(base_server)
+    full = c.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=30, temperature=0)
+    text = full.choices[0].message.content or ""
+    stop = next(text[i : i + 2] for i in range(6, len(text) - 2) if "\ufffd" not in text[i : i + 2])
+    expected = text[: text.find(stop)]
+    cut = c.chat.completions.create(
+        model=MODEL_ID, messages=MESSAGES, max_tokens=30, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].message.content == expected
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.usage is not None and cut.usage.completion_tokens < 30
+    stream = c.chat.completions.create(
+        model=MODEL_ID, messages=MESSAGES, max_tokens=30, temperature=0, stop=stop, stream=True
+    )
+    chunks = list(stream)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_unknown_model_is_404(base_server: RunningServer) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client(base_server).chat.completions.create(model="gpt-4", messages=MESSAGES)
+    assert MODEL_ID in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"max_tokens": 10**9}, "maximum context length"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"temperature": 5}, "temperature"),
+        ({"n": 2, "stream": True}, "n > 1"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "x" * 2000}]}, "maximum context length"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "text",
+        ),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"frequency_penalty": 1.0}, "frequency_penalty"),
+    ],
+)
+def test_bad_openai_requests_are_400(
+    base_server: RunningServer, kwargs: dict[str, Any], fragment: str
+) -> None:
+    args: dict[str, Any] = {"model": MODEL_ID, "messages": MESSAGES, **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        client(base_server).chat.completions.create(**args)
+    assert fragment in str(err.value)
+    assert "Traceback" not in str(err.value)
+
+
+def test_prometheus_metrics(base_server: RunningServer) -> None:
+    before = metric(base_server, "kaito_inference_generation_tokens_total", '{endpoint="/v1/completions"}')
+    reqs = metric(base_server, "kaito_inference_requests_total", '{code="200",endpoint="/v1/completions"}')
+    client(base_server).completions.create(model=MODEL_ID, prompt="Hello", max_tokens=5, temperature=0)
+    after = metric(base_server, "kaito_inference_generation_tokens_total", '{endpoint="/v1/completions"}')
+    assert after - before == 5
+    reqs_after = metric(
+        base_server, "kaito_inference_requests_total", '{code="200",endpoint="/v1/completions"}'
+    )
+    assert reqs_after - reqs == 1
+    text = httpx.get(base_server.url + "/metrics").text
+    for name in (
+        "kaito_inference_time_to_first_token_seconds_bucket",
+        "kaito_inference_request_duration_seconds_bucket",
+        "kaito_inference_prompt_tokens_total",
+        "kaito_inference_model_ready 1.0",
+    ):
+        assert name in text
+
+
+async def test_concurrent_requests(base_server: RunningServer) -> None:
+    """Many requests at once (two generate on threads side by side): each gets its own right answer."""
+    prompts = [f"Prompt number {i} about nodes" for i in range(8)]
+    expected = [
+        greedy_reference(base_server, base_server.runtime.engine.encode_prompt(p), 10)[0] for p in prompts
+    ]
+    c = aclient(base_server)
+
+    async def one(i: int) -> str:
+        if i % 3 == 0:
+            text = ""
+            stream = await c.completions.create(
+                model=MODEL_ID, prompt=prompts[i], max_tokens=10, temperature=0, stream=True
+            )
+            async for ch in stream:
+                text += ch.choices[0].text if ch.choices else ""
+            return text
+        if i % 3 == 1:
+            async with httpx.AsyncClient() as h:
+                r = await h.post(
+                    base_server.url + "/chat",
+                    json={
+                        "prompt": prompts[i],
+                        "return_full_text": False,
+                        "generate_kwargs": {"do_sample": False, "max_new_tokens": 10},
+                    },
+                )
+                return str(r.json()["Result"])
+        out = await c.completions.create(model=MODEL_ID, prompt=prompts[i], max_tokens=10, temperature=0)
+        return out.choices[0].text
+
+    results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
+    assert results == expected
+    await c.close()
+
+
+def gated_loader(entered: threading.Event, release: threading.Event) -> Any:
+    """Load the real model but make its forward pass wait for the test after the first token."""
+
+    def load(cfg: ServerConfig) -> LoadedModel:
+        loaded = load_model(cfg)
+        calls = {"n": 0}
+
+        def hook(_module: Any, _args: Any) -> None:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                entered.set()
+                assert release.wait(30), "test never released the forward pass"
+
+        loaded.model.register_forward_pre_hook(hook)
+        loaded.model.forward_calls = calls
+        return loaded
+
+    return load
+
+
+async def test_event_loop_serves_while_generating(tiny_model_dir: Path, server_factory: Any) -> None:
+    """A generation stuck inside forward() must not stop health, metrics or other endpoints."""
+    entered, release = threading.Event(), threading.Event()
+    server = server_factory(make_config(tiny_model_dir), load_fn=gated_loader(entered, release))
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as h:
+        pending = asyncio.create_task(
+            h.post(
+                "/chat", json={"prompt": "hi", "generate_kwargs": {"do_sample": False, "max_new_tokens": 5}}
+            )
+        )
+        try:
+            await asyncio.to_thread(lambda: entered.wait(30))
+            assert entered.is_set()
+            for path in ("/health", "/v1/models", "/metrics"):
+                r = await h.get(path)
+                assert r.status_code == 200
+            assert not pending.done()
+            assert (
+                'kaito_inference_generations_in_progress{endpoint="/chat"} 1.0'
+                in (await h.get("/metrics")).text
+            )
+        finally:
+            release.set()
+        r = await pending
+        assert r.status_code == 200
+
+
+async def test_stream_disconnect_stops_generation(tiny_model_dir: Path, server_factory: Any) -> None:
+    entered, release = threading.Event(), threading.Event()
+    server = server_factory(make_config(tiny_model_dir), load_fn=gated_loader(entered, release))
+    engine = server.runtime.engine
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as h:
+            body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 200, "temperature": 0, "stream": True}
+            async with h.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                await asyncio.to_thread(lambda: entered.wait(30))
+            # Leaving the block closed the connection while the generation waits inside forward().
+        await asyncio.to_thread(
+            wait_for, lambda: any(c.cancel.is_set() for c in engine._controls), 10, "cancel flag"
+        )
+    finally:
+        release.set()
+    await asyncio.to_thread(wait_for, lambda: not engine._controls, 10, "generation to finish")
+    assert engine.model.forward_calls["n"] < 10, "generation ran on after the client left"
