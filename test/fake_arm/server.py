@@ -24,7 +24,7 @@ import itertools
 import json
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,8 @@ _OPERATION_RE = re.compile(
     r"(?P<kind>operations|operationresults)/(?P<op>[^/]+)$",
     re.IGNORECASE,
 )
+
+PoolHook = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 IN_PROGRESS_CREATE_MESSAGE = (
     "Operation is not allowed because there's an in progress create node pool operation. "
@@ -147,6 +149,10 @@ class FakeArm:
     """When set, requests must carry exactly this bearer token."""
     page_size: int = 0
     """When > 0, LIST answers this many pools per page with a nextLink."""
+    hooks: list[PoolHook] = field(default_factory=list)
+    """Awaited with (``"ready"`` | ``"deleted"``, pool document) when an operation finishes a pool;
+    e.g. :class:`test.fake_arm.nodes.AksNodeSimulator` registers the pool's Node like AKS would."""
+    hook_errors: list[Exception] = field(default_factory=list)
     lro_headers: str = "both"
     """Which polling headers operations announce: ``both`` (as AKS does), ``async`` or ``location``."""
     pools: dict[tuple[str, str, str, str], dict[str, Any]] = field(default_factory=dict)
@@ -194,11 +200,11 @@ class FakeArm:
         self.pools[self._key(sub, rg, cluster, name)] = pool
         return pool
 
-    def finish_operations(self) -> None:
+    async def finish_operations(self) -> None:
         """Complete every outstanding operation now, as if ARM had finished them without being polled."""
         for op in list(self._operations.values()):
             op.polls_left = 0
-            self._advance(op)
+            await self._poll(op)
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -235,26 +241,41 @@ class FakeArm:
             "properties": props,
         }
 
-    def _advance(self, op: _Operation) -> None:
-        """One poll of an operation: count down, then apply its outcome to the pool exactly once."""
+    def _advance(self, op: _Operation) -> tuple[str, dict[str, Any]] | None:
+        """One poll of an operation: count down, then apply its outcome to the pool exactly once.
+
+        Returns the pool event to announce to hooks (``ready`` / ``deleted``), if this poll finished it.
+        """
         if op.status != "InProgress":
-            return
+            return None
         if op.polls_left > 0:
             op.polls_left -= 1
-            return
+            return None
         pool = self.pools.get(op.key)
         if op.error is not None:
             op.status = "Failed"
             if pool is not None:
                 pool["properties"]["provisioningState"] = "Failed"
-        elif op.kind == "delete":
-            op.status = "Succeeded"
+            return None
+        op.status = "Succeeded"
+        if pool is None:
+            return None
+        if op.kind == "delete":
             self.pools.pop(op.key, None)
-        else:
-            op.status = "Succeeded"
-            if pool is not None:
-                pool["properties"]["provisioningState"] = "Succeeded"
-                pool["properties"]["nodeImageVersion"] = "AKSUbuntu-2204gen2containerd-202501.01.0"
+            return ("deleted", pool)
+        pool["properties"]["provisioningState"] = "Succeeded"
+        pool["properties"]["nodeImageVersion"] = "AKSUbuntu-2204gen2containerd-202501.01.0"
+        return ("ready", pool)
+
+    async def _poll(self, op: _Operation) -> None:
+        event = self._advance(op)
+        if event is None:
+            return
+        for hook in self.hooks:
+            try:
+                await hook(*event)
+            except Exception as e:  # a broken hook must not turn into a fake ARM failure
+                self.hook_errors.append(e)
 
     def _start_operation(
         self,
@@ -299,7 +320,7 @@ class FakeArm:
                 ArmError(400, "MissingApiVersionParameter", "The api-version query parameter is required.")
             )
         if m := _OPERATION_RE.match(request.path):
-            return self._handle_operation(m["kind"].lower(), m["op"])
+            return await self._handle_operation(m["kind"].lower(), m["op"])
         m = _POOL_RE.match(request.path)
         if not m:
             return _error(ArmError(404, "InvalidResourceType", f"no route for {request.path}"))
@@ -322,11 +343,11 @@ class FakeArm:
             return self._handle_delete(request, sub, name, key)
         return _error(ArmError(405, "MethodNotAllowed", f"{request.method} is not supported"))
 
-    def _handle_operation(self, kind: str, op_id: str) -> web.StreamResponse:
+    async def _handle_operation(self, kind: str, op_id: str) -> web.StreamResponse:
         op = self._operations.get(op_id)
         if op is None:
             return _error(ArmError(404, "NotFound", f"operation {op_id} not found"))
-        self._advance(op)
+        await self._poll(op)
         headers = {"Retry-After": str(self.retry_after)}
         if kind == "operationresults":
             # The Location-header protocol: 202 while running, then 204 (delete) / 200 (create) or the error.

@@ -319,7 +319,7 @@ async def test_operation_outlasting_the_timeout_is_a_conflict_then_adopted(arm: 
     try:
         with pytest.raises(Conflict, match="still in progress"):
             await provider.create(machine())
-        arm.arm.finish_operations()
+        await arm.arm.finish_operations()
         instance = await provider.create(machine())
         assert instance.state is InstanceState.RUNNING
         assert len(arm.arm.requests_for("PUT")) == 1
