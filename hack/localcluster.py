@@ -56,6 +56,7 @@ PROFILES = ("apiserver", "full")
 KCM_CONTROLLERS = (
     "garbage-collector-controller",
     "namespace-controller",
+    "node-lifecycle-controller",
     "deployment-controller",
     "replicaset-controller",
     "statefulset-controller",
@@ -561,8 +562,22 @@ class LocalCluster:
     def compact_etcd(self) -> int:
         """Compact etcd at its current revision (physically) and return that revision."""
         rev = self.etcd_revision()
-        self._etcd_post("/v3/kv/compaction", {"revision": str(rev), "physical": True})
+        try:
+            self._etcd_post("/v3/kv/compaction", {"revision": str(rev), "physical": True})
+        except urllib.error.HTTPError as e:
+            # Nothing was written since the last compaction (ours or the apiserver's): already done.
+            if b"required revision has been compacted" not in e.read():
+                raise
         return rev
+
+    def etcd_revision_compacted(self, revision: int) -> bool:
+        """True when etcd refuses to read at ``revision`` because it was compacted away."""
+        body = {"key": base64.b64encode(b"/").decode(), "revision": str(revision), "limit": "1"}
+        try:
+            self._etcd_post("/v3/kv/range", body)
+        except urllib.error.HTTPError as e:
+            return b"required revision has been compacted" in e.read()
+        return False
 
     def stop_apiserver(self) -> None:
         """Stop kube-apiserver, leaving etcd (and everything else) running."""
