@@ -11,12 +11,14 @@ Also here: Kubernetes resource-quantity parsing, because the OS disk size comes 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
+
+from kaito.api.quantity import QuantityError
+from kaito.api.quantity import parse_quantity as _parse_quantity
 
 MachineDict = Mapping[str, Any]
 """A Machine object as a JSON-shaped mapping (``apiVersion``, ``kind``, ``metadata``, ``spec``, ``status``)."""
@@ -225,26 +227,6 @@ def parse_creation_label(value: str) -> datetime | None:
 
 # --- resource quantities -------------------------------------------------------------------------
 
-_BINARY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL_SUFFIXES = {
-    "n": Decimal("1e-9"),
-    "u": Decimal("1e-6"),
-    "m": Decimal("1e-3"),
-    "": Decimal(1),
-    "k": Decimal("1e3"),
-    "M": Decimal("1e6"),
-    "G": Decimal("1e9"),
-    "T": Decimal("1e12"),
-    "P": Decimal("1e15"),
-    "E": Decimal("1e18"),
-}
-# Kubernetes quantity grammar: signed decimal number, then a binary SI suffix, a decimal SI suffix or a
-# decimal exponent (e.g. "1e3", "1.5E2").
-_QUANTITY_RE = re.compile(
-    r"^(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+))"
-    r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$"
-)
-
 GIB = 2**30
 
 
@@ -252,25 +234,13 @@ def parse_quantity(value: str | int | float) -> Decimal:
     """Parse a Kubernetes resource quantity (``"120Gi"``, ``"100G"``, ``"1Ti"``, ``"500m"``, ``"1e3"``) exactly.
 
     Returns the value in base units (bytes for storage) as a Decimal; raises MachineFieldError when the
-    string is not a valid quantity.
+    string is not a valid quantity. Delegates to :mod:`kaito.api.quantity` so the operator and the
+    provisioner can never disagree about a quantity.
     """
-    if isinstance(value, bool):
-        raise MachineFieldError(f"invalid quantity {value!r}")
-    if isinstance(value, int | float):
-        return Decimal(str(value))
-    match = _QUANTITY_RE.match(value.strip())
-    if not match:
-        raise MachineFieldError(f"invalid quantity {value!r} (expected e.g. 120Gi, 100G, 1Ti)")
     try:
-        number = Decimal(match["num"])
-    except InvalidOperation as e:  # pragma: no cover - the regex admits only valid decimals
-        raise MachineFieldError(f"invalid quantity {value!r}") from e
-    suffix = match["suffix"] or ""
-    if suffix in _BINARY_SUFFIXES:
-        return number * _BINARY_SUFFIXES[suffix]
-    if suffix in _DECIMAL_SUFFIXES:
-        return number * _DECIMAL_SUFFIXES[suffix]
-    return number * (Decimal(10) ** int(suffix[1:]))
+        return _parse_quantity(value)
+    except QuantityError as e:
+        raise MachineFieldError(f"invalid quantity {value!r} (expected e.g. 120Gi, 100G, 1Ti)") from e
 
 
 def quantity_to_gib(value: str | int | float) -> int:

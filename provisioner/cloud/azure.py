@@ -15,13 +15,16 @@ import asyncio
 import os
 import re
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import structlog
+from azure.core.credentials import AccessToken
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import (
     ClientAuthenticationError,
@@ -105,6 +108,10 @@ class AzureConfig:
     """Seconds between long-running-operation polls when ARM sends no Retry-After."""
     operation_timeout: float = 1200.0
     """How long create/delete wait for ARM's long-running operation before handing back to the caller."""
+    max_retries: int | None = None
+    """azure-core retries of 408/429/5xx/transport errors per request; None keeps the SDK default (10)."""
+    token_file: str = ""
+    """A file holding a bearer token for ARM (a fake ARM in demos, or a token a sidecar refreshes)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AzureConfig:
@@ -115,7 +122,8 @@ class AzureConfig:
         ``AZURE_CLIENT_ID``, ``AZURE_FEDERATED_TOKEN_FILE`` + ``AZURE_AUTHORITY_HOST`` (workload identity),
         ``AZURE_CLIENT_SECRET`` (service principal), ``DEPLOYMENT_MODE=managed`` (DefaultAzureCredential).
         Optional: ``LOCATION``/``AZURE_LOCATION``, ``AZURE_NODE_RESOURCE_GROUP``, ``ARM_ENDPOINT``,
-        ``ARM_CA_FILE``, ``ARM_API_VERSION``, ``ARM_POLLING_INTERVAL``, ``ARM_OPERATION_TIMEOUT``.
+        ``ARM_CA_FILE``, ``ARM_API_VERSION``, ``ARM_POLLING_INTERVAL``, ``ARM_OPERATION_TIMEOUT``,
+        ``ARM_MAX_RETRIES``, ``ARM_TOKEN_FILE`` (a bearer token read from a file; for a fake ARM).
         Raises ConfigError naming every missing or malformed variable.
         """
         env = os.environ if env is None else env
@@ -155,6 +163,13 @@ class AzureConfig:
 
         polling = number("ARM_POLLING_INTERVAL", 10.0)
         timeout = number("ARM_OPERATION_TIMEOUT", 1200.0)
+        retries_raw = _first(env, "ARM_MAX_RETRIES")
+        max_retries: int | None = None
+        if retries_raw:
+            if retries_raw.isdigit():
+                max_retries = int(retries_raw)
+            else:
+                errors.append(f"ARM_MAX_RETRIES={retries_raw!r} is not a non-negative integer")
         if errors:
             raise ConfigError("Azure configuration: " + "; ".join(errors))
         location = _first(env, "LOCATION", "AZURE_LOCATION")
@@ -179,15 +194,20 @@ class AzureConfig:
             api_version=_first(env, "ARM_API_VERSION"),
             polling_interval=polling,
             operation_timeout=timeout,
+            max_retries=max_retries,
+            token_file=_first(env, "ARM_TOKEN_FILE"),
         )
 
     @property
     def credential_kind(self) -> str:
         """Which azure-identity credential :func:`build_credential` picks.
 
-        ``default`` (DEPLOYMENT_MODE=managed, as upstream), else ``workload_identity`` when a federated
-        token file is mounted (the self-hosted default), else ``client_secret``, else ``managed_identity``.
+        ``token_file`` when ARM_TOKEN_FILE is set (explicit, e.g. a fake ARM), else ``default``
+        (DEPLOYMENT_MODE=managed, as upstream), else ``workload_identity`` when a federated token file is
+        mounted (the self-hosted default), else ``client_secret``, else ``managed_identity``.
         """
+        if self.token_file:
+            return "token_file"
         if self.deployment_mode == "managed":
             return "default"
         if self.federated_token_file:
@@ -195,6 +215,35 @@ class AzureConfig:
         if self.client_secret:
             return "client_secret"
         return "managed_identity"
+
+
+class FileTokenCredential:
+    """An async token credential that reads a bearer token from a file (re-read every few minutes).
+
+    For talking to a fake ARM in demos, or to ARM with a token some other process keeps fresh.
+    """
+
+    # azure-core refreshes a token within 5 minutes of its expiry, so this re-reads about every 5 minutes.
+    _LIFETIME_S = 600
+
+    def __init__(self, path: str) -> None:
+        self._path = Path(path)
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        """The file's content (stripped) as a token for any scope."""
+        token = (await asyncio.to_thread(self._path.read_text)).strip()
+        if not token:
+            raise ClientAuthenticationError(message=f"token file {self._path} is empty")
+        return AccessToken(token, int(time.time()) + self._LIFETIME_S)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def __aenter__(self) -> FileTokenCredential:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def build_credential(config: AzureConfig) -> AsyncTokenCredential:
@@ -209,6 +258,8 @@ def build_credential(config: AzureConfig) -> AsyncTokenCredential:
     kind = config.credential_kind
     log.info("azure credential selected", kind=kind, client_id=config.client_id or None)
     extra: dict[str, Any] = {"authority": config.authority_host} if config.authority_host else {}
+    if kind == "token_file":
+        return FileTokenCredential(config.token_file)
     if kind == "default":
         return DefaultAzureCredential(managed_identity_client_id=config.client_id or None, **extra)
     if kind == "workload_identity":
@@ -612,6 +663,8 @@ class AzureCloudProvider(CloudProvider):
         kwargs: dict[str, Any] = {"polling_interval": config.polling_interval}
         if config.api_version:
             kwargs["api_version"] = config.api_version
+        if config.max_retries is not None:
+            kwargs["retry_total"] = config.max_retries
         if config.arm_endpoint:
             kwargs["base_url"] = config.arm_endpoint
         if config.ca_file:

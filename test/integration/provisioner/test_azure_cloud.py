@@ -6,6 +6,7 @@ No kube-apiserver is involved: everything here is the provider <-> ARM conversat
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from provisioner.cloud.azure import AzureCloudProvider, AzureConfig
 from provisioner.cloud.base import (
     AuthFailed,
     CapacityUnavailable,
+    CloudError,
     Conflict,
     InstanceState,
     InvalidRequest,
@@ -32,6 +34,7 @@ from test.fake_arm import (
     QUOTA_OPERATION_NOT_ALLOWED,
     SKU_NOT_AVAILABLE,
     ZONAL_ALLOCATION_FAILED,
+    ArmError,
     FakeArm,
     FakeArmServer,
     StaticTokenCredential,
@@ -387,3 +390,40 @@ async def test_both_polling_protocols(arm: FakeArmServer, cloud: AzureCloudProvi
     arm.arm.inject("operation", ALLOCATION_FAILED)
     with pytest.raises(CapacityUnavailable):
         await cloud.create(machine("wsalloc"))
+
+
+async def test_token_file_credential_from_config(arm: FakeArmServer, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("test-token\n")
+    # No credential passed: open() builds it from the config, as the provisioner's entry point does.
+    provider = await AzureCloudProvider.open(config_for(arm, token_file=str(token_file)))
+    try:
+        await provider.create(machine())
+        assert (await provider.get("ws1a2b3c4d5")).state is InstanceState.RUNNING
+    finally:
+        await provider.close()
+
+
+async def test_server_errors_are_retried_then_classified(arm: FakeArmServer) -> None:
+    arm.arm.inject("get", ArmError(500, "InternalServerError", "try again"), times=1)
+    retrying = await AzureCloudProvider.open(
+        config_for(arm, max_retries=2), StaticTokenCredential("test-token")
+    )
+    try:
+        with pytest.raises(NotFound):  # the retry got through to the real answer
+            await retrying.get("ws1a2b3c4d5")
+    finally:
+        await retrying.close()
+    assert len(arm.arm.requests_for("GET", "ws1a2b3c4d5")) == 2
+
+    arm.arm.inject("get", ArmError(503, "ServiceUnavailable", "busy"), times=1)
+    strict = await AzureCloudProvider.open(
+        config_for(arm, max_retries=0), StaticTokenCredential("test-token")
+    )
+    try:
+        with pytest.raises(CloudError) as e:
+            await strict.get("ws1a2b3c4d5")
+        assert type(e.value) is CloudError
+        assert e.value.retryable and "503" in e.value.message
+    finally:
+        await strict.close()

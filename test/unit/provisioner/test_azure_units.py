@@ -429,3 +429,12 @@ def test_config_reports_every_problem() -> None:
     assert "s3cr3t-value" not in text
     with pytest.raises(ConfigError, match="negative"):
         AzureConfig.from_env({**BASE_ENV, "ARM_OPERATION_TIMEOUT": "-1"})
+
+
+def test_config_token_file_and_retries() -> None:
+    cfg = AzureConfig.from_env({**BASE_ENV, "ARM_TOKEN_FILE": "/run/token", "ARM_MAX_RETRIES": "3"})
+    assert cfg.credential_kind == "token_file"
+    assert cfg.max_retries == 3
+    assert AzureConfig.from_env(BASE_ENV).max_retries is None
+    with pytest.raises(ConfigError, match="ARM_MAX_RETRIES"):
+        AzureConfig.from_env({**BASE_ENV, "ARM_MAX_RETRIES": "many"})
