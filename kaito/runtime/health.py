@@ -8,7 +8,7 @@ Checks are plain callables returning ``True`` when fine; ``?verbose`` lists each
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
@@ -38,9 +38,8 @@ class HttpServer:
         site = web.TCPSite(runner, self.host, self.requested_port, reuse_address=True)
         await site.start()
         self._runner = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self.requested_port
+        addresses = runner.addresses
+        self.port = int(addresses[0][1]) if addresses else self.requested_port
         log.info("serving", server=self.name, host=self.host, port=self.port)
 
     async def stop(self) -> None:
@@ -79,7 +78,9 @@ class Probes:
             lines.append(f"[{'+' if passed else '-'}]{name} {'ok' if passed else 'failed'}")
         return ok, lines
 
-    def _handler(self, kind: str, checks: dict[str, Check]) -> Callable[[web.Request], object]:
+    def _handler(
+        self, kind: str, checks: dict[str, Check]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
             ok, lines = self._run(checks)
             if "verbose" in request.query:
@@ -93,8 +94,8 @@ class Probes:
     def app(self) -> web.Application:
         """The probe application: ``/healthz`` and ``/readyz``."""
         app = web.Application()
-        app.router.add_get("/healthz", self._handler("healthz", self.health))  # type: ignore[arg-type]
-        app.router.add_get("/readyz", self._handler("readyz", self.ready))  # type: ignore[arg-type]
+        app.router.add_get("/healthz", self._handler("healthz", self.health))
+        app.router.add_get("/readyz", self._handler("readyz", self.ready))
         return app
 
 
