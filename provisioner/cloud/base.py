@@ -70,6 +70,10 @@ class Instance:
     detail: str = ""
     """Provider-specific state text, e.g. the ARM ``provisioningState``."""
 
+    def label_selector(self) -> str:
+        """``node_selector`` as a Kubernetes label selector string (for ``list_node(label_selector=...)``)."""
+        return ",".join(f"{k}={v}" for k, v in sorted(self.node_selector.items()))
+
 
 class CloudError(Exception):
     """A cloud call failed. Subclasses classify why; this base class is an unclassified, transient failure."""

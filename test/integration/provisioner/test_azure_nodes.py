@@ -79,7 +79,8 @@ async def test_pool_node_is_found_by_selector_and_provider_id(
     instance = await cloud.create(machine(name))
     assert instance.state is InstanceState.RUNNING
 
-    selector = ",".join(f"{k}={v}" for k, v in instance.node_selector.items())
+    selector = instance.label_selector()
+    assert selector == f"agentpool={name},kubernetes.azure.com/agentpool={name}"
     nodes = (await core.list_node(label_selector=selector)).items
     assert len(nodes) == 1
     node = nodes[0]
