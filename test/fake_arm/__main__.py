@@ -1,7 +1,9 @@
 """Run the fake ARM standalone for demos: ``python -m test.fake_arm --port 8443``.
 
-Prints the endpoint and CA file; point the provisioner at it with ``ARM_ENDPOINT`` and ``ARM_CA_FILE``
-(any bearer token is accepted unless ``--token`` is given).
+Prints the endpoint and CA file; point the provisioner at it with ``ARM_ENDPOINT``, ``ARM_CA_FILE`` and
+``ARM_TOKEN_FILE`` (any bearer token is accepted unless ``--token`` is given). With ``--kubeconfig`` each
+finished agent pool also registers an AKS-like, kwok-managed Node in that cluster (GPU counts from the
+SKU catalog), so the Azure provider's whole flow runs on a laptop.
 """
 
 from __future__ import annotations
@@ -10,13 +12,33 @@ import argparse
 import asyncio
 import signal
 from pathlib import Path
+from typing import Any
 
 from test.fake_arm.server import FakeArm, FakeArmServer
 
 
+def _gpu_count(sku: str) -> int:
+    from kaito.presets.skus import default_sku_catalog
+
+    found = default_sku_catalog().get(sku)
+    return found.gpu_count if found is not None else 0
+
+
 async def _serve(args: argparse.Namespace) -> None:
+    arm = FakeArm(polls=args.polls, retry_after=args.retry_after, token=args.token, location=args.location)
+    api_client: Any = None
+    if args.kubeconfig:
+        from kubernetes_asyncio import config
+        from kubernetes_asyncio.client import ApiClient, Configuration
+
+        from test.fake_arm.nodes import AksNodeSimulator
+
+        client_config = Configuration()
+        await config.load_kube_config(config_file=args.kubeconfig, client_configuration=client_config)
+        api_client = ApiClient(client_config)
+        arm.hooks.append(AksNodeSimulator(api_client, _gpu_count, location=args.location))
     server = FakeArmServer(
-        FakeArm(polls=args.polls, retry_after=args.retry_after, token=args.token),
+        arm,
         host=args.host,
         port=args.port,
     )
@@ -35,6 +57,8 @@ async def _serve(args: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         await server.stop()
+        if api_client is not None:
+            await api_client.close()
 
 
 def main() -> None:
@@ -44,6 +68,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8443)
     parser.add_argument("--polls", type=int, default=2, help="InProgress polls before an operation finishes")
     parser.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds on operations")
+    parser.add_argument("--location", default="eastus", help="region named in operation URLs and node RGs")
+    parser.add_argument("--kubeconfig", default=None, help="register a kwok Node per finished pool here")
     parser.add_argument("--token", default=None, help="require exactly this bearer token")
     parser.add_argument(
         "--cert-dir", default=None, help="where to write the self-signed cert (default: temp)"

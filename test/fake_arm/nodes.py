@@ -8,6 +8,7 @@ in the full local cluster kwok keeps it Ready. Deleting the pool deletes its Nod
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -18,34 +19,46 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from provisioner.cloud.azure import AGENTPOOL_LABEL, AKS_AGENTPOOL_LABEL, AzureProviderID
 from provisioner.machine_fields import INSTANCE_TYPE_LABEL
 
+_POOL_ID_RE = re.compile(
+    r"^/subscriptions/(?P<sub>[^/]+)/resourcegroups/(?P<rg>[^/]+)/providers/Microsoft\.ContainerService/"
+    r"managedClusters/(?P<cluster>[^/]+)/agentPools/(?P<name>[^/]+)$",
+    re.IGNORECASE,
+)
+
+
+def _parse_pool_id(pool_id: str) -> tuple[str, str, str, str]:
+    match = _POOL_ID_RE.match(pool_id)
+    if not match:
+        raise ValueError(f"not an agent pool id: {pool_id!r}")
+    return match["sub"], match["rg"], match["cluster"], match["name"]
+
 
 class AksNodeSimulator:
     """A FakeArm hook (``FakeArm(hooks=[AksNodeSimulator(...)])``) that creates/deletes pool Nodes."""
 
     def __init__(
-        self,
-        api_client: ApiClient,
-        gpu_count: Callable[[str], int],
-        *,
-        subscription_id: str,
-        node_resource_group: str,
-        cluster_name: str,
+        self, api_client: ApiClient, gpu_count: Callable[[str], int], *, location: str = "eastus"
     ) -> None:
         self._core = CoreV1Api(api_client)
         self._gpu_count = gpu_count
-        self._subscription = subscription_id
-        self._node_rg = node_resource_group
-        # AKS uses one numeric suffix for every pool of a cluster.
-        self._digits = f"{zlib.crc32(cluster_name.encode()) % 10**8:08d}"
+        self._location = location
 
-    def node_name(self, pool: str) -> str:
-        """The Node name AKS gives the first VM of ``pool``."""
-        return f"aks-{pool}-{self._digits}-vmss000000"
+    def node_name(self, pool_id: str) -> str:
+        """The Node name AKS gives the first VM of the pool with ARM id ``pool_id``."""
+        sub, rg, cluster, name = _parse_pool_id(pool_id)
+        # AKS uses one numeric suffix for every pool of a cluster.
+        digits = zlib.crc32(f"{sub}/{rg}/{cluster}".lower().encode()) % 10**8
+        return f"aks-{name}-{digits:08d}-vmss000000"
+
+    def node_resource_group(self, pool_id: str) -> str:
+        """AKS's default node resource group ``MC_<rg>_<cluster>_<location>``."""
+        _, rg, cluster, _ = _parse_pool_id(pool_id)
+        return f"MC_{rg}_{cluster}_{self._location}"
 
     async def __call__(self, event: str, pool: dict[str, Any]) -> None:
         """Create the pool's Node on ``ready``; delete it on ``deleted``."""
         name = str(pool["name"])
-        node = self.node_name(name)
+        node = self.node_name(str(pool["id"]))
         if event == "deleted":
             try:
                 await self._core.delete_node(node)
@@ -84,7 +97,11 @@ class AksNodeSimulator:
             "kind": "Node",
             "metadata": {"name": node, "labels": labels, "annotations": {"kwok.x-k8s.io/node": "fake"}},
             "spec": {
-                "providerID": str(AzureProviderID.for_node(self._subscription, self._node_rg, node)),
+                "providerID": str(
+                    AzureProviderID.for_node(
+                        _parse_pool_id(str(pool["id"]))[0], self.node_resource_group(str(pool["id"])), node
+                    )
+                ),
                 "taints": taints,
             },
             "status": {"capacity": capacity, "allocatable": dict(capacity)},

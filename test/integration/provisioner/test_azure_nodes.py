@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +22,8 @@ from provisioner.cloud.base import InstanceState, NotFound
 from test.fake_arm import FakeArm, FakeArmServer, StaticTokenCredential
 from test.fake_arm.nodes import AksNodeSimulator
 
-SUB, RG, CLUSTER, NODE_RG = "sub-1", "kaito-rg", "kaito-aks", "MC_kaito-rg_kaito-aks_eastus"
+SUB, RG, CLUSTER = "sub-1", "kaito-rg", "kaito-aks"
+REPO_ROOT = str(Path(__file__).resolve().parents[3])
 
 
 def machine(name: str) -> dict[str, Any]:
@@ -51,9 +54,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0
 async def setup(api_client: ApiClient) -> AsyncIterator[tuple[FakeArm, AzureCloudProvider, CoreV1Api]]:
     # A unique cluster name gives a unique node-name suffix, so sessions sharing the apiserver never collide.
     cluster = f"{CLUSTER}-{secrets.token_hex(3)}"
-    simulator = AksNodeSimulator(
-        api_client, lambda sku: 2, subscription_id=SUB, node_resource_group=NODE_RG, cluster_name=cluster
-    )
+    simulator = AksNodeSimulator(api_client, lambda sku: 2, location="eastus")
     async with FakeArmServer(FakeArm(polls=1, hooks=[simulator])) as server:
         config = AzureConfig(
             subscription_id=SUB,
@@ -90,7 +91,8 @@ async def test_pool_node_is_found_by_selector_and_provider_id(
     provider_id = node.spec.provider_id
     parsed = AzureProviderID.parse(provider_id)
     assert parsed.pool_name == name
-    assert parsed.resource_group == NODE_RG.lower()
+    assert parsed.resource_group == f"mc_{RG}_{cloud.config.cluster_name}_eastus".lower()
+    assert parsed.subscription_id == SUB
 
     got = await cloud.get(provider_id)
     assert got.name == name and got.provider_id == provider_id
@@ -103,3 +105,70 @@ async def test_pool_node_is_found_by_selector_and_provider_id(
         return not (await core.list_node(label_selector=selector)).items
 
     await eventually(node_gone)
+
+
+async def test_standalone_fake_arm_demo_path(api_client: ApiClient, cluster: Any, tmp_path: Path) -> None:
+    """``python -m test.fake_arm --kubeconfig`` + the provider configured purely from environment variables."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "test.fake_arm",
+        "--port",
+        "0",
+        "--polls",
+        "1",
+        "--retry-after",
+        "0",
+        "--token",
+        "demo-token",
+        "--kubeconfig",
+        str(cluster.kubeconfig),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        announced: dict[str, str] = {}
+        async with asyncio.timeout(30):
+            while "ARM_CA_FILE" not in announced:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "fake ARM exited before announcing its endpoint"
+                key, sep, value = line.strip().partition("=")
+                if sep:
+                    announced[key] = value
+        token_file = tmp_path / "token"
+        token_file.write_text("demo-token")
+        name = "dm" + secrets.token_hex(4)
+        config = AzureConfig.from_env(
+            {
+                "ARM_SUBSCRIPTION_ID": SUB,
+                "ARM_RESOURCE_GROUP": RG,
+                "AZURE_CLUSTER_NAME": f"demo-{name}",
+                "ARM_ENDPOINT": announced["ARM_ENDPOINT"],
+                "ARM_CA_FILE": announced["ARM_CA_FILE"],
+                "ARM_TOKEN_FILE": str(token_file),
+                "ARM_POLLING_INTERVAL": "0",
+            }
+        )
+        cloud = await AzureCloudProvider.open(config)
+        try:
+            instance = await cloud.create(machine(name))
+            core = CoreV1Api(api_client)
+
+            async def node_registered() -> bool:
+                return bool((await core.list_node(label_selector=instance.label_selector())).items)
+
+            await eventually(node_registered)
+            node = (await core.list_node(label_selector=instance.label_selector())).items[0]
+            assert AzureProviderID.parse(node.spec.provider_id).pool_name == name
+            await cloud.delete(name)
+
+            async def node_gone() -> bool:
+                return not await node_registered()
+
+            await eventually(node_gone)
+        finally:
+            await cloud.close()
+    finally:
+        proc.terminate()
+        await proc.wait()
