@@ -371,6 +371,9 @@ class KwokCloudProvider(CloudProvider):
         if pending is None:
             return False
         pending.task.cancel()
+        # Wait for the task to end so its POST cannot land after the caller's DELETE. (A POST the
+        # apiserver had already received when we cancelled may still create the Node; the caller's
+        # delete then finds and removes it, and the GC sweep catches any remaining leak.)
         await asyncio.gather(pending.task, return_exceptions=True)
         return True
 
