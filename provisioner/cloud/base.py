@@ -4,13 +4,16 @@ One Machine maps to one instance (on Azure: one AKS agent pool holding one VMSS 
 fake Node). The reconcilers drive it like this:
 
 - **launch**: ``instance = await cloud.create(machine)``. Create is idempotent per Machine name: calling
-  it again for a Machine whose instance exists returns that instance without creating a second one; an
-  instance whose creation is still running raises :class:`Conflict` (retry after ``error.backoff``).
-  The returned Instance may be ``PENDING`` (kwok returns before the Node exists; Azure returns after
-  the agent pool's long-running operation succeeded, but the Node may still be joining).
-- **register**: find the Node by ``instance.provider_id`` when it is set, otherwise by the labels in
-  ``instance.node_selector`` (AKS labels every node with its pool name); copy the Node's
-  ``spec.providerID`` into ``machine.status.providerID``.
+  it again for a Machine whose instance exists returns that instance without creating a second one.
+  While a creation is still under way, kwok returns the instance ``PENDING`` and Azure raises
+  :class:`Conflict` (ARM is mid-operation); both mean "record progress, check again after a short
+  requeue". Azure's create waits for the agent pool's long-running operation (bounded by
+  ``ARM_OPERATION_TIMEOUT``, after which it raises Conflict and the next call adopts the pool); kwok's
+  returns at once and the Node appears after its delay. Either way the Node may still be joining.
+- **register**: list Nodes with ``instance.label_selector()`` (AKS labels every node with its pool
+  name; kwok does the same); exactly one Node with a non-empty ``spec.providerID`` means registered:
+  copy that providerID into ``machine.status.providerID`` (Azure's Instance has no providerID before the
+  Node exists; kwok's already carries ``kwok://<node>``).
 - **liveness / GC**: ``await cloud.get(ref)`` where ref is the Machine name or its providerID;
   :class:`NotFound` means the instance is gone. ``await cloud.list()`` returns only instances this
   provisioner created (never a user's own node pools), each with ``machine_name`` and ``created_at`` so
