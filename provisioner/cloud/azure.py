@@ -464,6 +464,17 @@ def instance_from_pool(pool: Mapping[str, Any], *, provider_id: str = "") -> Ins
         labels.setdefault(mf.INSTANCE_TYPE_LABEL, vm_size)
     taints = tuple(t for t in (_parse_aks_taint(str(r)) for r in props.get("nodeTaints") or []) if t)
     provisioning = str(props.get("provisioningState") or "")
+    state = state_of(provisioning)
+    failure: CloudError | None = None
+    if state is InstanceState.FAILED:
+        detail = (props.get("status") or {}).get("provisioningError")
+        failure = (
+            classify_provisioning_error(detail, pool=name, vm_size=vm_size)
+            if isinstance(detail, Mapping)
+            else CloudError(
+                f"agent pool {name} is {provisioning} and Azure gave no reason", code=provisioning
+            )
+        )
     return Instance(
         name=name,
         provider_id=provider_id,
@@ -471,12 +482,13 @@ def instance_from_pool(pool: Mapping[str, Any], *, provider_id: str = "") -> Ins
         labels=labels,
         taints=taints,
         capacity={},
-        state=state_of(provisioning),
+        state=state,
         node_selector={AGENTPOOL_LABEL: name, AKS_AGENTPOOL_LABEL: name},
         machine_name=name,
         created_at=mf.parse_creation_label(labels.get(mf.CREATION_TIMESTAMP_LABEL, "")),
         image_id=str(props.get("nodeImageVersion") or ""),
         detail=provisioning,
+        failure=failure,
     )
 
 
@@ -531,29 +543,29 @@ _EMBEDDED_CODE_RE = re.compile(r"""Code=\\?"?(?P<code>[A-Za-z_]+)""")
 _MAX_MESSAGE = 800
 
 
-def _error_codes_and_text(exc: HttpResponseError) -> tuple[list[str], str]:
-    """Every error code ARM put in the response (top-level, details, codes embedded in messages) + all text."""
+def _field(err: Any, name: str) -> Any:
+    # ARM error details arrive as azure-core ODataV4Format objects or as plain JSON mappings.
+    return err.get(name) if isinstance(err, Mapping) else getattr(err, name, None)
+
+
+def _collect(error: Any) -> tuple[list[str], list[str]]:
+    """Codes and messages of an ARM error and all its nested details."""
     codes: list[str] = []
     texts: list[str] = []
-    odata = getattr(exc, "error", None)
-    stack = [odata] if odata is not None else []
+    stack = [error] if error is not None else []
     while stack:
         err = stack.pop()
-        if getattr(err, "code", None):
-            codes.append(str(err.code))
-        if getattr(err, "message", None):
-            texts.append(str(err.message))
-        stack.extend(getattr(err, "details", None) or [])
-    response = getattr(exc, "response", None)
-    header_code = response.headers.get("x-ms-error-code") if response is not None else None
-    if header_code:
-        codes.append(str(header_code))
-    if not texts:
-        texts.append(str(exc.message or exc))
-    text = " ".join(texts)
+        if code := _field(err, "code"):
+            codes.append(str(code))
+        if message := _field(err, "message"):
+            texts.append(str(message))
+        stack.extend(_field(err, "details") or [])
+    return codes, texts
+
+
+def _with_embedded_codes(codes: list[str], text: str) -> list[str]:
     # AKS wraps VMSS failures: code ReconcileVMSSAgentPoolFailed, message 'Code="AllocationFailed" ...'.
-    codes.extend(m["code"] for m in _EMBEDDED_CODE_RE.finditer(text))
-    return codes, text
+    return codes + [m["code"] for m in _EMBEDDED_CODE_RE.finditer(text)]
 
 
 def classify_azure_error(exc: BaseException, *, operation: str, pool: str, vm_size: str = "") -> CloudError:
@@ -574,11 +586,27 @@ def classify_azure_error(exc: BaseException, *, operation: str, pool: str, vm_si
         )
     if not isinstance(exc, HttpResponseError):
         return CloudError(f"{what}: {type(exc).__name__}: {_short(str(exc))}", code=type(exc).__name__)
+    codes, texts = _collect(getattr(exc, "error", None))
+    response = getattr(exc, "response", None)
+    header_code = response.headers.get("x-ms-error-code") if response is not None else None
+    if header_code:
+        codes.append(str(header_code))
+    text = " ".join(texts) if texts else str(exc.message or exc)
+    return classify_arm_error(_with_embedded_codes(codes, text), text, exc.status_code or 0, what)
 
-    codes, text = _error_codes_and_text(exc)
+
+def classify_provisioning_error(error: Mapping[str, Any], *, pool: str, vm_size: str = "") -> CloudError:
+    """Classify an agent pool's ``properties.status.provisioningError`` (why a pool is Failed)."""
+    codes, texts = _collect(error)
+    text = " ".join(texts) or "no details"
+    what = f"create agent pool {pool}" + (f" ({vm_size})" if vm_size else "")
+    return classify_arm_error(_with_embedded_codes(codes, text), text, 0, what)
+
+
+def classify_arm_error(codes: list[str], text: str, status: int, what: str) -> CloudError:
+    """The classification rules: ARM error codes (incl. nested/embedded ones), message text, HTTP status."""
     lowered = {c.lower() for c in codes}
     lower_text = text.lower()
-    status = exc.status_code or 0
     code = codes[0] if codes else str(status)
     arm = _short(text)
     if status == 404 or lowered & _NOT_FOUND_CODES or "agent pool not found" in lower_text:

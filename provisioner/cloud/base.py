@@ -72,6 +72,8 @@ class Instance:
     image_id: str = ""
     detail: str = ""
     """Provider-specific state text, e.g. the ARM ``provisioningState``."""
+    failure: CloudError | None = None
+    """Why the instance is FAILED (classified like a call error), when the cloud says."""
 
     def label_selector(self) -> str:
         """``node_selector`` as a Kubernetes label selector string (for ``list_node(label_selector=...)``)."""

@@ -256,6 +256,8 @@ class FakeArm:
             op.status = "Failed"
             if pool is not None:
                 pool["properties"]["provisioningState"] = "Failed"
+                # AKS keeps why a pool failed in properties.status.provisioningError.
+                pool["properties"]["status"] = {"provisioningError": op.error.body()["error"]}
             return None
         op.status = "Succeeded"
         if pool is None:
@@ -264,6 +266,7 @@ class FakeArm:
             self.pools.pop(op.key, None)
             return ("deleted", pool)
         pool["properties"]["provisioningState"] = "Succeeded"
+        pool["properties"].pop("status", None)
         pool["properties"]["nodeImageVersion"] = "AKSUbuntu-2204gen2containerd-202501.01.0"
         return ("ready", pool)
 

@@ -219,9 +219,13 @@ async def test_failed_operation_surfaces_quota_then_a_retry_recreates(
         await cloud.create(machine())
     failed = await cloud.get("ws1a2b3c4d5")
     assert failed.state is InstanceState.FAILED
+    # The pool remembers why (properties.status.provisioningError), classified like the call error.
+    assert isinstance(failed.failure, QuotaExceeded)
+    assert "quota increase" in failed.failure.message
     # Once quota is granted, the next create PUTs the Failed pool again and succeeds.
     instance = await cloud.create(machine())
     assert instance.state is InstanceState.RUNNING
+    assert instance.failure is None
     assert len(arm.arm.requests_for("PUT")) == 2
 
 

@@ -438,3 +438,28 @@ def test_config_token_file_and_retries() -> None:
     assert AzureConfig.from_env(BASE_ENV).max_retries is None
     with pytest.raises(ConfigError, match="ARM_MAX_RETRIES"):
         AzureConfig.from_env({**BASE_ENV, "ARM_MAX_RETRIES": "many"})
+
+
+def test_failed_pool_carries_its_classified_provisioning_error() -> None:
+    pool: dict[str, Any] = {
+        "name": "ws1",
+        "properties": {
+            "vmSize": "Standard_NC6s_v3",
+            "provisioningState": "Failed",
+            "status": {
+                "provisioningError": {
+                    "code": "ReconcileVMSSAgentPoolFailed",
+                    "message": 'Code="AllocationFailed" Message="Allocation failed."',
+                }
+            },
+        },
+    }
+    inst = instance_from_pool(pool)
+    assert inst.state is InstanceState.FAILED
+    assert isinstance(inst.failure, CapacityUnavailable)
+    assert "ws1" in inst.failure.message
+    del pool["properties"]["status"]
+    bare = instance_from_pool(pool)
+    assert type(bare.failure) is CloudError and "no reason" in bare.failure.message
+    pool["properties"]["provisioningState"] = "Succeeded"
+    assert instance_from_pool(pool).failure is None
