@@ -10,6 +10,9 @@ fake Node). The reconcilers drive it like this:
   requeue". Azure's create waits for the agent pool's long-running operation (bounded by
   ``ARM_OPERATION_TIMEOUT``, after which it raises Conflict and the next call adopts the pool); kwok's
   returns at once and the Node appears after its delay. Either way the Node may still be joining.
+  A reconciler that does not want to hold a worker for minutes can configure a short Azure operation
+  timeout and poll with ``get``: a ``FAILED`` instance carries ``failure`` (the classified reason, e.g.
+  QuotaExceeded); report it, wait ``failure.backoff``, then ``create`` again (Azure re-PUTs a Failed pool).
 - **register**: list Nodes with ``instance.label_selector()`` (AKS labels every node with its pool
   name; kwok does the same); exactly one Node with a non-empty ``spec.providerID`` means registered:
   copy that providerID into ``machine.status.providerID`` (Azure's Instance has no providerID before the
