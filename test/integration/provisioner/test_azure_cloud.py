@@ -431,3 +431,23 @@ async def test_server_errors_are_retried_then_classified(arm: FakeArmServer) -> 
         assert e.value.retryable and "503" in e.value.message
     finally:
         await strict.close()
+
+
+async def test_short_timeout_launch_reports_failure_through_get(arm: FakeArmServer) -> None:
+    """The non-blocking launch pattern: PUT, hand back quickly, learn the outcome from get()."""
+    arm.arm.polls = 10**9
+    arm.arm.inject("operation", ALLOCATION_FAILED, pool="ws1a2b3c4d5")
+    provider = await AzureCloudProvider.open(
+        config_for(arm, operation_timeout=0.2), StaticTokenCredential("test-token")
+    )
+    try:
+        with pytest.raises(Conflict):
+            await provider.create(machine())
+        assert (await provider.get("ws1a2b3c4d5")).state is InstanceState.PENDING
+        await arm.arm.finish_operations()  # ARM gives up on the allocation
+        failed = await provider.get("ws1a2b3c4d5")
+        assert failed.state is InstanceState.FAILED
+        assert isinstance(failed.failure, CapacityUnavailable)
+        assert failed.failure.backoff >= 60
+    finally:
+        await provider.close()
