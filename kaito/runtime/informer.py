@@ -239,8 +239,9 @@ class Informer:
                     delay=round(delay, 3),
                 )
                 self._count_restart(f"http-{e.status}")
-                # Anything but a retryable status may mean our view is wrong: relist to be safe.
-                if not e.retryable:
+                # Anything but a retryable status may mean our view is wrong: relist to be safe. So
+                # does "Too large resource version" (504): the server is behind the RV we hold.
+                if not e.retryable or "too large resource version" in e.message.lower():
                     need_list = True
                 await asyncio.sleep(delay)
             except TRANSPORT_ERRORS as e:
