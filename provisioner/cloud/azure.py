@@ -685,23 +685,28 @@ class AzureCloudProvider(CloudProvider):
         A credential built here is closed by :meth:`close`; a passed-in one stays the caller's.
         """
         closers: list[Any] = []
-        if credential is None:
-            credential = build_credential(config)
-            closers.append(credential)
-        kwargs: dict[str, Any] = {"polling_interval": config.polling_interval}
-        if config.api_version:
-            kwargs["api_version"] = config.api_version
-        if config.max_retries is not None:
-            kwargs["retry_total"] = config.max_retries
-        if config.arm_endpoint:
-            kwargs["base_url"] = config.arm_endpoint
-        if config.ca_file:
-            # Load the CA once, off the event loop; the SDK's connection_verify would re-read it per request.
-            ctx = await asyncio.to_thread(ssl.create_default_context, cafile=config.ca_file)
-            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx))
-            kwargs["transport"] = AioHttpTransport(session=session, session_owner=False)
-            closers.append(session)
-        client = ContainerServiceClient(credential, config.subscription_id, **kwargs)
+        try:
+            if credential is None:
+                credential = build_credential(config)
+                closers.append(credential)
+            kwargs: dict[str, Any] = {"polling_interval": config.polling_interval}
+            if config.api_version:
+                kwargs["api_version"] = config.api_version
+            if config.max_retries is not None:
+                kwargs["retry_total"] = config.max_retries
+            if config.arm_endpoint:
+                kwargs["base_url"] = config.arm_endpoint
+            if config.ca_file:
+                # Load the CA once, off the event loop; the SDK's connection_verify would re-read it per request.
+                ctx = await asyncio.to_thread(ssl.create_default_context, cafile=config.ca_file)
+                session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx))
+                closers.append(session)
+                kwargs["transport"] = AioHttpTransport(session=session, session_owner=False)
+            client = ContainerServiceClient(credential, config.subscription_id, **kwargs)
+        except BaseException:
+            for closer in reversed(closers):  # nothing half-built may leak its sockets
+                await closer.close()
+            raise
         return cls(client, config, closers=closers)
 
     async def close(self) -> None:
