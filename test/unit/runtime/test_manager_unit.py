@@ -1,0 +1,96 @@
+"""Manager lifecycle without a cluster: runnables, probes and graceful stop (no informers, no election)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+from kubernetes_asyncio.client import ApiClient, Configuration
+
+from kaito.runtime.controller import Result
+from kaito.runtime.kube import CONFIGMAPS, KubeClient
+from kaito.runtime.manager import Manager, ManagerOptions
+
+
+@pytest.fixture
+async def kube() -> KubeClient:
+    # Never contacted: this manager has no informers and no leader election.
+    api = ApiClient(Configuration(host="http://127.0.0.1:9"))
+    try:
+        return KubeClient(api)
+    finally:
+        await api.close()
+
+
+def options() -> ManagerOptions:
+    return ManagerOptions(
+        name="unit", metrics_host="127.0.0.1", metrics_port=0, probe_host="127.0.0.1", probe_port=0
+    )
+
+
+async def test_runnables_start_and_are_cancelled_on_stop(kube: KubeClient) -> None:
+    mgr = Manager(kube, options())
+    started: set[str] = set()
+    cancelled: set[str] = set()
+    both = asyncio.Event()
+
+    def runnable(name: str) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            started.add(name)
+            if len(started) == 2:
+                both.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.add(name)
+                raise
+
+        return run
+
+    mgr.add_runnable("webhook", runnable("webhook"), needs_leader=False)
+    mgr.add_runnable("gc", runnable("gc"), needs_leader=True)
+    task = asyncio.create_task(mgr.run())
+    async with asyncio.timeout(5):
+        await both.wait()
+    assert mgr.is_leader and mgr.synced
+    assert mgr.probe_server is not None and mgr.metrics_server is not None
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{mgr.probe_server.port}/readyz") as r:
+            assert r.status == 200
+        async with http.get(f"http://127.0.0.1:{mgr.metrics_server.port}/metrics") as r:
+            assert r.status == 200
+    mgr.stop()
+    async with asyncio.timeout(5):
+        await task
+    assert cancelled == {"webhook", "gc"}
+    assert not mgr.is_leader
+
+
+async def test_failing_runnable_stops_the_manager(kube: KubeClient) -> None:
+    mgr = Manager(kube, ManagerOptions(name="unit-fail", metrics_port=None, probe_port=None))
+
+    async def broken() -> None:
+        raise RuntimeError("webhook could not bind")
+
+    mgr.add_runnable("broken", broken, needs_leader=False)
+    async with asyncio.timeout(5):
+        await mgr.run()
+
+
+def test_registration_rules(kube: KubeClient) -> None:
+    mgr = Manager(kube, options())
+
+    async def reconcile(key: str) -> Result | None:
+        return None
+
+    mgr.add_controller("c", reconcile, for_=CONFIGMAPS)
+    with pytest.raises(ValueError, match="already used"):
+        mgr.add_controller("c", reconcile, for_=CONFIGMAPS)
+    with pytest.raises(ValueError, match="owns needs for_"):
+        mgr.add_controller("d", reconcile, owns=[CONFIGMAPS])
+    assert mgr.informer(CONFIGMAPS) is mgr.informers[0], "one shared informer per resource and scope"
+    assert mgr.informer(CONFIGMAPS, namespace="x") is not mgr.informers[0]
+    with pytest.raises(ValueError, match="lease_name"):
+        Manager(kube, ManagerOptions(leader_election=True))
