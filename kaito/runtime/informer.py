@@ -209,6 +209,8 @@ class Informer:
     async def run(self) -> None:
         """List, then watch forever (until cancelled), recovering from every error."""
         need_list = True
+        expired_streak = 0  # 410s with no watch event in between
+        progress_at_expiry = -1
         while True:
             try:
                 if need_list:
@@ -230,6 +232,13 @@ class Informer:
                     self.stats.relists_after_expired += 1
                     self._count_restart("expired")
                     need_list = True
+                    progress = self.stats.events + self.stats.bookmarks
+                    expired_streak = 1 if progress != progress_at_expiry else expired_streak + 1
+                    progress_at_expiry = progress
+                    if expired_streak > 1:
+                        # Expired again right after a relist: the server is not making progress;
+                        # do not spin on LIST+WATCH.
+                        await asyncio.sleep(self.backoff.next())
                     continue
                 delay = self.backoff.next()
                 self._log.warning(

@@ -198,3 +198,17 @@ async def test_handler_exception_does_not_stop_the_informer(server: tuple[Script
     await run_until_exhausted(inf, script)
     assert seen == ["ns/a", "ns/b"]
     assert sorted(inf.store.keys()) == ["ns/a", "ns/b"]
+
+
+async def test_repeated_410_relists_each_time_and_converges(server: tuple[Script, KubeClient]) -> None:
+    script, kube = server
+    gone = (410, {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old resource version"})
+    script.lists = [[page([cm("a", "1")], "10")], [page([cm("a", "1")], "11")], [page([cm("b", "2")], "12")]]
+    script.watches = [gone, gone, [line("ADDED", cm("c", "13"))]]
+    events, handler = recorder()
+    inf = Informer(kube, CONFIGMAPS, namespace="ns", backoff=Backoff(initial=0.01, maximum=0.02))
+    inf.add_event_handler(handler)
+    await run_until_exhausted(inf, script)
+    assert inf.stats.relists_after_expired == 2 and inf.stats.lists == 3
+    assert [q["resourceVersion"] for q in script.watch_queries] == ["10", "11", "12", "13"]
+    assert events == [("add", "ns/a"), ("add", "ns/b"), ("delete", "ns/a"), ("add", "ns/c")]
