@@ -264,18 +264,25 @@ class Workspace(KubeModel):
                 cel(
                     "has(self.inference) || has(self.tuning)",
                     "set either inference (to serve a model) or tuning (to fine-tune one)",
+                    fieldPath=".inference",
+                    reason="FieldValueRequired",
                 ),
                 cel(
                     "!(has(self.inference) && has(self.tuning))",
                     "inference and tuning cannot both be set in one workspace; use two workspaces",
+                    fieldPath=".tuning",
+                    reason="FieldValueForbidden",
                 ),
                 cel(
                     "has(self.inference) == has(oldSelf.inference) && has(self.tuning) == has(oldSelf.tuning)",
                     "inference and tuning cannot be added or removed after creation",
+                    fieldPath=".inference",
+                    reason="FieldValueForbidden",
                 ),
                 cel(
                     "!has(self.tuning) || self.resource.count == 1",
                     "tuning runs on one node: set resource.count to 1",
+                    fieldPath=".resource.count",
                 ),
                 cel(
                     "size(self.metadata.name) <= 63 && self.metadata.name.matches('" + DNS1123_LABEL + "')",

@@ -187,23 +187,31 @@ class WorkspaceValidator:
     def _bypass(self, ws: Workspace) -> bool:
         return ANNOTATION_BYPASS_RESOURCE_CHECKS in ws.annotations()
 
-    def _lookup_sku(self, result: Result, ws: Workspace) -> GPUSku | None:
+    def _lookup_sku(self, result: Result, ws: Workspace, preset: Preset | None = None) -> GPUSku | None:
         name = ws.resource.instance_type
         sku = self.skus.get(name, self.cloud_provider)
         if sku is not None:
             return sku
-        suggestions = self.skus.suggest(name, self.cloud_provider)
-        where = f"the {self.cloud_provider} SKU catalog" if self.cloud_provider else "the SKU catalog"
-        hint = f"did you mean {', '.join(suggestions)}? " if suggestions else ""
-        message = (
-            f"unknown instance type {name!r} (not in {where}); {hint}use a known GPU SKU such as "
-            f"{_shortlist([s.name for s in self.skus.list(self.cloud_provider)], 4)}, or add the annotation "
-            f'{ANNOTATION_BYPASS_RESOURCE_CHECKS}: "true" to use it without GPU checks'
-        )
         if self._bypass(ws):
             result.warn("resource.instanceType", f"unknown instance type {name!r}: GPU fit not checked")
-        else:
-            result.error("resource.instanceType", message)
+            return None
+        suggestions = self.skus.suggest(name, self.cloud_provider)
+        # Examples from the cloud the user is most likely on, fitting the preset when there is one.
+        cloud = self.cloud_provider
+        if cloud is None:
+            guess = self.skus.get(suggestions[0]) if suggestions else None
+            cloud = guess.cloud if guess else ("azure" if name.startswith("Standard_") else "aws")
+        examples = [s.name for s in self.registry.fitting_skus(preset, self.skus, cloud)] if preset else []
+        examples = examples or [s.name for s in self.skus.list(cloud)]
+        where = f"the {self.cloud_provider} SKU catalog" if self.cloud_provider else "the SKU catalog"
+        hint = f"did you mean {', '.join(suggestions)}? " if suggestions else ""
+        fits = f" that fits {preset.name}" if preset else ""
+        result.error(
+            "resource.instanceType",
+            f"unknown instance type {name!r} (not in {where}); {hint}use a known GPU SKU{fits}, e.g. "
+            f'{_shortlist(examples, 4)}, or add the annotation {ANNOTATION_BYPASS_RESOURCE_CHECKS}: "true" '
+            "to use it without GPU checks",
+        )
         return None
 
     def _lookup_preset(self, result: Result, path: str, name: str) -> Preset | None:
@@ -224,10 +232,11 @@ class WorkspaceValidator:
                 "set exactly one of preset (a catalog model) or template (a custom pod template)",
             )
             return
-        sku = self._lookup_sku(result, ws)
         preset: Preset | None = None
         if inf.preset is not None:
             preset = self._lookup_preset(result, "inference.preset.name", inf.preset.name)
+        sku = self._lookup_sku(result, ws, preset)
+        if inf.preset is not None:
             if preset is not None:
                 self._check_preset_access(result, "inference.preset", ws, preset)
                 if sku is not None:
@@ -603,3 +612,40 @@ class WorkspaceValidator:
         self._check_output(result, now.output)
         if now.config and now.config != was.config:
             await self._check_tuning_config(result, new, now.config, now.method.lower())
+
+
+def kube_configmap_reader(api_client: Any) -> ConfigMapReader:
+    """A :data:`ConfigMapReader` over a kubernetes_asyncio ``ApiClient`` (needs ``get configmaps``)."""
+    from kubernetes_asyncio.client import CoreV1Api
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    core = CoreV1Api(api_client)
+
+    async def read(namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            cm = await core.read_namespaced_config_map(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return dict(cm.data or {})
+
+    return read
+
+
+def build_validator(
+    api_client: Any | None = None,
+    cloud_provider: str | None = None,
+    registry: PresetRegistry | None = None,
+    skus: SkuCatalog | None = None,
+) -> WorkspaceValidator:
+    """A validator over the default catalogs (loaded once; call at startup, it reads files)."""
+    from kaito.presets.registry import default_registry
+    from kaito.presets.skus import default_sku_catalog
+
+    return WorkspaceValidator(
+        registry or default_registry(),
+        skus or default_sku_catalog(),
+        cloud_provider=cloud_provider,
+        configmaps=kube_configmap_reader(api_client) if api_client is not None else None,
+    )

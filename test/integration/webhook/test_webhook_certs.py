@@ -1,0 +1,73 @@
+"""The certificate manager against a real apiserver: one Secret shared by replicas, caBundle patched."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from kubernetes_asyncio.client import AdmissionregistrationV1Api, CoreV1Api
+
+from kaito.webhook.certs import CertManager, CertPolicy
+from test.integration.webhook.helpers import register, unregister, webhook_configurations
+
+
+async def test_replicas_share_one_secret_and_rotation_patches_ca_bundle(
+    crds: Any, api_client: Any, namespace: str, tmp_path: Path
+) -> None:
+    name = f"kaito-test-certs-{secrets.token_hex(4)}"
+    validating, mutating = webhook_configurations(name, "none", "https://127.0.0.1:9443")
+    await register(api_client, validating, mutating)
+    try:
+
+        def manager(replica: str, policy: CertPolicy | None = None) -> CertManager:
+            return CertManager(
+                api_client,
+                namespace=namespace,
+                cert_dir=tmp_path / replica,
+                service="kaito-workspace-webhook",
+                validating_webhooks=[name],
+                mutating_webhooks=[name],
+                policy=policy,
+            )
+
+        changes: list[str] = []
+        first = manager("a")
+        first.on_change = lambda: changes.append("a")
+        bundle_a = await first.ensure()
+        bundle_b = await manager("b").ensure()
+        assert bundle_b == bundle_a, "the second replica must reuse the stored certificate"
+        assert changes == ["a"]
+        assert (tmp_path / "b" / "tls.crt").read_bytes() == bundle_a.cert
+        assert (tmp_path / "b" / "tls.key").stat().st_mode & 0o077 == 0
+
+        cert = x509.load_pem_x509_certificate(bundle_a.cert)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert f"kaito-workspace-webhook.{namespace}.svc" in sans.get_values_for_type(x509.DNSName)
+
+        admission = AdmissionregistrationV1Api(api_client)
+        vcfg = await admission.read_validating_webhook_configuration(name)
+        mcfg = await admission.read_mutating_webhook_configuration(name)
+        for cfg in (vcfg, mcfg):
+            assert base64.b64decode(cfg.webhooks[0].client_config.ca_bundle) == bundle_a.ca_bundle
+
+        # A replica whose policy says the CA is about to expire rotates it; the old CA stays trusted.
+        rotate_ca = CertPolicy(ca_renew_before=timedelta(days=3651))
+        bundle_c = await manager("c", rotate_ca).ensure()
+        assert bundle_c.ca_key != bundle_a.ca_key
+        cas = x509.load_pem_x509_certificates(bundle_c.ca_bundle)
+        old_ca = x509.load_pem_x509_certificate(bundle_a.ca_bundle)
+        assert len(cas) == 2 and cas[1].serial_number == old_ca.serial_number
+        vcfg = await admission.read_validating_webhook_configuration(name)
+        assert base64.b64decode(vcfg.webhooks[0].client_config.ca_bundle) == bundle_c.ca_bundle
+
+        # The first replica picks the rotation up from the Secret on its next pass and reloads.
+        assert await first.ensure() == bundle_c
+        assert changes == ["a", "a"]
+        secret = await CoreV1Api(api_client).read_namespaced_secret("workspace-webhook-cert", namespace)
+        assert set(secret.data) == {"ca.crt", "ca.key", "tls.crt", "tls.key"}
+    finally:
+        await unregister(api_client, name)
