@@ -5,7 +5,7 @@ VENV := .venv
 RUNTIME_VENV := .venv-runtime
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint unit integration e2e test-runtime binaries venv runtime-venv crds clean
+.PHONY: demo test lint unit integration e2e test-runtime binaries sysdeps venv runtime-venv crds clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(VENV)/.installed
 # once and cached in ~/.cache/kaito-py (see hack/build-binaries.sh).
 binaries:
 	@bash hack/build-binaries.sh >/dev/null
+
+# Debian packages used as real peers by some tests (an OCI registry, promtool).
+sysdeps:
+	@bash hack/install-system-deps.sh
 
 lint: venv
 	$(BIN)/ruff check .
@@ -38,7 +42,8 @@ e2e: venv binaries
 $(RUNTIME_VENV)/.installed: $(wildcard presets/requirements*.txt)
 	$(PY) -m venv $(RUNTIME_VENV)
 	$(RUNTIME_VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip
-	$(RUNTIME_VENV)/bin/pip install -q --disable-pip-version-check -r presets/requirements-test.txt
+	$(RUNTIME_VENV)/bin/pip install -q --disable-pip-version-check -r presets/requirements-test.txt \
+	  $(if $(wildcard presets/requirements-tuning.txt),-r presets/requirements-tuning.txt)
 	touch $@
 
 runtime-venv: $(RUNTIME_VENV)/.installed
@@ -51,7 +56,7 @@ test-runtime:
 
 # Everything: lint + types, then unit, integration (real apiserver) and e2e (full local cluster) suites,
 # then the model runtime's suite.
-test: venv binaries lint
+test: venv binaries sysdeps lint
 	$(BIN)/python -m pytest test/unit test/integration test/e2e
 	$(MAKE) --no-print-directory test-runtime
 
