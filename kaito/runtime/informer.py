@@ -12,6 +12,7 @@
 * Transport errors and 429/5xx are retried with exponential backoff and full jitter (0.8 s .. 30 s,
   reset after 2 min of health), client-go's reflector numbers.
 
+Objects pass through ``transform`` (default: drop ``metadata.managedFields``) before they are cached.
 Handlers run synchronously inside the informer's task, in event order; they must be fast (typically
 they enqueue a key). An exception in a handler is logged and does not stop the informer. Cached objects
 are never mutated: an update stores the new object and hands both versions to the handlers.
@@ -43,6 +44,19 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     ValueError,  # a truncated or garbled JSON line
 )
+
+
+def strip_managed_fields(obj: Obj) -> Obj:
+    """Default informer transform: drop ``metadata.managedFields`` before caching.
+
+    Server-side-apply bookkeeping is often the largest part of an object and no reconciler reads it
+    from the cache; dropping it keeps the controller's memory flat (controller-runtime users do the
+    same with a cache TransformFunc). The object is freshly decoded and not shared yet.
+    """
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+    return obj
 
 
 @dataclass
@@ -133,6 +147,7 @@ class Informer:
         inactivity_timeout: float = 70.0,
         backoff: Backoff | None = None,
         min_watch_duration: float = 1.0,
+        transform: Callable[[Obj], Obj] | None = strip_managed_fields,
     ) -> None:
         self.client = client
         self.resource = resource
@@ -143,6 +158,7 @@ class Informer:
         self.watch_timeout = watch_timeout
         self.inactivity_timeout = inactivity_timeout
         self.min_watch_duration = min_watch_duration
+        self.transform = transform
         self.backoff = backoff or Backoff()
         self.store = Store(indexers)
         self.stats = InformerStats()
@@ -298,11 +314,14 @@ class Informer:
         self.stats.lists += 1
         api_version = self.resource.api_version
         kind = self.resource.kind
-        for obj in items:
+        transform = self.transform
+        for i, obj in enumerate(items):
             # Items of a List carry no apiVersion/kind; give them the ones a GET or watch would have.
             obj.setdefault("apiVersion", api_version)
             if kind:
                 obj.setdefault("kind", kind)
+            if transform is not None:
+                items[i] = transform(obj)
         changes, deleted = self.store.replace(items)
         self.last_resource_version = list_rv
         for old, new in changes:
@@ -372,6 +391,8 @@ class Informer:
             raise ValueError(f"malformed watch event: {str(event)[:200]}")
         if etype == "ERROR":
             raise ApiError.from_status(int(obj.get("code") or 500), obj)
+        if self.transform is not None and etype != "BOOKMARK":
+            obj = self.transform(obj)
         rv = resource_version(obj)
         if etype == "BOOKMARK":
             self.stats.bookmarks += 1

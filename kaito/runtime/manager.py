@@ -40,8 +40,8 @@ import structlog
 
 from kaito.runtime.controller import Controller, KeyMapper, Predicate, Reconciler, owner_mapper
 from kaito.runtime.health import HttpServer, Probes, metrics_app
-from kaito.runtime.informer import Informer
-from kaito.runtime.kube import KubeClient, Resource
+from kaito.runtime.informer import Informer, strip_managed_fields
+from kaito.runtime.kube import KubeClient, Obj, Resource
 from kaito.runtime.leader_election import LeaderElectionConfig, LeaderElector, default_identity
 from kaito.runtime.ratelimit import RateLimiter
 from kaito.runtime.store import Indexer
@@ -131,8 +131,12 @@ class Manager:
         label_selector: str | None = None,
         field_selector: str | None = None,
         indexers: dict[str, Indexer] | None = None,
+        transform: Callable[[Obj], Obj] | None = strip_managed_fields,
     ) -> Informer:
-        """The shared informer for this resource and scope (created on first use)."""
+        """The shared informer for this resource and scope (created on first use).
+
+        ``transform`` applies when the informer is created (default: drop managedFields).
+        """
         key = (resource, namespace, label_selector, field_selector)
         inf = self._informers.get(key)
         if inf is None:
@@ -142,6 +146,7 @@ class Manager:
                 namespace=namespace,
                 label_selector=label_selector,
                 field_selector=field_selector,
+                transform=transform,
             )
             self._informers[key] = inf
         for name, fn in (indexers or {}).items():

@@ -90,6 +90,7 @@ async def test_initial_paged_sync_then_create_update_delete_events(
         assert sorted(inf.store.keys()) == sorted(f"{namespace}/pre-{i}" for i in range(12))
         assert inf.stats.lists == 1
         assert all(o["kind"] == "ConfigMap" and o["apiVersion"] == "v1" for o in inf.store.list())
+        assert all("managedFields" not in o["metadata"] for o in inf.store.list()), "default transform"
         # 12 items in pages of 5 -> 3 LIST requests, all counted.
         after = (
             REGISTRY.get_sample_value(
@@ -120,6 +121,7 @@ async def test_initial_paged_sync_then_create_update_delete_events(
         assert rec.of(f"{namespace}/pre-1") == ["add", "delete"]
         assert rec.of(f"{namespace}/pre-2") == ["add", "delete"]
         assert f"{namespace}/unlabelled" not in inf.store
+        assert "managedFields" not in inf.store.get(f"{namespace}/new")["metadata"]  # type: ignore[index]
         assert ("add", f"{namespace}/new", created["metadata"]["resourceVersion"]) in rec.events
         assert ("update", f"{namespace}/pre-0", updated["metadata"]["resourceVersion"]) in rec.events
         assert inf.stats.relists_after_expired == 0
