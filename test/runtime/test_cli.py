@@ -143,6 +143,43 @@ def test_upstream_launch_command_serves_seed_request(tiny_model_dir: Path, tmp_p
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
+@pytest.mark.timeout(120)
+def test_python_launch_drains_and_exits_zero_on_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The recommended ``exec python3 inference_api.py ...`` form: SIGTERM ends it cleanly with 0."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        str(ENTRY),
+        "--pipeline=conversational",
+        "--torch_dtype=float32",
+        "--device_map=cpu",
+        f"--pretrained_model_name_or_path={tiny_model_dir}",
+        f"--adapters_dir={tmp_path / 'adapter'}",
+        f"--port={port}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc, 90)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/chat",
+            json={"messages": [{"role": "user", "content": "hi"}], "generate_kwargs": {"max_new_tokens": 4}},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert isinstance(r.json()["Result"], str)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, out.decode()
+    assert b"Traceback" not in out
+
+
 @pytest.mark.timeout(60)
 def test_broken_adapter_exits_non_zero_with_clear_message(tmp_path: Path) -> None:
     (tmp_path / "adapter" / "my-adapter").mkdir(parents=True)

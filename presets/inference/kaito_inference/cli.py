@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 from .adapters import AdapterError, discover_adapters
 from .config import ConfigError, ServerConfig, parse_args
@@ -19,6 +23,31 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class _Server(uvicorn.Server):  # type: ignore[misc]
+        """uvicorn's server, minus re-raising SIGTERM/SIGINT after a graceful shutdown.
+
+        uvicorn re-raises the captured signal once it has shut down, so the process dies with 143/130;
+        a drained, clean stop should exit 0 (upstream's SIGINT handler exited 0 too).
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            loop = asyncio.get_running_loop()
+            signals = (signal.SIGINT, signal.SIGTERM)
+            for sig in signals:
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            try:
+                yield
+            finally:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
+
+    return _Server
 
 
 async def serve(cfg: ServerConfig) -> int:
@@ -56,7 +85,7 @@ async def serve(cfg: ServerConfig) -> int:
         # Default access logs on every probe would drown the model's own messages.
         access_log=cfg.log_level == "debug",
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     await server.serve()
     return 1 if failure else 0
 
