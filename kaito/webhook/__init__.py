@@ -1,0 +1,33 @@
+"""Admission webhook for Workspaces: HTTPS server, validation and defaulting rules, certificates.
+
+Wiring in the controller entry point (every replica, leader or not)::
+
+    validator = build_validator(api_client, cloud_provider=os.environ.get("CLOUD_PROVIDER"))
+    certs = CertManager(api_client, namespace, cert_dir, service="kaito-workspace-webhook",
+                        validating_webhooks=[...], mutating_webhooks=[...])
+    await certs.ensure()
+    server = WebhookServer(validator, host="0.0.0.0", port=9443, cert_dir=cert_dir)
+    certs.on_change = server.reload_certificates
+    await server.start()
+    cert_task = asyncio.create_task(certs.run())
+    ...
+    cert_task.cancel(); await asyncio.gather(cert_task, return_exceptions=True); await server.stop()
+"""
+
+from kaito.webhook.certs import CertBundle, CertManager, CertPolicy
+from kaito.webhook.server import HEALTH_PATH, MUTATE_PATH, VALIDATE_PATH, WebhookServer
+from kaito.webhook.validation import Result, WorkspaceValidator, build_validator, kube_configmap_reader
+
+__all__ = [
+    "HEALTH_PATH",
+    "MUTATE_PATH",
+    "VALIDATE_PATH",
+    "CertBundle",
+    "CertManager",
+    "CertPolicy",
+    "Result",
+    "WebhookServer",
+    "WorkspaceValidator",
+    "build_validator",
+    "kube_configmap_reader",
+]

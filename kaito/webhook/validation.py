@@ -571,7 +571,8 @@ class WorkspaceValidator:
             result.error("resource.instanceType", f"{immutable_hint} (was {old.resource.instance_type})")
         if old.resource.label_selector != new.resource.label_selector:
             result.error("resource.labelSelector", immutable_hint)
-        self._check_annotations(result, new)
+        if old.annotations().get(ANNOTATION_RUNTIME) != new.annotations().get(ANNOTATION_RUNTIME):
+            self._check_annotations(result, new)
         if new.inference is not None and old.inference is not None:
             await self._check_inference_update(result, old, new, old.inference, new.inference)
         elif new.tuning is not None and old.tuning is not None:
@@ -592,7 +593,10 @@ class WorkspaceValidator:
         preset = None
         if now.preset is not None and self.registry.has(now.preset.name):
             preset = self.registry.get(now.preset.name)
-        self._check_adapters(result, new, now, preset)
+        # Only what changed is re-checked, so metadata-only writes (the controller's finalizer and
+        # annotations) always pass even if an older object would not satisfy today's rules.
+        if now.adapters != was.adapters:
+            self._check_adapters(result, new, now, preset)
         if now.config and now.config != was.config:
             sku = self.skus.get(new.resource.instance_type, self.cloud_provider)
             await self._check_inference_config(result, new, now.config, sku)
@@ -608,8 +612,10 @@ class WorkspaceValidator:
             result.error("tuning.method", f"is immutable (was {was.method})")
         if (was.input.name or "") != (now.input.name or ""):
             result.error("tuning.input.name", f"is immutable (was {was.input.name!r})")
-        self._check_input(result, now.input)
-        self._check_output(result, now.output)
+        if now.input != was.input:
+            self._check_input(result, now.input)
+        if now.output != was.output:
+            self._check_output(result, now.output)
         if now.config and now.config != was.config:
             await self._check_tuning_config(result, new, now.config, now.method.lower())
 

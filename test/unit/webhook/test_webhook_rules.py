@@ -168,6 +168,8 @@ UPDATE_CASES: list[tuple[str, dict[str, Any], dict[str, Any], str | None]] = [
     ("method", TUNING, build(TUNING, tuning__method="lora"), "tuning.method: is immutable"),
     ("method case", TUNING, build(TUNING, tuning__method="QLoRA"), None),
     ("input name", build(TUNING, tuning__input={"name": "a", "urls": ["https://x.io/a"]}), build(TUNING, tuning__input={"name": "b", "urls": ["https://x.io/a"]}), "tuning.input.name: is immutable"),
+    ("metadata-only update of an old bad object", build(BASE, inference__adapters=[{"strength": "7"}]), build(BASE, inference__adapters=[{"strength": "7"}], metadata={"name": "ws", "namespace": "ns", "finalizers": ["workspace.finalizer.kaito.sh"]}), None),
+    ("tuning output change checked", TUNING, build(TUNING, tuning__output={"image": "r.io/a:1"}), "tuning.output.imagePushSecret: required"),
     ("deleting skips checks", BASE, build(BASE, resource__instanceType="changed", metadata={"name": "ws", "deletionTimestamp": "2025-01-01T00:00:00Z"}), None),
 ]  # fmt: skip
 

@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""Admission webhook latency: N AdmissionReview requests over HTTPS, p50/p90/p99/max printed.
+
+The webhook server runs in its own process (as in the controller) with a certificate from our own
+CA; the client sends a mix of CREATE reviews (valid, too-small SKU, unknown preset, adapters) and
+UPDATE reviews over keep-alive TLS connections and times each round trip.
+
+    python bench/webhook.py [--requests 1000] [--concurrency 1] [--mutate]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiohttp
+import structlog
+
+from kaito.webhook.certs import CertPolicy, plan_bundle, write_cert_dir
+from kaito.webhook.server import MUTATE_PATH, VALIDATE_PATH, WebhookServer
+from kaito.webhook.validation import build_validator
+
+KIND = {"group": "kaito.sh", "version": "v1alpha1", "kind": "Workspace"}
+
+
+def workspace(name: str, instance: str, preset: str, adapters: int = 0) -> dict[str, Any]:
+    inference: dict[str, Any] = {"preset": {"name": preset}}
+    if adapters:
+        inference["adapters"] = [
+            {"source": {"name": f"a{i}", "image": f"myregistry.azurecr.io/a{i}:0.0.1"}, "strength": "0.5"}
+            for i in range(adapters)
+        ]
+    return {
+        "apiVersion": "kaito.sh/v1alpha1",
+        "kind": "Workspace",
+        "metadata": {"name": name, "namespace": "bench", "uid": "00000000-0000-0000-0000-000000000000"},
+        "resource": {"count": 1, "instanceType": instance, "labelSelector": {"matchLabels": {"apps": name}}},
+        "inference": inference,
+    }
+
+
+def reviews() -> list[bytes]:
+    """The request mix, pre-serialised so the client measures the server, not json.dumps."""
+    objects = [
+        ("CREATE", workspace("phi-3", "Standard_NC6s_v3", "phi-3-mini-4k-instruct"), None),
+        ("CREATE", workspace("falcon-40b", "Standard_NC6s_v3", "falcon-40b"), None),  # denied: too small
+        ("CREATE", workspace("typo", "Standard_NC12s_v3", "phi-3-mini"), None),  # denied: unknown preset
+        ("CREATE", workspace("adapters", "Standard_NC12s_v3", "phi-3-mini-128k-instruct", adapters=5), None),
+        (
+            "UPDATE",
+            workspace("adapters", "Standard_NC12s_v3", "phi-3-mini-128k-instruct", adapters=6),
+            workspace("adapters", "Standard_NC12s_v3", "phi-3-mini-128k-instruct", adapters=5),
+        ),
+    ]
+    out = []
+    for i, (op, obj, old) in enumerate(objects):
+        request: dict[str, Any] = {
+            "uid": f"bench-{i}",
+            "kind": KIND,
+            "operation": op,
+            "namespace": "bench",
+            "object": obj,
+        }
+        if old is not None:
+            request["oldObject"] = old
+        out.append(
+            json.dumps(
+                {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
+            ).encode()
+        )
+    return out
+
+
+async def serve(cert_dir: Path) -> None:
+    """Child process: run the webhook server until stdin closes.
+
+    Logs (info level, as in production) go to stderr, so stdout carries only the "ready" line.
+    """
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    server = WebhookServer(build_validator(), host="127.0.0.1", port=0, cert_dir=cert_dir)
+    await server.start()
+    print(f"ready {server.port}", flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)  # parent closes stdin to stop us
+    await server.stop()
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    index = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[index]
+
+
+async def run(requests: int, concurrency: int, path: str) -> dict[str, float]:
+    """Start the server process, warm up, send ``requests`` reviews, return latency stats in ms."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = plan_bundle(None, ["localhost"], ["127.0.0.1"], CertPolicy())
+        assert bundle is not None
+        write_cert_dir(Path(tmp), bundle)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--serve",
+            tmp,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        try:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().split()
+            if not line or line[0] != "ready":
+                raise RuntimeError(f"webhook server did not start: {line}")
+            url = f"https://127.0.0.1:{line[1]}{path}"
+            ctx = ssl.create_default_context(cadata=bundle.ca_bundle.decode())
+            bodies = reviews()
+            latencies: list[float] = []
+            connector = aiohttp.TCPConnector(ssl=ctx, limit=concurrency)
+            async with aiohttp.ClientSession(connector=connector) as session:
+
+                async def one(i: int) -> None:
+                    body = bodies[i % len(bodies)]
+                    start = time.perf_counter()
+                    async with session.post(
+                        url, data=body, headers={"Content-Type": "application/json"}
+                    ) as r:
+                        payload = await r.read()
+                    elapsed = time.perf_counter() - start
+                    if r.status != 200 or b'"response"' not in payload:
+                        raise RuntimeError(f"bad response {r.status}: {payload[:200]!r}")
+                    latencies.append(elapsed * 1000)
+
+                for i in range(50):  # warm-up: TLS handshakes, first-call caches
+                    await one(i)
+                latencies.clear()
+                queue: asyncio.Queue[int] = asyncio.Queue()
+                for i in range(requests):
+                    queue.put_nowait(i)
+
+                async def worker() -> None:
+                    while True:
+                        try:
+                            i = queue.get_nowait()
+                        except asyncio.QueueEmpty:
+                            return
+                        await one(i)
+
+                started = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+                wall = time.perf_counter() - started
+        finally:
+            proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+    values = sorted(latencies)
+    return {
+        "requests": float(len(values)),
+        "p50_ms": percentile(values, 50),
+        "p90_ms": percentile(values, 90),
+        "p99_ms": percentile(values, 99),
+        "max_ms": values[-1],
+        "mean_ms": statistics.fmean(values),
+        "throughput_rps": len(values) / wall,
+    }
+
+
+def main() -> int:
+    """Parse flags, run the benchmark, print the result."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--mutate", action="store_true", help="benchmark the mutating path instead")
+    parser.add_argument("--serve", metavar="CERT_DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(Path(args.serve)))
+        return 0
+    stats = asyncio.run(run(args.requests, args.concurrency, MUTATE_PATH if args.mutate else VALIDATE_PATH))
+    path = "mutate" if args.mutate else "validate"
+    print(
+        f"webhook {path}: {int(stats['requests'])} requests, concurrency {args.concurrency}: "
+        f"p50 {stats['p50_ms']:.2f} ms, p90 {stats['p90_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms, "
+        f"max {stats['max_ms']:.2f} ms, {stats['throughput_rps']:.0f} req/s"
+    )
+    print(json.dumps({"path": path, "concurrency": args.concurrency, **stats}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
