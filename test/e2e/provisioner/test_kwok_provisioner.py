@@ -1,0 +1,101 @@
+"""The provisioner as a real process with the kwok cloud on the full local cluster (kwok keeps Nodes Ready)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from test.e2e.provisioner.helpers import ProvisionerProcess, gpu_machine
+from test.waiting import eventually
+
+GROUP, VERSION, PLURAL = "karpenter.sh", "v1alpha5", "machines"
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}") as resp:
+        return resp.status, await resp.text()
+
+
+async def wait_ready(p: ProvisionerProcess) -> None:
+    async def ready() -> bool:
+        assert p.proc.poll() is None, f"provisioner exited {p.proc.returncode}:\n{p.log_tail()}"
+        try:
+            status, _ = await http_get(p.probe_port, "/readyz")
+        except aiohttp.ClientError:
+            return False
+        return status == 200
+
+    await eventually(ready, 60, "the provisioner's /readyz to answer 200")
+
+
+def condition(machine: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for c in (machine.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return dict(c)
+    return None
+
+
+async def test_machine_becomes_ready_and_deletion_removes_node(
+    provisioner: ProvisionerProcess, api_client: ApiClient
+) -> None:
+    """A Machine gets a kwok GPU Node, links it and turns Ready; deleting it deletes the Node and the Machine."""
+    await wait_ready(provisioner)
+    crd, core = CustomObjectsApi(api_client), CoreV1Api(api_client)
+    name = "e2e" + secrets.token_hex(4)
+    await crd.create_cluster_custom_object(
+        GROUP, VERSION, PLURAL, gpu_machine(name, provisioner.selector_labels)
+    )
+
+    async def ready_machine() -> dict[str, Any] | None:
+        assert provisioner.proc.poll() is None, provisioner.log_tail()
+        m: dict[str, Any] = await crd.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        c = condition(m, "Ready")
+        return m if c and c["status"] == "True" else None
+
+    machine = await eventually(ready_machine, 60, f"machine {name} to be Ready")
+    status = machine["status"]
+    for type_ in ("MachineLaunched", "MachineRegistered", "MachineInitialized"):
+        assert (condition(machine, type_) or {}).get("status") == "True", machine
+    assert "karpenter.sh/termination" in machine["metadata"]["finalizers"]
+    node_name = status["nodeName"]
+    assert node_name.startswith(f"aks-{name}-")
+    assert status["providerID"] == f"kwok://{node_name}"
+    assert status["allocatable"]["nvidia.com/gpu"] == "2"
+
+    node = await core.read_node(node_name)
+    assert node.spec.provider_id == status["providerID"]
+    assert node.metadata.labels["karpenter.sh/registered"] == "true"
+    assert node.metadata.labels["karpenter.sh/initialized"] == "true"
+    assert node.metadata.labels["kaito.sh/workspace"] == "falcon"
+    assert any(t.key == "sku" and t.effect == "NoSchedule" for t in node.spec.taints)
+    assert any(r.kind == "Machine" and r.name == name for r in node.metadata.owner_references)
+
+    code, text = await http_get(provisioner.metrics_port, "/metrics")
+    assert code == 200
+    ours = "\n".join(line for line in text.splitlines() if line.startswith("kaito_"))
+    assert 'kaito_machine_phase{phase="Ready"} 1.0' in ours, ours
+    assert "kaito_machine_launch_duration_seconds_count 1.0" in ours, ours
+    assert "kaito_machine_initialization_duration_seconds_count 1.0" in ours, ours
+    assert 'kaito_cloud_request_duration_seconds_count{operation="create",provider="kwok"}' in ours, ours
+
+    await crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+    async def gone() -> bool:
+        try:
+            await crd.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+            return False
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        try:
+            await core.read_node(node_name)
+            return False
+        except ApiException as e:
+            return e.status == 404
+
+    await eventually(gone, 60, f"machine {name} and node {node_name} to be deleted")
+    assert provisioner.terminate() == 0, provisioner.log_tail()
