@@ -182,6 +182,14 @@ async def test_failover_after_kill_9_and_release_on_sigterm(
         print(f"failover after kill -9: {failover:.2f} s (lease {LEASE_DURATION} s, retry {RETRY_PERIOD} s)")
         assert failover <= LEASE_DURATION + RETRY_PERIOD + 1.0, failover
 
+        # SPEC §10: the standby reconciles within 20 s of the kill (its queue was filled while standing by).
+        await eventually(
+            lambda: stamped_by(standby.identity), 10, "the new leader to reconcile", interval=0.05
+        )
+        reconciled_after = loop.time() - t_kill
+        print(f"standby reconciled {reconciled_after:.2f} s after kill -9")
+        assert reconciled_after <= 20.0, reconciled_after
+
         async def standby_is_master() -> bool:
             return await standby.status(http) == 1.0
 
