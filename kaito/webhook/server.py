@@ -14,11 +14,14 @@ import asyncio
 import base64
 import json
 import ssl
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from kaito.api.workspace import GROUP, KIND, Workspace
@@ -33,6 +36,32 @@ TLS_KEY_FILE = "tls.key"
 MAX_BODY_BYTES = 8 * 1024 * 1024  # the apiserver allows ~3 MiB objects; old + new object both travel
 
 log = structlog.get_logger("kaito.webhook")
+
+# controller-runtime's webhook metric names, so existing dashboards work; plus our decision counter.
+WEBHOOK_REQUESTS = Counter(
+    "controller_runtime_webhook_requests_total",
+    "Total number of admission requests by HTTP status code.",
+    ["code", "webhook"],
+)
+WEBHOOK_LATENCY = Histogram(
+    "controller_runtime_webhook_latency_seconds",
+    "Histogram of the latency of processing admission requests.",
+    ["webhook"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+WEBHOOK_IN_FLIGHT = Gauge(
+    "controller_runtime_webhook_requests_in_flight",
+    "Current number of admission requests being served.",
+    ["webhook"],
+)
+WEBHOOK_DECISIONS = Counter(
+    "kaito_webhook_decisions_total",
+    "Admission decisions by webhook, operation and outcome.",
+    ["webhook", "operation", "allowed"],
+)
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 class BadReview(ValueError):
@@ -105,8 +134,8 @@ class WebhookServer:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.app = web.Application(client_max_size=MAX_BODY_BYTES)
-        self.app.router.add_post(VALIDATE_PATH, self._handle_validate)
-        self.app.router.add_post(MUTATE_PATH, self._handle_mutate)
+        self.app.router.add_post(VALIDATE_PATH, self._instrumented(VALIDATE_PATH, self._handle_validate))
+        self.app.router.add_post(MUTATE_PATH, self._instrumented(MUTATE_PATH, self._handle_mutate))
         self.app.router.add_get(HEALTH_PATH, self._handle_health)
 
     @property
@@ -156,6 +185,22 @@ class WebhookServer:
         await self.stop()
 
     # --------------------------------------------------------------------------------------- handlers
+
+    @staticmethod
+    def _instrumented(path: str, handler: Handler) -> Handler:
+        async def wrapped(request: web.Request) -> web.Response:
+            in_flight = WEBHOOK_IN_FLIGHT.labels(path)
+            in_flight.inc()
+            start = time.perf_counter()
+            try:
+                response = await handler(request)
+            finally:
+                in_flight.dec()
+                WEBHOOK_LATENCY.labels(path).observe(time.perf_counter() - start)
+            WEBHOOK_REQUESTS.labels(str(response.status), path).inc()
+            return response
+
+        return wrapped
 
     async def _handle_health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -238,6 +283,7 @@ class WebhookServer:
             result = await self.validator.validate_create(new)
         else:
             result = await self.validator.validate_update(old, new)
+        WEBHOOK_DECISIONS.labels(VALIDATE_PATH, operation, str(result.allowed).lower()).inc()
         if not result.allowed:
             log.info(
                 "workspace denied", uid=uid, operation=operation, namespace=namespace, name=new.metadata.name

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +15,7 @@ from kubernetes_asyncio.client import AdmissionregistrationV1Api, CoreV1Api
 
 from kaito.webhook.certs import CertManager, CertPolicy
 from test.integration.webhook.helpers import register, unregister, webhook_configurations
+from test.waiting import eventually
 
 
 async def test_replicas_share_one_secret_and_rotation_patches_ca_bundle(
@@ -67,7 +70,31 @@ async def test_replicas_share_one_secret_and_rotation_patches_ca_bundle(
         # The first replica picks the rotation up from the Secret on its next pass and reloads.
         assert await first.ensure() == bundle_c
         assert changes == ["a", "a"]
-        secret = await CoreV1Api(api_client).read_namespaced_secret("workspace-webhook-cert", namespace)
+        core = CoreV1Api(api_client)
+        secret = await core.read_namespaced_secret("workspace-webhook-cert", namespace)
         assert set(secret.data) == {"ca.crt", "ca.key", "tls.crt", "tls.key"}
+
+        # The background loop heals a deleted Secret (new CA, caBundle re-patched); its owner cancels it.
+        first.check_interval = 0.2
+        task = asyncio.create_task(first.run())
+        try:
+            await core.delete_namespaced_secret("workspace-webhook-cert", namespace)
+
+            async def healed() -> bool:
+                current = await admission.read_validating_webhook_configuration(name)
+                bundle = base64.b64decode(current.webhooks[0].client_config.ca_bundle)
+                return (
+                    bundle != bundle_c.ca_bundle
+                    and first.bundle is not None
+                    and first.bundle.ca_bundle == bundle
+                )
+
+            await eventually(healed, timeout=20, what="the cert manager to re-issue the deleted Secret")
+            assert (tmp_path / "a" / "tls.crt").read_bytes() == first.bundle.cert  # type: ignore[union-attr]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert task.cancelled()
     finally:
         await unregister(api_client, name)

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from cryptography import x509
+from prometheus_client import REGISTRY
 
 from kaito.presets.registry import PresetRegistry
 from kaito.presets.skus import SkuCatalog
@@ -204,3 +205,37 @@ def test_plan_bundle_rotation_policy() -> None:
     roundtrip = CertBundle.from_secret_data(first.to_secret_data())
     assert roundtrip == first
     assert CertBundle.from_secret_data({"tls.crt": "x"}) is None
+
+
+async def test_rule_failure_denies_with_500_and_server_keeps_serving(tmp_path: Path) -> None:
+    """A failing live lookup (here: the ConfigMap read raises) denies that request only."""
+
+    async def broken_reader(namespace: str, name: str) -> dict[str, str] | None:
+        raise ConnectionResetError("apiserver went away")
+
+    bundle = plan_bundle(None, ["localhost"], ["127.0.0.1"], CertPolicy())
+    assert bundle is not None
+    write_cert_dir(tmp_path, bundle)
+    validator = WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), configmaps=broken_reader)
+    ctx = ssl.create_default_context(cadata=bundle.ca_bundle.decode())
+    async with WebhookServer(validator, host="127.0.0.1", port=0, cert_dir=tmp_path) as server:
+        url = f"https://127.0.0.1:{server.port}{VALIDATE_PATH}"
+        before = REGISTRY.get_sample_value(
+            "controller_runtime_webhook_requests_total", {"code": "200", "webhook": VALIDATE_PATH}
+        )
+        with_config = {**WS, "inference": {**WS["inference"], "config": "my-config"}}
+        status, body = await post(url, ctx, review(with_config))
+        assert status == 200
+        assert body["response"]["allowed"] is False and body["response"]["status"]["code"] == 500
+        assert "apiserver went away" in body["response"]["status"]["message"]
+        status, body = await post(url, ctx, review())
+        assert status == 200 and body["response"]["allowed"] is True
+        after = REGISTRY.get_sample_value(
+            "controller_runtime_webhook_requests_total", {"code": "200", "webhook": VALIDATE_PATH}
+        )
+        assert (after or 0) - (before or 0) == 2
+        allowed = REGISTRY.get_sample_value(
+            "kaito_webhook_decisions_total",
+            {"webhook": VALIDATE_PATH, "operation": "CREATE", "allowed": "true"},
+        )
+        assert allowed is not None and allowed >= 1
