@@ -28,7 +28,7 @@ def _configure_logging(level: str) -> None:
 def _server_class() -> Any:
     import uvicorn
 
-    class _Server(uvicorn.Server):  # type: ignore[misc]
+    class _Server(uvicorn.Server):
         """uvicorn's server, minus re-raising SIGTERM/SIGINT after a graceful shutdown.
 
         uvicorn re-raises the captured signal once it has shut down, so the process dies with 143/130;
@@ -60,7 +60,7 @@ async def serve(cfg: ServerConfig) -> int:
     if cfg.log_level != "debug" and os.environ.get("DEBUG_MODE", "").lower() != "true":
         # transformers warns on every request about flag combinations upstream's defaults produce
         # (max_length with max_new_tokens, top_k with greedy decoding); keep the pod log readable.
-        hf_logging.set_verbosity_error()
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
 
     # Streaming hands every token from the generating thread to the event loop. With CPython's default
     # 5 ms GIL switch interval each hand-off can wait that long behind the generation loop's Python

@@ -36,6 +36,10 @@ class GenerationCancelled(RuntimeError):
     """The request went away or the engine closed before its generation started."""
 
 
+class EngineOverloaded(RuntimeError):
+    """The accelerator ran out of memory for this request; the client may retry with less."""
+
+
 def resolve_dtype(name: str | None) -> Any:
     """Map a ``--torch_dtype`` name to a torch dtype; ``auto`` and ``None`` pass through."""
     if name is None or name == "auto":
@@ -104,7 +108,9 @@ def load_model(cfg: ServerConfig, environ: Mapping[str, str] | None = None) -> L
         "local_files_only": not cfg.allow_remote_files,
     }
     common.update(cfg.extra_model_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained_model_name_or_path, **common)
+    tokenizer = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
+        cfg.pretrained_model_name_or_path, **common
+    )
     model_kwargs = dict(common)
     dtype = resolve_dtype(cfg.torch_dtype)
     if dtype is not None:
@@ -115,7 +121,7 @@ def load_model(cfg: ServerConfig, environ: Mapping[str, str] | None = None) -> L
     if adapters:
         log.info("merging adapters %s", ", ".join(f"{a.name}={a.strength}" for a in adapters))
         model = merge_adapters(model, adapters, cfg.combination_type)
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     if cfg.chat_template:
         tokenizer.chat_template = load_chat_template(cfg.chat_template)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
@@ -271,6 +277,9 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate")
         self._controls: set[_Control] = set()
         self._closed = False
+        # A fast tokenizer resets its truncation/padding state (a mutable borrow in Rust) on the first
+        # call; doing it now keeps later concurrent encodes and decodes on different threads read-only.
+        self.tokenizer("warm-up")
 
     # -- tokenisation ---------------------------------------------------------------------------
 
@@ -300,7 +309,7 @@ class Engine:
         tokenizer = self.tokenizer
         tail = max((len(s) for s in stop), default=0) + 4
 
-        class _Criteria(StoppingCriteria):  # type: ignore[misc]
+        class _Criteria(StoppingCriteria):
             """Marks the first token's time, honours cancellation and stop strings."""
 
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
@@ -369,6 +378,12 @@ class Engine:
         except (ValueError, TypeError) as exc:
             # generate() validates its keyword arguments and raises these for bad client input.
             raise GenerationError(str(exc)) from None
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the memory of this failed request back to the others
+            raise EngineOverloaded(
+                "out of accelerator memory for this request; retry with a shorter prompt or fewer tokens"
+            ) from None
         finished = time.perf_counter()
         rows = output[:, len(req.input_ids) :].tolist()
         cancelled = control.cancel.is_set()
@@ -418,7 +433,7 @@ class Engine:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         control = self._control()
 
-        class _QueueStreamer(BaseStreamer):  # type: ignore[misc]
+        class _QueueStreamer(BaseStreamer):
             """Hands new token ids from the generating thread to the event loop."""
 
             def __init__(self) -> None:

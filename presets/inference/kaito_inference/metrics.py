@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -74,11 +75,11 @@ class MetricsMiddleware:
     measures what the client waits for.
     """
 
-    def __init__(self, app: Any, metrics: RuntimeMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: RuntimeMetrics) -> None:
         self.app = app
         self.metrics = metrics
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection, recording metrics for HTTP requests."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -88,7 +89,7 @@ class MetricsMiddleware:
         start = time.perf_counter()
         status = {"code": 500, "done": False}
 
-        async def wrapped_send(message: dict[str, Any]) -> None:
+        async def wrapped_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = int(message["status"])
             await send(message)

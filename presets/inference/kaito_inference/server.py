@@ -26,6 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import ServerConfig
 from .engine import (
     Engine,
+    EngineOverloaded,
+    GenerationCancelled,
     GenerationError,
     GenerationRequest,
     GenerationResult,
@@ -278,6 +280,14 @@ def create_app(
     async def _generation_error(request: Request, exc: GenerationError) -> JSONResponse:
         return _error(request, 400, str(exc))
 
+    @app.exception_handler(GenerationCancelled)
+    async def _cancelled(request: Request, exc: GenerationCancelled) -> JSONResponse:
+        return _error(request, 503, "server is shutting down")
+
+    @app.exception_handler(EngineOverloaded)
+    async def _overloaded(request: Request, exc: EngineOverloaded) -> JSONResponse:
+        return _error(request, 503, str(exc))
+
     @app.exception_handler(ModelNotReady)
     async def _not_ready(request: Request, exc: ModelNotReady) -> JSONResponse:
         return _error(request, 503, str(exc))
@@ -349,7 +359,7 @@ def create_app(
         if use_messages:
             if not body.messages:
                 raise ClientError("Conversational parameter messages required")
-            input_ids = engine.encode_messages(_message_dicts(body.messages))
+            input_ids = await asyncio.to_thread(engine.encode_messages, _message_dicts(body.messages))
         else:
             if not body.prompt:
                 raise ClientError(
@@ -357,7 +367,7 @@ def create_app(
                     if cfg.pipeline == "conversational"
                     else "Text generation parameter prompt required"
                 )
-            input_ids = engine.encode_prompt((body.prefix or "") + body.prompt)
+            input_ids = await asyncio.to_thread(engine.encode_prompt, (body.prefix or "") + body.prompt)
 
         gen = body.generate_kwargs.model_dump(exclude_none=True)
         bad = sorted(_FORBIDDEN_GENERATE_KWARGS.intersection(gen))
@@ -389,7 +399,7 @@ def create_app(
             # Upstream returned a Python repr of the whole conversation here; the reply text is what
             # callers actually want.
             return {"Result": "".join(s.text for s in result.sequences)}
-        lead = body.prompt if body.return_full_text else ""
+        lead = (body.prompt or "") if body.return_full_text else ""
         return {"Result": "".join(lead + s.text for s in result.sequences)}
 
     # -- OpenAI-compatible API -------------------------------------------------------------------------
@@ -490,7 +500,7 @@ def create_app(
         engine = runtime.require()
         if body.tools:
             raise ClientError("tools are not supported by this runtime", param="tools")
-        input_ids = engine.encode_messages(_message_dicts(body.messages))
+        input_ids = await asyncio.to_thread(engine.encode_messages, _message_dicts(body.messages))
         max_new = _context_check(
             engine, len(input_ids), body.max_completion_tokens or body.max_tokens, "chat"
         )
@@ -554,7 +564,7 @@ def create_app(
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
         reqs = []
         for prompt in prompts:
-            ids = engine.encode_prompt(prompt)
+            ids = await asyncio.to_thread(engine.encode_prompt, prompt)
             max_new = _context_check(engine, len(ids), max_tokens, "completion")
             reqs.append(
                 GenerationRequest(
