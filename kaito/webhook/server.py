@@ -252,7 +252,8 @@ class WebhookServer:
     def _parse_workspace(self, raw: Any, namespace: str | None, what: str) -> Workspace:
         if not isinstance(raw, dict):
             raise BadReview(f"request.{what} is required and must be an object")
-        ws = Workspace.model_validate(raw)
+        # status is the controller's (written through the subresource) and not ours to judge here.
+        ws = Workspace.model_validate({k: v for k, v in raw.items() if k != "status"})
         if not ws.metadata.namespace and namespace:
             ws.metadata.namespace = namespace
         return ws

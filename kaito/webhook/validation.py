@@ -114,6 +114,8 @@ class WorkspaceValidator:
     ``cloud_provider`` (``azure``, ``aws``, ``arc`` or None for "any catalog") picks the SKU table.
     ``configmaps`` reads ConfigMaps for ``inference.config`` / ``tuning.config``; without it a named
     ConfigMap cannot be checked and the request is denied with a message saying so.
+    ``allow_unknown_instance_types`` (for bring-your-own nodes) turns an unknown SKU into a warning
+    without the bypass annotation.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class WorkspaceValidator:
         skus: SkuCatalog,
         cloud_provider: str | None = None,
         configmaps: ConfigMapReader | None = None,
+        allow_unknown_instance_types: bool = False,
     ) -> None:
         if cloud_provider is not None and cloud_provider not in CLOUDS:
             raise ValueError(
@@ -131,6 +134,7 @@ class WorkspaceValidator:
         self.skus = skus
         self.cloud_provider = cloud_provider
         self.configmaps = configmaps
+        self.allow_unknown_instance_types = allow_unknown_instance_types
 
     # ----------------------------------------------------------------------------------------- create
 
@@ -192,7 +196,7 @@ class WorkspaceValidator:
         sku = self.skus.get(name, self.cloud_provider)
         if sku is not None:
             return sku
-        if self._bypass(ws):
+        if self._bypass(ws) or self.allow_unknown_instance_types:
             result.warn("resource.instanceType", f"unknown instance type {name!r}: GPU fit not checked")
             return None
         suggestions = self.skus.suggest(name, self.cloud_provider)
@@ -644,6 +648,7 @@ def build_validator(
     cloud_provider: str | None = None,
     registry: PresetRegistry | None = None,
     skus: SkuCatalog | None = None,
+    allow_unknown_instance_types: bool = False,
 ) -> WorkspaceValidator:
     """A validator over the default catalogs (loaded once; call at startup, it reads files)."""
     from kaito.presets.registry import default_registry
@@ -654,4 +659,5 @@ def build_validator(
         skus or default_sku_catalog(),
         cloud_provider=cloud_provider,
         configmaps=kube_configmap_reader(api_client) if api_client is not None else None,
+        allow_unknown_instance_types=allow_unknown_instance_types,
     )

@@ -128,6 +128,21 @@ async def test_bypass_annotation_turns_fit_errors_into_warnings(validator: Works
         assert result.warnings and all(w.startswith("resource.instanceType:") for w in result.warnings)
 
 
+async def test_byo_mode_accepts_unknown_instance_types() -> None:
+    byo = WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), allow_unknown_instance_types=True)
+    result = await byo.validate_create(
+        Workspace.model_validate(build(BASE, resource__instanceType="my-node-type"))
+    )
+    assert result.allowed and result.warnings == [
+        "resource.instanceType: unknown instance type 'my-node-type': GPU fit not checked"
+    ]
+    # Known SKUs are still checked.
+    small = await byo.validate_create(
+        Workspace.model_validate(build(BASE, inference__preset={"name": "falcon-40b"}))
+    )
+    assert not small.allowed
+
+
 async def test_placeholder_images_warn(validator: WorkspaceValidator) -> None:
     obj = build(
         BASE,
