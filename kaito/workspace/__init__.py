@@ -1,0 +1,1 @@
+"""The workspace controller: node selection, Machines, inference workloads, status."""

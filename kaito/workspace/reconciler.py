@@ -1,0 +1,694 @@
+"""The Workspace reconciler (inference path): nodes, Machines, workload, status, deletion.
+
+One reconcile reads the informer caches, makes the few writes that are needed and returns; it never
+waits for a Machine or a pod (SPEC §5). Progress arrives as watch events (Machines, Nodes, Pods,
+Deployments, ...) that re-enqueue the workspace; a not-ready workspace is also looked at again after
+``not_ready_requeue`` seconds as a safety net. Writes are minimal: children are compared by the
+:data:`~kaito.workspace.manifests.ANNOTATION_SPEC_HASH` annotation, status by content, the finalizer
+only when missing.
+
+Steps (upstream §3.2 without its blocking waits):
+
+1. the finalizer ``workspace.finalizer.kaito.sh``; a deleting workspace goes to :meth:`_finalize`;
+2. resources: qualifying nodes, Machines for the missing ones (``machine`` mode; ``byo`` never creates
+   any and says which nodes are missing), ``status.workerNodes``;
+3. inference: Services, ConfigMap, Deployment or StatefulSet (created, or updated when the hash moved);
+4. status: conditions, ``state`` with a typed reason from what Pods and Machines report, Events on
+   transitions -- written only when it changed.
+
+Tuning workspaces get the finalizer, their Machines and deletion here; their Job belongs to the tuning
+controller.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from kaito.api.conditions import StateReason
+from kaito.api.workspace import (
+    FINALIZER,
+    GROUP,
+    LABEL_WORKSPACE_NAME,
+    LABEL_WORKSPACE_NAMESPACE,
+    Workspace,
+)
+from kaito.machine.interface import NodeRequest, NodeRequestEncoding, RequestPhase
+from kaito.machine.machine import MachineEncoding
+from kaito.presets.registry import Preset, PresetRegistry, UnknownPresetError
+from kaito.presets.skus import SkuCatalog
+from kaito.runtime.controller import DONE, Controller, Result, label_mapper, owner_mapper
+from kaito.runtime.informer import Informer
+from kaito.runtime.kube import (
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    NODES,
+    PODS,
+    SERVICES,
+    STATEFULSETS,
+    ApiError,
+    KubeClient,
+    Obj,
+    Resource,
+    deepcopy,
+    split_key,
+)
+from kaito.runtime.manager import Manager
+from kaito.workspace import events as ev
+from kaito.workspace import manifests as mf
+from kaito.workspace import nodes as nd
+from kaito.workspace import status as st
+
+log = structlog.get_logger("kaito.workspace")
+
+WORKSPACES = Resource(GROUP, "v1alpha1", "workspaces", True, "Workspace")
+CHILD_SELECTOR = LABEL_WORKSPACE_NAME  # every child carries it: informers watch only those
+
+NODE_LABEL_INDEX = "label-pair"
+WS_MATCH_LABEL_INDEX = "match-label"
+MACHINE_WS_INDEX = "workspace"
+POD_WS_INDEX = "workspace"
+
+PROVISIONING_MODES = ("machine", "byo")
+
+QUOTA_REASONS = frozenset({"QuotaExceeded"})
+SKU_REASONS = frozenset({"SkuUnavailable", "SKUUnavailable", "InsufficientCapacity"})
+
+
+@dataclass
+class ReconcilerOptions:
+    """Behaviour switches (command-line flags)."""
+
+    provisioning: str = "machine"
+    manifests: mf.ManifestOptions = field(default_factory=mf.ManifestOptions)
+    machine_deletion_timeout: float = 300.0
+    not_ready_requeue: float = 60.0
+    deletion_requeue: float = 5.0
+
+
+# ------------------------------------------------------------------------------------ index helpers
+
+
+def _label_pairs(obj: Obj) -> list[str]:
+    return [f"{k}={v}" for k, v in ((obj.get("metadata") or {}).get("labels") or {}).items()]
+
+
+def _ws_match_pairs(obj: Obj) -> list[str]:
+    resource = obj.get("resource") or {}
+    labels = (resource.get("labelSelector") or {}).get("matchLabels") or {}
+    return [f"{k}={v}" for k, v in labels.items()]
+
+
+def _machine_ws_key(obj: Obj) -> list[str]:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    ns, name = labels.get(LABEL_WORKSPACE_NAMESPACE), labels.get(LABEL_WORKSPACE_NAME)
+    return [f"{ns}/{name}"] if ns and name else []
+
+
+def _pod_ws_key(obj: Obj) -> list[str]:
+    meta = obj.get("metadata") or {}
+    name = (meta.get("labels") or {}).get(LABEL_WORKSPACE_NAME)
+    return [f"{meta.get('namespace')}/{name}"] if name else []
+
+
+def workspace_predicate(old: Obj | None, new: Obj) -> bool:
+    """Workspace events worth a reconcile: adds, spec (generation), annotations, labels, deletion,
+    finalizers. Our own status writes do not re-trigger."""
+    if old is None:
+        return True
+    om, nm = old.get("metadata") or {}, new.get("metadata") or {}
+    return any(
+        om.get(k) != nm.get(k)
+        for k in ("generation", "annotations", "labels", "deletionTimestamp", "finalizers")
+    )
+
+
+def node_predicate(old: Obj | None, new: Obj) -> bool:
+    """Node events that can change a selection: add, labels, readiness, deletion, GPU count (not heartbeats)."""
+    if old is None:
+        return True
+    return (
+        nd.node_labels(old) != nd.node_labels(new)
+        or nd.node_ready(old) != nd.node_ready(new)
+        or (old.get("metadata") or {}).get("deletionTimestamp")
+        != (new.get("metadata") or {}).get("deletionTimestamp")
+        or nd.node_gpus(old) != nd.node_gpus(new)
+    )
+
+
+def _rv_int(rv: str | None) -> int | None:
+    try:
+        return int(rv) if rv else None
+    except ValueError:
+        return None
+
+
+def _parse_time(value: Any) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------- reconciler
+
+
+class WorkspaceReconciler:
+    """See the module docstring. Build it with :func:`register` (which also creates the informers)."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        *,
+        workspaces: Informer,
+        nodes: Informer,
+        machines: Informer | None,
+        deployments: Informer,
+        statefulsets: Informer,
+        services: Informer,
+        configmaps: Informer,
+        pods: Informer,
+        registry: PresetRegistry,
+        skus: SkuCatalog,
+        options: ReconcilerOptions | None = None,
+        encoding: NodeRequestEncoding | None = None,
+        recorder: ev.EventRecorder | None = None,
+    ) -> None:
+        self.client = client
+        self.workspaces = workspaces
+        self.nodes = nodes
+        self.machines = machines
+        self.deployments = deployments
+        self.statefulsets = statefulsets
+        self.services = services
+        self.configmaps = configmaps
+        self.pods = pods
+        self.registry = registry
+        self.skus = skus
+        self.options = options or ReconcilerOptions()
+        if self.options.provisioning not in PROVISIONING_MODES:
+            raise ValueError(f"provisioning must be one of {PROVISIONING_MODES}")
+        self.encoding: NodeRequestEncoding = encoding or MachineEncoding()
+        self.recorder = recorder or ev.EventRecorder(client)
+        # Last status written per key, with the resourceVersion the write returned: a reconcile that
+        # runs before the watch delivers our own write must not write (and announce) the same again.
+        self._written: dict[str, tuple[int | None, Obj]] = {}
+
+    # ------------------------------------------------------------------------------------- entry
+
+    async def reconcile(self, key: str) -> Result:
+        """Reconcile one workspace key (``namespace/name``)."""
+        raw = self.workspaces.store.get(key)
+        if raw is None:
+            self._written.pop(key, None)
+            return DONE
+        try:
+            ws = Workspace.model_validate(raw)
+        except ValidationError as e:
+            # The CRD schema should make this impossible; say so on the object instead of retrying.
+            await self.recorder.event(raw, "Warning", "InvalidSpec", f"workspace cannot be read: {e}")
+            return DONE
+        if (raw.get("metadata") or {}).get("deletionTimestamp"):
+            t0 = time.monotonic()
+            try:
+                return await self._finalize(key, raw)
+            finally:
+                ev.RECONCILE_STEP.labels("finalize").observe(time.monotonic() - t0)
+        if FINALIZER not in (ws.metadata.finalizers or []):
+            raw = await self._add_finalizer(raw)
+        if ws.inference is None:
+            return DONE  # tuning: the tuning controller owns the Job and its status
+        return await self._reconcile_inference(key, raw, ws)
+
+    # ------------------------------------------------------------------------------------ finalizer
+
+    async def _add_finalizer(self, raw: Obj) -> Obj:
+        meta = raw["metadata"]
+        finalizers = [*(meta.get("finalizers") or []), FINALIZER]
+        patched = await self.client.patch(
+            WORKSPACES,
+            meta["name"],
+            {"metadata": {"finalizers": finalizers, "resourceVersion": meta.get("resourceVersion")}},
+            meta["namespace"],
+        )
+        return patched
+
+    async def _finalize(self, key: str, raw: Obj) -> Result:
+        """Delete the workspace's Machines, then drop the finalizer (children go by ownerReference).
+
+        Machines are waited for (their deletion removes Nodes and cloud pools) for at most
+        ``machine_deletion_timeout`` seconds after the workspace's deletionTimestamp; past that the
+        finalizer is removed anyway and a Warning Event names the Machines left behind.
+        """
+        meta = raw["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        if FINALIZER not in (meta.get("finalizers") or []):
+            return DONE
+        await self._write_status(
+            key, raw, st.Observation(generation=int(meta.get("generation") or 0), deleting=True)
+        )
+        remaining: list[str] = []
+        for m in self._machines_of(key):
+            req = self.encoding.observe(m)
+            remaining.append(req.name)
+            if req.phase != RequestPhase.DELETING:
+                await self.client.delete(self.encoding.resource, req.name)
+                ev.MACHINE_OPS.labels("deleted").inc()
+                log.info("machine deleted", machine=req.name)
+        if remaining:
+            started = _parse_time(meta.get("deletionTimestamp")) or time.time()
+            waited = time.time() - started
+            if waited < self.options.machine_deletion_timeout:
+                return Result(requeue_after=self.options.deletion_requeue)
+            await self.recorder.event(
+                raw,
+                "Warning",
+                "MachineDeletionStuck",
+                f"machines {', '.join(sorted(remaining))} still exist {int(waited)}s after deletion started; "
+                "removing the finalizer anyway -- check the gpu-provisioner",
+            )
+        finalizers = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
+        try:
+            await self.client.patch(
+                WORKSPACES,
+                name,
+                {"metadata": {"finalizers": finalizers, "resourceVersion": meta.get("resourceVersion")}},
+                ns,
+            )
+        except ApiError as e:
+            if e.not_found:
+                return DONE
+            raise
+        self._written.pop(key, None)
+        log.info("finalizer removed", machines_left=len(remaining))
+        return DONE
+
+    # ------------------------------------------------------------------------------------ inference
+
+    async def _reconcile_inference(self, key: str, raw: Obj, ws: Workspace) -> Result:
+        generation = int(ws.metadata.generation or 0)
+        obs = st.Observation(generation=generation, machines=self.options.provisioning == "machine")
+        assert ws.inference is not None
+        preset: Preset | None = None
+        if ws.inference.preset is not None:
+            try:
+                preset = self.registry.get(ws.inference.preset.name)
+            except UnknownPresetError as e:
+                obs.spec_error = st.StepOutcome(st.Phase.FAILED, "UnknownPreset", str(e))
+                await self._write_status(key, raw, obs)
+                return DONE
+
+        t0 = time.monotonic()
+        resource, workers, worker_gpus = await self._ensure_resources(key, ws, preset, obs)
+        ev.RECONCILE_STEP.labels("resources").observe(time.monotonic() - t0)
+        obs.resource = resource
+        if resource.phase == st.Phase.READY:
+            obs.worker_nodes = workers
+            t0 = time.monotonic()
+            try:
+                obs.inference = await self._ensure_inference(ws, preset, workers, worker_gpus)
+            except mf.ManifestError as e:
+                obs.spec_error = st.StepOutcome(st.Phase.FAILED, e.reason, e.message)
+            ev.RECONCILE_STEP.labels("workload").observe(time.monotonic() - t0)
+        t0 = time.monotonic()
+        await self._write_status(key, raw, obs)
+        ev.RECONCILE_STEP.labels("status").observe(time.monotonic() - t0)
+        if obs.spec_error is not None:
+            return DONE  # nothing to retry until the spec changes (which re-enqueues)
+        if (
+            resource.phase == st.Phase.READY
+            and obs.inference is not None
+            and obs.inference.phase == st.Phase.READY
+        ):
+            return DONE
+        return Result(requeue_after=self.options.not_ready_requeue)
+
+    # ------------------------------------------------------------------------------------ resources
+
+    def _machines_of(self, key: str) -> list[Obj]:
+        if self.machines is None:
+            return []
+        return self.machines.store.by_index(MACHINE_WS_INDEX, key)
+
+    def _candidate_nodes(self, match_labels: Mapping[str, str]) -> list[Obj]:
+        if not match_labels:
+            return []
+        k = sorted(match_labels)[0]
+        return self.nodes.store.by_index(NODE_LABEL_INDEX, f"{k}={match_labels[k]}")
+
+    async def _ensure_resources(
+        self, key: str, ws: Workspace, preset: Preset | None, obs: st.Observation
+    ) -> tuple[st.StepOutcome, list[str], list[int]]:
+        ns, name = str(ws.metadata.namespace), str(ws.metadata.name)
+        count = ws.resource.count
+        itype = ws.resource.instance_type
+        labels = ws.resource.label_selector.as_map()
+        preferred = list(ws.resource.preferred_nodes or [])
+        current = list((ws.status.worker_nodes if ws.status is not None else None) or [])
+        if not labels:
+            return (
+                st.StepOutcome(
+                    st.Phase.FAILED,
+                    StateReason.NODES_MISSING,
+                    "resource.labelSelector.matchLabels is empty; GPU nodes are selected by matchLabels",
+                ),
+                [],
+                [],
+            )
+        candidates = self._candidate_nodes(labels)
+        qualifying = nd.qualifying_nodes(candidates, labels, itype, preferred, current)
+        selected = qualifying[:count]
+        workers = [nd.node_name(n) for n in selected]
+        gpus = [nd.node_gpus(n) for n in selected]
+        if self.options.provisioning == "byo":
+            if len(selected) >= count:
+                return st.StepOutcome(st.Phase.READY), workers, gpus
+            return self._byo_missing(ws, candidates, labels, itype, preferred, len(selected)), workers, gpus
+
+        # machine mode: Machines for the nodes that existing (non-Machine) nodes cannot cover.
+        requests = [self.encoding.observe(m) for m in self._machines_of(key)]
+        machine_nodes = {r.node_name for r in requests if r.node_name}
+        external = [n for n in qualifying if nd.node_name(n) not in machine_nodes]
+        needed = max(0, count - len(external))
+        by_name = {r.name: r for r in requests}
+        storage = preset.disk_storage if preset is not None else "0"
+        for slot in range(needed):
+            mname = self.encoding.name_for(ns, name, slot)
+            if mname in by_name:
+                continue
+            req = await self._create_machine(ws, slot, itype, labels, storage)
+            by_name[req.name] = req
+        if len(selected) >= count:
+            return st.StepOutcome(st.Phase.READY), workers, gpus
+        wanted = [by_name[self.encoding.name_for(ns, name, s)] for s in range(needed)]
+        waiting = [r for r in wanted if r.node_name not in set(workers) or r.phase != RequestPhase.READY]
+        obs.machines_pending = len(waiting)
+        failed = [r for r in waiting if r.phase == RequestPhase.FAILED]
+        if failed:
+            r = failed[0]
+            if r.reason in QUOTA_REASONS:
+                reason = StateReason.QUOTA_EXCEEDED
+            elif r.reason in SKU_REASONS:
+                reason = StateReason.SKU_UNAVAILABLE
+            else:
+                reason = StateReason.PROVISIONING_FAILED
+            return (
+                st.StepOutcome(
+                    st.Phase.FAILED, reason, f"machine {r.name} failed: {r.reason}: {r.message}".rstrip(": ")
+                ),
+                workers,
+                gpus,
+            )
+        parts = []
+        for r in waiting:
+            what = r.message or r.phase.value.lower()
+            if r.phase == RequestPhase.READY and r.node_name:
+                what = f"node {r.node_name} is not usable yet"
+            parts.append(f"{r.name} ({what})")
+        msg = f"creating {len(waiting)} machines: " + ", ".join(parts) if parts else "waiting for nodes"
+        return st.StepOutcome(st.Phase.PENDING, StateReason.PROVISIONING, msg), workers, gpus
+
+    def _byo_missing(
+        self,
+        ws: Workspace,
+        candidates: Sequence[Obj],
+        labels: Mapping[str, str],
+        itype: str,
+        preferred: Sequence[str],
+        have: int,
+    ) -> st.StepOutcome:
+        count = ws.resource.count
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        unusable = [q for q in (nd.qualify(n, labels, itype, preferred) for n in candidates) if not q.usable]
+        detail = "; ".join(f"{q.name}: {q.why}" for q in sorted(unusable, key=lambda q: q.name)[:10])
+        missing_pref = [p for p in preferred if self.nodes.store.get(p) is None]
+        msg = (
+            f"need {count} Ready nodes with labels {selector} and instance type {itype}, found {have}; "
+            f"provisioning is byo, so no Machines are created"
+        )
+        if missing_pref:
+            msg += f"; preferred nodes not found: {', '.join(missing_pref)}"
+        if detail:
+            msg += f"; not usable: {detail}"
+        return st.StepOutcome(st.Phase.FAILED, StateReason.NODES_MISSING, msg)
+
+    async def _create_machine(
+        self, ws: Workspace, slot: int, itype: str, labels: dict[str, str], storage: str
+    ) -> NodeRequest:
+        ns, name = str(ws.metadata.namespace), str(ws.metadata.name)
+        body = self.encoding.build(
+            namespace=ns, workspace=name, slot=slot, instance_type=itype, match_labels=labels, storage=storage
+        )
+        mname = body["metadata"]["name"]
+        try:
+            created = await self.client.create(self.encoding.resource, body)
+            ev.MACHINE_OPS.labels("created").inc()
+            log.info("machine created", machine=mname, slot=slot, instance_type=itype)
+            await self.recorder.event(
+                self._ref(ws),
+                "Normal",
+                "MachineCreated",
+                f"created machine {mname} ({itype}) for node slot {slot}",
+            )
+            return self.encoding.observe(created)
+        except ApiError as e:
+            if not e.already_exists:
+                raise
+        # A retry, a restart or another replica created it first: adopt it if it is ours.
+        existing = await self.client.get_or_none(self.encoding.resource, mname)
+        if existing is None:
+            return NodeRequest(mname, RequestPhase.PENDING, None, "Provisioning", "machine is being replaced")
+        if not self.encoding.belongs_to(existing, ns, name):
+            return NodeRequest(
+                mname,
+                RequestPhase.FAILED,
+                None,
+                "MachineNameConflict",
+                f"machine {mname} exists but belongs to another workspace",
+            )
+        ev.MACHINE_OPS.labels("adopted").inc()
+        return self.encoding.observe(existing)
+
+    @staticmethod
+    def _ref(ws: Workspace) -> Obj:
+        return {
+            "apiVersion": ws.api_version,
+            "kind": ws.kind,
+            "metadata": {
+                "name": ws.metadata.name,
+                "namespace": ws.metadata.namespace,
+                "uid": ws.metadata.uid,
+                "resourceVersion": ws.metadata.resource_version,
+            },
+        }
+
+    # ------------------------------------------------------------------------------------- workload
+
+    async def _ensure_inference(
+        self, ws: Workspace, preset: Preset | None, workers: list[str], worker_gpus: list[int]
+    ) -> st.StepOutcome:
+        assert ws.inference is not None
+        ns = str(ws.metadata.namespace)
+        sku = self.skus.get(ws.resource.instance_type)
+        wl = mf.build_inference(
+            ws, preset, self.options.manifests, sku=sku, nodes=workers, node_gpus=worker_gpus
+        )
+        if ws.inference.config:
+            cm = await self.client.get_or_none(CONFIGMAPS, ws.inference.config, ns)
+            if cm is None or mf.INFERENCE_CONFIG_KEY not in (cm.get("data") or {}):
+                return st.StepOutcome(
+                    st.Phase.FAILED,
+                    "ConfigMapNotFound",
+                    f"inference.config: ConfigMap {ws.inference.config} with key {mf.INFERENCE_CONFIG_KEY} "
+                    f"not found in namespace {ns}",
+                )
+        for obj in wl.objects():
+            await self._apply(obj)
+        workload_cache = self.deployments if wl.kind == "Deployment" else self.statefulsets
+        current = workload_cache.store.get_by_name(str(ws.metadata.name), ns)
+        replicas = ws.resource.count
+        if current is None:
+            return st.StepOutcome(
+                st.Phase.PENDING, StateReason.DEPLOYING, f"{wl.kind} {ws.metadata.name} is being created"
+            )
+        # Ready while enough pods serve, also during a rolling update (surge keeps the old pods serving).
+        ready = int((current.get("status") or {}).get("readyReplicas") or 0)
+        if ready >= replicas:
+            return st.StepOutcome(st.Phase.READY)
+        pods = self.pods.store.by_index(POD_WS_INDEX, f"{ns}/{ws.metadata.name}")
+        problem = st.pod_problem(pods)
+        if problem is not None:
+            return st.StepOutcome(st.Phase.FAILED, problem[0], f"{problem[0]}: {problem[1]}")
+        for cond in (current.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "Progressing" and cond.get("status") == "False":
+                return st.StepOutcome(
+                    st.Phase.FAILED,
+                    str(cond.get("reason") or "ProgressDeadlineExceeded"),
+                    f"{wl.kind} {ws.metadata.name} is not progressing: {cond.get('message', '')}",
+                )
+        return st.StepOutcome(
+            st.Phase.PENDING,
+            StateReason.DEPLOYING,
+            f"{ready}/{replicas} inference pods ready",
+        )
+
+    def _cache_for(self, kind: str) -> tuple[Informer, Resource]:
+        return {
+            "Deployment": (self.deployments, DEPLOYMENTS),
+            "StatefulSet": (self.statefulsets, STATEFULSETS),
+            "Service": (self.services, SERVICES),
+            "ConfigMap": (self.configmaps, CONFIGMAPS),
+        }[kind]
+
+    async def _apply(self, desired: Obj) -> bool:
+        """Create ``desired`` or update it when its hash moved; True when something was written."""
+        kind = str(desired["kind"])
+        inf, res = self._cache_for(kind)
+        meta = desired["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        current = inf.store.get_by_name(name, ns)
+        want = meta["annotations"][mf.ANNOTATION_SPEC_HASH]
+        if current is None:
+            try:
+                await self.client.create(res, desired, ns)
+                ev.CHILD_WRITES.labels(kind, "create").inc()
+                log.info("child created", kind=kind, child=name)
+                return True
+            except ApiError as e:
+                if not e.already_exists:
+                    raise
+                return False  # the cache is behind our own earlier create; its event will follow
+        have = ((current.get("metadata") or {}).get("annotations") or {}).get(mf.ANNOTATION_SPEC_HASH)
+        if have == want:
+            return False
+        try:
+            if kind in ("Service", "ConfigMap"):
+                # Merge patch keeps apiserver-assigned fields (clusterIP, nodePorts) intact.
+                patch: Obj = {"metadata": {"annotations": meta["annotations"], "labels": meta["labels"]}}
+                if kind == "Service":
+                    patch["spec"] = desired["spec"]
+                else:
+                    patch["data"] = desired["data"]
+                patch["metadata"]["resourceVersion"] = (current.get("metadata") or {}).get("resourceVersion")
+                await self.client.patch(res, name, patch, ns)
+            else:
+                body = deepcopy(current)
+                body.pop("status", None)
+                body["metadata"].setdefault("annotations", {}).update(meta["annotations"])
+                body["metadata"].setdefault("labels", {}).update(meta["labels"])
+                body["spec"] = desired["spec"]
+                await self.client.replace(res, body)
+        except ApiError as e:
+            if e.conflict:
+                return True  # our cache is stale; the watch brings the new version and re-enqueues
+            raise
+        ev.CHILD_WRITES.labels(kind, "update").inc()
+        log.info("child updated", kind=kind, child=name, old_hash=have, new_hash=want)
+        return True
+
+    # --------------------------------------------------------------------------------------- status
+
+    async def _write_status(self, key: str, raw: Obj, obs: st.Observation) -> None:
+        meta = raw.get("metadata") or {}
+        current = raw.get("status") or {}
+        memo = self._written.get(key)
+        if memo is not None:
+            cached_rv = _rv_int(meta.get("resourceVersion"))
+            if memo[0] is not None and cached_rv is not None and cached_rv < memo[0]:
+                current = memo[1]  # the cache has not caught up with our last write yet
+            else:
+                self._written.pop(key, None)
+        desired = st.desired_status(current, obs)
+        patch = st.status_patch(current, desired)
+        if patch is None:
+            return
+        ns, name = split_key(key)
+        try:
+            updated = await self.client.merge_patch_status(WORKSPACES, name, desired, ns)
+        except ApiError as e:
+            if e.not_found:
+                return
+            raise
+        ev.STATUS_WRITES.inc()
+        self._written[key] = (_rv_int((updated.get("metadata") or {}).get("resourceVersion")), desired)
+        for t in st.transitions(current, desired):
+            await self.recorder.event(
+                raw, t.event_type, t.reason, f"{t.type}={t.new}: {t.message}".rstrip(": ")
+            )
+
+
+# ------------------------------------------------------------------------------------------- wiring
+
+
+def register(
+    mgr: Manager,
+    client: KubeClient,
+    *,
+    registry: PresetRegistry,
+    skus: SkuCatalog,
+    options: ReconcilerOptions | None = None,
+    workers: int = 5,
+    namespace: str | None = None,
+) -> tuple[WorkspaceReconciler, Controller]:
+    """Create the informers, the reconciler and its controller on ``mgr``.
+
+    Child informers watch only objects labelled ``kaito.sh/workspace`` (every child carries it), so
+    the cache holds the operator's objects, not the whole cluster's.
+    """
+    options = options or ReconcilerOptions()
+    workspaces = mgr.informer(
+        WORKSPACES, namespace=namespace, indexers={WS_MATCH_LABEL_INDEX: _ws_match_pairs}
+    )
+    nodes = mgr.informer(NODES, indexers={NODE_LABEL_INDEX: _label_pairs})
+    machine_inf = mgr.informer(MachineEncoding.resource, indexers={MACHINE_WS_INDEX: _machine_ws_key})
+    children = {
+        res: mgr.informer(res, namespace=namespace, label_selector=CHILD_SELECTOR)
+        for res in (DEPLOYMENTS, STATEFULSETS, SERVICES, CONFIGMAPS)
+    }
+    pods = mgr.informer(
+        PODS, namespace=namespace, label_selector=CHILD_SELECTOR, indexers={POD_WS_INDEX: _pod_ws_key}
+    )
+    rec = WorkspaceReconciler(
+        client,
+        workspaces=workspaces,
+        nodes=nodes,
+        machines=machine_inf,
+        deployments=children[DEPLOYMENTS],
+        statefulsets=children[STATEFULSETS],
+        services=children[SERVICES],
+        configmaps=children[CONFIGMAPS],
+        pods=pods,
+        registry=registry,
+        skus=skus,
+        options=options,
+    )
+    ctrl = mgr.add_controller("workspace", rec.reconcile, workers=workers)
+    ctrl.watch(workspaces, predicate=workspace_predicate)
+    owner = owner_mapper(WORKSPACES.kind, WORKSPACES.group)
+    for inf in children.values():
+        ctrl.watch(inf, owner)
+    ctrl.watch(pods, label_mapper(LABEL_WORKSPACE_NAME))
+    ctrl.watch(machine_inf, label_mapper(LABEL_WORKSPACE_NAME, LABEL_WORKSPACE_NAMESPACE))
+
+    def node_to_workspaces(node: Obj) -> list[str]:
+        keys: set[str] = set()
+        labels = nd.node_labels(node)
+        for pair in _label_pairs(node):
+            for ws in workspaces.store.by_index(WS_MATCH_LABEL_INDEX, pair):
+                want = ((ws.get("resource") or {}).get("labelSelector") or {}).get("matchLabels") or {}
+                if all(labels.get(k) == v for k, v in want.items()):
+                    meta = ws.get("metadata") or {}
+                    keys.add(f"{meta.get('namespace')}/{meta.get('name')}")
+        return sorted(keys)
+
+    ctrl.watch(nodes, node_to_workspaces, predicate=node_predicate)
+    ev.WORKSPACE_COUNT.source = workspaces.store.list
+    return rec, ctrl
