@@ -101,7 +101,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-async def run(requests: int, concurrency: int, path: str) -> dict[str, float]:
+async def run(requests: int, concurrency: int, path: str, verbose: bool = False) -> dict[str, float]:
     """Start the server process, warm up, send ``requests`` reviews, return latency stats in ms."""
     with tempfile.TemporaryDirectory() as tmp:
         bundle = plan_bundle(None, ["localhost"], ["127.0.0.1"], CertPolicy())
@@ -114,6 +114,8 @@ async def run(requests: int, concurrency: int, path: str) -> dict[str, float]:
             tmp,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            # The server logs every denial at info level, as in production; shown only with --verbose.
+            stderr=None if verbose else asyncio.subprocess.DEVNULL,
         )
         assert proc.stdout is not None and proc.stdin is not None
         try:
@@ -184,12 +186,15 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--mutate", action="store_true", help="benchmark the mutating path instead")
+    parser.add_argument("--verbose", action="store_true", help="show the server's logs")
     parser.add_argument("--serve", metavar="CERT_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         asyncio.run(serve(Path(args.serve)))
         return 0
-    stats = asyncio.run(run(args.requests, args.concurrency, MUTATE_PATH if args.mutate else VALIDATE_PATH))
+    stats = asyncio.run(
+        run(args.requests, args.concurrency, MUTATE_PATH if args.mutate else VALIDATE_PATH, args.verbose)
+    )
     path = "mutate" if args.mutate else "validate"
     print(
         f"webhook {path}: {int(stats['requests'])} requests, concurrency {args.concurrency}: "
