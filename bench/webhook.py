@@ -6,6 +6,10 @@ CA; the client sends a mix of CREATE reviews (valid, too-small SKU, unknown pres
 UPDATE reviews over keep-alive TLS connections and times each round trip.
 
     python bench/webhook.py [--requests 1000] [--concurrency 1] [--mutate]
+
+With ``--apiserver`` it also starts the local kube-apiserver (hack/localcluster.py), registers both
+webhooks there (caBundle from our CA) and times dry-run Workspace creates in a namespace the webhooks
+select against one they do not: the admission cost a user sees through ``kubectl apply``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from kaito.webhook.certs import CertPolicy, plan_bundle, write_cert_dir
 from kaito.webhook.server import MUTATE_PATH, VALIDATE_PATH, WebhookServer
 from kaito.webhook.validation import build_validator
 
+CRD_DIR = Path(__file__).resolve().parents[1] / "config" / "crd"
 KIND = {"group": "kaito.sh", "version": "v1alpha1", "kind": "Workspace"}
 
 
@@ -166,6 +171,10 @@ async def run(requests: int, concurrency: int, path: str, verbose: bool = False)
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+    return _stats(latencies, wall)
+
+
+def _stats(latencies: list[float], wall: float) -> dict[str, float]:
     values = sorted(latencies)
     return {
         "requests": float(len(values)),
@@ -178,6 +187,120 @@ async def run(requests: int, concurrency: int, path: str, verbose: bool = False)
     }
 
 
+async def run_through_apiserver(requests: int) -> dict[str, dict[str, float]]:
+    """Dry-run creates through a real kube-apiserver, with and without the webhooks in the path."""
+    import base64
+
+    from kubernetes_asyncio.client import (
+        AdmissionregistrationV1Api,
+        ApiClient,
+        CoreV1Api,
+        CustomObjectsApi,
+    )
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    from hack.localcluster import LocalCluster
+
+    cluster = LocalCluster(profile="apiserver")
+    await asyncio.to_thread(cluster.start, 120.0)
+    try:
+        await asyncio.to_thread(cluster.kubectl, "apply", "--server-side", "-f", str(CRD_DIR))
+        await asyncio.to_thread(
+            cluster.kubectl, "wait", "--for=condition=Established", "--timeout=60s", "crd/workspaces.kaito.sh"
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = plan_bundle(None, ["localhost"], ["127.0.0.1"], CertPolicy())
+            assert bundle is not None
+            write_cert_dir(Path(tmp), bundle)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "--serve",
+                tmp,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            assert proc.stdout is not None and proc.stdin is not None
+            try:
+                line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().split()
+                port = int(line[1])
+                async with ApiClient(cluster.client_configuration()) as api:
+                    core, objects = CoreV1Api(api), CustomObjectsApi(api)
+                    for ns, labels in (("with-webhook", {"bench": "webhook"}), ("without-webhook", {})):
+                        await core.create_namespace({"metadata": {"name": ns, "labels": labels}})
+                    ca = base64.b64encode(bundle.ca_bundle).decode()
+                    rules = [
+                        {
+                            "apiGroups": ["kaito.sh"],
+                            "apiVersions": ["*"],
+                            "operations": ["CREATE", "UPDATE"],
+                            "resources": ["workspaces"],
+                        }
+                    ]
+
+                    def hook(name: str, path: str) -> dict[str, Any]:
+                        return {
+                            "name": name,
+                            "admissionReviewVersions": ["v1"],
+                            "sideEffects": "None",
+                            "failurePolicy": "Fail",
+                            "clientConfig": {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca},
+                            "rules": rules,
+                            "namespaceSelector": {"matchLabels": {"bench": "webhook"}},
+                        }
+
+                    admission = AdmissionregistrationV1Api(api)
+                    await admission.create_validating_webhook_configuration(
+                        {
+                            "metadata": {"name": "bench"},
+                            "webhooks": [hook("validation.workspace.kaito.sh", VALIDATE_PATH)],
+                        }
+                    )
+                    await admission.create_mutating_webhook_configuration(
+                        {
+                            "metadata": {"name": "bench"},
+                            "webhooks": [hook("mutation.workspace.kaito.sh", MUTATE_PATH)],
+                        }
+                    )
+                    bodies = [json.loads(b)["request"]["object"] for b in reviews() if b'"CREATE"' in b]
+                    for body in bodies:
+                        body["metadata"] = {"name": body["metadata"]["name"]}
+
+                    async def create(ns: str, body: dict[str, Any]) -> str:
+                        try:
+                            await objects.create_namespaced_custom_object(
+                                "kaito.sh", "v1alpha1", ns, "workspaces", body, dry_run="All"
+                            )
+                        except ApiException as e:
+                            return e.body or ""
+                        return ""
+
+                    # The apiserver picks webhook configurations up asynchronously: wait until it calls us.
+                    deadline = time.monotonic() + 30
+                    while "admission webhook" not in await create("with-webhook", bodies[2]):
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the apiserver never called the webhook")
+                        await asyncio.sleep(0.1)
+                    results = {}
+                    for ns in ("without-webhook", "with-webhook"):
+                        for i in range(50):
+                            await create(ns, bodies[i % len(bodies)])
+                        latencies = []
+                        started = time.perf_counter()
+                        for i in range(requests):
+                            t0 = time.perf_counter()
+                            await create(ns, bodies[i % len(bodies)])
+                            latencies.append((time.perf_counter() - t0) * 1000)
+                        results[ns] = _stats(latencies, time.perf_counter() - started)
+                    return results
+            finally:
+                proc.stdin.close()
+                await proc.wait()
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
 def main() -> int:
     """Parse flags, run the benchmark, print the result."""
     parser = argparse.ArgumentParser(
@@ -187,6 +310,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--mutate", action="store_true", help="benchmark the mutating path instead")
     parser.add_argument("--verbose", action="store_true", help="show the server's logs")
+    parser.add_argument(
+        "--apiserver", action="store_true", help="also time dry-run creates through a local kube-apiserver"
+    )
     parser.add_argument("--serve", metavar="CERT_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -202,6 +328,14 @@ def main() -> int:
         f"max {stats['max_ms']:.2f} ms, {stats['throughput_rps']:.0f} req/s"
     )
     print(json.dumps({"path": path, "concurrency": args.concurrency, **stats}))
+    if args.apiserver:
+        through = asyncio.run(run_through_apiserver(args.requests))
+        for ns, st in through.items():
+            print(
+                f"apiserver dry-run create ({ns}): {int(st['requests'])} requests: p50 {st['p50_ms']:.2f} ms, "
+                f"p99 {st['p99_ms']:.2f} ms, max {st['max_ms']:.2f} ms"
+            )
+        print(json.dumps({"apiserver": through}))
     return 0
 
 
