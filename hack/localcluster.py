@@ -39,6 +39,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -240,7 +241,9 @@ class Component:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_pdeathsig,  # noqa: PLW1509 - only async-signal-safe work (prctl)
+            # The parent-death signal fires when the *thread* that forked exits, so it is only safe
+            # from the main thread; a start from a worker thread relies on stop()/atexit instead.
+            preexec_fn=_pdeathsig if threading.current_thread() is threading.main_thread() else None,  # noqa: PLW1509
         )
 
     def alive(self) -> bool:
