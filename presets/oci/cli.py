@@ -1,0 +1,199 @@
+"""Command line: ``push SOURCE_DIR IMAGE`` and ``pull IMAGE DEST_DIR``.
+
+Exit codes (also summarised in the container's termination message, so a Job's status carries them):
+0 done; 1 registry or network failure; 2 bad usage, reference or docker config; 3 credentials refused
+or missing; 4 image not found or not an adapter artifact; 5 the trainer failed or the wait timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .artifact import ArtifactError, pull_to_directory, push_directory
+from .auth import CredentialsError, config_paths, load_credentials
+from .client import AuthError, NotFoundError, RegistryClient, RegistryError
+from .reference import Reference, ReferenceError, parse_reference
+
+log = logging.getLogger("kaito_oci")
+
+EXIT_OK = 0
+EXIT_REGISTRY = 1
+EXIT_USAGE = 2
+EXIT_AUTH = 3
+EXIT_NOT_FOUND = 4
+EXIT_WAIT = 5
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+COMPLETED_MARKER = "fine_tuning_completed.txt"
+FAILED_MARKER = "fine_tuning_failed.txt"
+
+
+class WaitError(RuntimeError):
+    """The trainer reported failure, or its completion marker did not appear in time."""
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (documented in presets/tuning/README.md)."""
+    parser = argparse.ArgumentParser(
+        prog="kaito_oci", description="Push/pull LoRA adapters as OCI artifacts."
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--docker-config",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="docker config.json (or a directory holding one) with registry credentials; repeatable; "
+        "default $DOCKER_CONFIG/config.json or ~/.docker/config.json",
+    )
+    common.add_argument(
+        "--plain-http",
+        action="store_true",
+        default=_truthy(os.environ.get("OCI_PLAIN_HTTP")),
+        help="talk HTTP instead of HTTPS to the registry (env OCI_PLAIN_HTTP=true)",
+    )
+    common.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request (60)")
+    common.add_argument("--retries", type=int, default=4, help="retries on network errors, 5xx, 429 (4)")
+    common.add_argument(
+        "--termination-log",
+        default=None,
+        metavar="PATH",
+        help=f"where the one-line outcome is written (default {DEFAULT_TERMINATION_LOG} when it exists)",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    push = sub.add_parser("push", parents=[common], help="publish a directory's files as an adapter artifact")
+    push.add_argument("source", type=Path, help="directory holding the adapter files (e.g. /mnt/results)")
+    push.add_argument("image", help="registry/repository:tag")
+    push.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        dest="files",
+        metavar="NAME",
+        help="push only this file of SOURCE (repeatable); default every top-level file",
+    )
+    push.add_argument(
+        "--annotation",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="manifest annotation (repeatable)",
+    )
+    push.add_argument(
+        "--wait",
+        action="store_true",
+        help=f"sidecar mode: wait until SOURCE/{COMPLETED_MARKER} exists (fail at once on {FAILED_MARKER})",
+    )
+    push.add_argument(
+        "--wait-timeout", type=float, default=0.0, help="give up waiting after N seconds (0: never)"
+    )
+
+    pull = sub.add_parser(
+        "pull", parents=[common], help="fetch an adapter artifact's /data files into a directory"
+    )
+    pull.add_argument("image", help="registry/repository:tag or registry/repository@sha256:...")
+    pull.add_argument("dest", type=Path, help="target directory (e.g. /mnt/adapter/<name> or /mnt/data)")
+    return parser
+
+
+def _annotations(items: Sequence[str]) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--annotation {item!r} must be KEY=VALUE")
+        result[key] = value
+    return result
+
+
+def wait_for_marker(source: Path, timeout: float, poll: float = 2.0) -> None:
+    """Block until the trainer's completion marker appears in ``source``; raise :class:`WaitError`
+    when its failure marker appears instead or ``timeout`` (>0) passes."""
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    log.info("waiting for %s", source / COMPLETED_MARKER)
+    while True:
+        if (source / FAILED_MARKER).exists():
+            reason = (source / FAILED_MARKER).read_text(encoding="utf-8", errors="replace").strip()
+            raise WaitError(f"the trainer failed, nothing to push: {reason[:300]}")
+        if (source / COMPLETED_MARKER).exists():
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise WaitError(f"{source / COMPLETED_MARKER} did not appear within {timeout:.0f}s")
+        time.sleep(poll)  # polling a file another container writes; there is no event to wait on
+
+
+def write_termination_log(path: str | None, message: str) -> None:
+    """Write ``message`` where the kubelet reads the container's termination message.
+
+    The default path is used only when it already exists (the kubelet creates it), so local runs do not
+    create files under /dev.
+    """
+    target = Path(path) if path else Path(DEFAULT_TERMINATION_LOG)
+    if path is None and not target.exists():
+        return
+    try:
+        target.write_text(message[:4000] + "\n", encoding="utf-8")
+    except OSError as exc:
+        log.warning("cannot write the termination message to %s: %s", target, exc)
+
+
+def _client(args: argparse.Namespace, ref: Reference) -> RegistryClient:
+    creds = load_credentials(config_paths(args.docker_config), ref.registry)
+    log.info(
+        "registry %s: %s", ref.registry, "using credentials from the docker config" if creds else "anonymous"
+    )
+    return RegistryClient(ref, creds, plain_http=args.plain_http, timeout=args.timeout, retries=args.retries)
+
+
+def run(args: argparse.Namespace) -> tuple[int, str]:
+    """Execute the parsed command; return (exit code, one-line outcome)."""
+    try:
+        ref = parse_reference(args.image)
+        if args.command == "push":
+            annotations = _annotations(args.annotation)
+            if args.wait:
+                wait_for_marker(args.source, args.wait_timeout)
+            digest = push_directory(
+                _client(args, ref), args.source, files=args.files, annotations=annotations
+            )
+            print(f"pushed {ref}@{digest}", flush=True)
+            return EXIT_OK, f"pushed {ref}@{digest}"
+        names = pull_to_directory(_client(args, ref), args.dest)
+        print(f"pulled {ref} into {args.dest}: {', '.join(names)}", flush=True)
+        return EXIT_OK, f"pulled {ref} into {args.dest}"
+    except AuthError as exc:
+        return EXIT_AUTH, f"error: {exc}"
+    except (NotFoundError, ArtifactError) as exc:
+        return EXIT_NOT_FOUND, f"error: {exc}"
+    except (ReferenceError, CredentialsError, ValueError) as exc:  # after ArtifactError, a ValueError
+        return EXIT_USAGE, f"error: {exc}"
+    except WaitError as exc:
+        return EXIT_WAIT, f"error: {exc}"
+    except (RegistryError, OSError) as exc:
+        return EXIT_REGISTRY, f"error: {exc}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    code, message = run(args)
+    if code != EXIT_OK:
+        print(message, file=sys.stderr, flush=True)
+    write_termination_log(args.termination_log, message)
+    return code
