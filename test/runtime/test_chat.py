@@ -105,6 +105,7 @@ def test_chat_messages_use_chat_template(base_server: RunningServer) -> None:
         ({"messages": [{"content": "no role"}]}, 422, "role"),
         ({"messages": "hello"}, 422, "list"),
         ({"prompt": "x", "handle_long_generation": "sideways"}, 400, "hole"),
+        ({"prompt": "lazy dog " * 800}, 400, "context length"),
     ],
 )
 def test_chat_bad_input_is_4xx_json(
@@ -115,6 +116,18 @@ def test_chat_bad_input_is_4xx_json(
     assert r.headers["content-type"].startswith("application/json")
     assert fragment in r.text
     assert "Traceback" not in r.text
+
+
+def test_chat_long_prompt_hole_keeps_the_end(base_server: RunningServer) -> None:
+    body = {
+        "prompt": "lazy dog " * 800,
+        "handle_long_generation": "hole",
+        "return_full_text": False,
+        "generate_kwargs": {"do_sample": False, "max_new_tokens": 4},
+    }
+    r = httpx.post(base_server.url + "/chat", json=body)
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["Result"], str)
 
 
 def test_chat_malformed_json(base_server: RunningServer) -> None:

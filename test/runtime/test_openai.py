@@ -156,6 +156,12 @@ def test_stop_sequences(base_server: RunningServer) -> None:
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_long_completion_prompt_is_400(base_server: RunningServer) -> None:
+    # Long enough to be tokenized on a worker thread rather than inline.
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client(base_server).completions.create(model=MODEL_ID, prompt="lazy dog " * 800, max_tokens=4)
+
+
 def test_unknown_model_is_404(base_server: RunningServer) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client(base_server).chat.completions.create(model="gpt-4", messages=MESSAGES)

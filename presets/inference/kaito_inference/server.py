@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +38,7 @@ from .metrics import MetricsMiddleware, RuntimeMetrics
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, UnifiedRequest
 
 log = logging.getLogger("kaito_inference")
+T = TypeVar("T", str, list[dict[str, Any]])
 
 # generate() arguments that take Python objects or control internals; JSON cannot express them safely.
 _FORBIDDEN_GENERATE_KWARGS = frozenset(
@@ -194,6 +195,18 @@ def _sampling_kwargs(
     if eos:
         kwargs["eos_token_id"] = eos
     return kwargs
+
+
+_INLINE_TOKENIZE_CHARS = 4096
+
+
+async def _offload(fn: Callable[[T], list[int]], arg: T) -> list[int]:
+    """Tokenize on a thread when the input is large; small inputs take microseconds, and a thread hop
+    would cost more than it saves (it shows up in time to first token on a busy machine)."""
+    size = len(arg) if isinstance(arg, str) else sum(len(str(m.get("content") or "")) for m in arg)
+    if size <= _INLINE_TOKENIZE_CHARS:
+        return fn(arg)
+    return await asyncio.to_thread(fn, arg)
 
 
 def _sse(payload: Mapping[str, Any] | str) -> bytes:
@@ -359,7 +372,7 @@ def create_app(
         if use_messages:
             if not body.messages:
                 raise ClientError("Conversational parameter messages required")
-            input_ids = await asyncio.to_thread(engine.encode_messages, _message_dicts(body.messages))
+            input_ids = await _offload(engine.encode_messages, _message_dicts(body.messages))
         else:
             if not body.prompt:
                 raise ClientError(
@@ -367,7 +380,7 @@ def create_app(
                     if cfg.pipeline == "conversational"
                     else "Text generation parameter prompt required"
                 )
-            input_ids = await asyncio.to_thread(engine.encode_prompt, (body.prefix or "") + body.prompt)
+            input_ids = await _offload(engine.encode_prompt, (body.prefix or "") + body.prompt)
 
         gen = body.generate_kwargs.model_dump(exclude_none=True)
         bad = sorted(_FORBIDDEN_GENERATE_KWARGS.intersection(gen))
@@ -385,6 +398,11 @@ def create_app(
         if body.handle_long_generation == "hole" and ctx is not None:
             keep = ctx - int(gen.get("max_new_tokens") or 1)
             input_ids = input_ids[-keep:]
+        elif ctx is not None and len(input_ids) >= ctx:
+            raise ClientError(
+                f"the prompt has {len(input_ids)} tokens but the model's context length is {ctx} tokens "
+                "(set handle_long_generation to 'hole' to keep only its end)"
+            )
         if gen.get("eos_token_id") is None and engine.tokenizer.eos_token_id is not None:
             gen["eos_token_id"] = engine.tokenizer.eos_token_id
         if gen.get("pad_token_id") is None and engine.tokenizer.pad_token_id is not None:
@@ -500,7 +518,7 @@ def create_app(
         engine = runtime.require()
         if body.tools:
             raise ClientError("tools are not supported by this runtime", param="tools")
-        input_ids = await asyncio.to_thread(engine.encode_messages, _message_dicts(body.messages))
+        input_ids = await _offload(engine.encode_messages, _message_dicts(body.messages))
         max_new = _context_check(
             engine, len(input_ids), body.max_completion_tokens or body.max_tokens, "chat"
         )
@@ -564,7 +582,7 @@ def create_app(
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
         reqs = []
         for prompt in prompts:
-            ids = await asyncio.to_thread(engine.encode_prompt, prompt)
+            ids = await _offload(engine.encode_prompt, prompt)
             max_new = _context_check(engine, len(ids), max_tokens, "completion")
             reqs.append(
                 GenerationRequest(
