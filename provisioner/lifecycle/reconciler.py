@@ -275,7 +275,7 @@ class MachineLifecycle:
         # An operation still running is progress, not failure: Unknown rather than False.
         status = cond.UNKNOWN if isinstance(error, Conflict) else cond.FALSE
         message = error.message
-        if error.retryable and status == cond.FALSE:
+        if error.retryable and status == cond.FALSE and "retrying" not in message:
             message = f"{message} (next attempt in {_duration(error.backoff)})"
         elif not error.retryable:
             message = f"{message} (not retried until the Machine changes)"
@@ -470,6 +470,9 @@ class MachineLifecycle:
         blocker = nd.initialization_blocker(node, machine, expected_gpus)
         if blocker is not None:
             reason, message = blocker
+            log.debug(
+                "node not initialized yet", machine=mf.machine_name(machine), reason=reason, detail=message
+            )
             work.conditions = cond.set_condition(
                 work.conditions, cond.INITIALIZED, cond.UNKNOWN, reason, message, now=now
             )

@@ -1,0 +1,231 @@
+"""The lifecycle reconciler on the real apiserver, driving the real Azure SDK against the fake ARM."""
+
+from __future__ import annotations
+
+import asyncio
+
+from kubernetes_asyncio.client import ApiClient, CoreV1Api
+from kubernetes_asyncio.client.exceptions import ApiException
+from prometheus_client import REGISTRY
+
+from provisioner.cloud.azure import AzureProviderID
+from provisioner.lifecycle.reconciler import LifecycleOptions
+from test.fake_arm import QUOTA_EXCEEDED
+from test.integration.provisioner.lifecycle.conftest import RG, SUB, AzureEnv
+from test.integration.provisioner.lifecycle.helpers import (
+    SKU,
+    Machines,
+    condition,
+    fresh_name,
+    machine_manifest,
+    mark_node_ready,
+    nodes_of_pool,
+    running_provisioner,
+)
+from test.waiting import eventually
+
+
+def reconcile_count() -> float:
+    """Reconciles of the lifecycle controller so far, whatever their result."""
+    return sum(
+        REGISTRY.get_sample_value(
+            "controller_runtime_reconcile_total", {"controller": "machine-lifecycle", "result": r}
+        )
+        or 0
+        for r in ("success", "error", "requeue", "requeue_after")
+    )
+
+
+async def wait_node(api_client: ApiClient, pool: str) -> str:
+    async def found() -> str | None:
+        nodes = await nodes_of_pool(api_client, pool)
+        return nodes[0].metadata.name if len(nodes) == 1 else None
+
+    return await eventually(found, 30, f"the node of pool {pool}")
+
+
+async def test_machine_becomes_ready_with_expected_pool(azure: AzureEnv, api_client: ApiClient) -> None:
+    """PUT body as AKS expects it; registration by the node's providerID; Ready only once the node is."""
+    machines = Machines(api_client)
+    name = fresh_name()
+    async with running_provisioner(azure.cluster, azure.cloud, azure.run):
+        created = await machines.create(machine_manifest(name, azure.run))
+        node = await wait_node(api_client, name)
+
+        puts = azure.arm.requests_for("PUT", name)
+        assert len(puts) == 1
+        props = puts[0].body["properties"]
+        labels = props.pop("nodeLabels")
+        assert props == {
+            "type": "VirtualMachineScaleSets",
+            "osType": "Linux",
+            "osSKU": "Ubuntu",
+            "count": 1,
+            "vmSize": SKU,
+            "osDiskSizeGB": 120,
+            "nodeTaints": ["sku=gpu:NoSchedule"],
+        }
+        assert labels.pop("kaito.sh/creation-timestamp").endswith("Z")
+        assert labels == {
+            "karpenter.sh/provisioner-name": "default",
+            "kaito.sh/workspace": "falcon",
+            "kaito.sh/workspacenamespace": "demo",
+            "kaito.test/run": azure.run,
+            "kaito.sh/machine-type": "gpu",
+        }
+
+        # Registered, but not initialized while the node is not Ready.
+        m = await machines.wait_condition(name, "MachineRegistered", "True")
+        await machines.wait_condition(name, "MachineInitialized", "Unknown", reason="NodeNotReady")
+        assert condition(m, "Ready")["status"] != "True"
+
+        await mark_node_ready(api_client, node)
+        m = await machines.wait_condition(name, "Ready", "True")
+        status = m["status"]
+        core_node = await CoreV1Api(api_client).read_node(node)
+        assert status["nodeName"] == node
+        assert status["providerID"] == core_node.spec.provider_id
+        parsed = AzureProviderID.parse(status["providerID"])
+        assert (parsed.subscription_id, parsed.pool_name) == (SUB, name)
+        assert status["allocatable"]["nvidia.com/gpu"] == "2"
+        assert {c["type"] for c in status["conditions"]} >= {
+            "MachineLaunched",
+            "MachineRegistered",
+            "MachineInitialized",
+            "Ready",
+        }
+        assert core_node.metadata.labels["karpenter.sh/initialized"] == "true"
+        assert any(r.uid == created["metadata"]["uid"] for r in core_node.metadata.owner_references)
+        assert len(azure.arm.requests_for("PUT", name)) == 1  # never a second create
+
+
+async def test_quota_error_is_reported_without_hot_loop(azure: AzureEnv, api_client: ApiClient) -> None:
+    """QuotaExceeded -> a Machine condition the user can act on; events do not re-trigger the create."""
+    machines = Machines(api_client)
+    name = fresh_name()
+    azure.arm.inject("put", QUOTA_EXCEEDED, pool=name, times=1000)
+    failures = (
+        REGISTRY.get_sample_value("kaito_machine_launch_failures_total", {"reason": "QuotaExceeded"}) or 0
+    )
+    async with running_provisioner(azure.cluster, azure.cloud, azure.run) as prov:
+        await machines.create(machine_manifest(name, azure.run))
+        m = await machines.wait_condition(name, "MachineLaunched", "False", reason="QuotaExceeded")
+        launched = condition(m, "MachineLaunched")
+        assert "quota" in launched["message"].lower()
+        assert "Request a quota increase" in launched["message"]
+        assert "retrying every 5 minutes" in launched["message"]
+        ready = condition(m, "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "QuotaExceeded")
+        assert (
+            REGISTRY.get_sample_value("kaito_machine_launch_failures_total", {"reason": "QuotaExceeded"})
+            == failures + 1
+        )
+
+        # Poke the Machine repeatedly (metadata-only changes, as other controllers make) and let the
+        # reconciler run on each: the quota backoff (5 minutes) must hold.
+        before = prov.controller.queue.num_requeues(name)
+        reconciles = reconcile_count()
+        for i in range(5):
+            await machines.patch(name, {"metadata": {"annotations": {"test/poke": str(i)}}})
+
+        async def reconciled() -> bool:
+            return reconcile_count() >= reconciles + 1
+
+        await eventually(reconciled, 15, "the pokes to be reconciled")
+        # Measure over a window (this sleep is the measurement, not synchronisation).
+        await asyncio.sleep(3)
+        assert len(azure.arm.requests_for("PUT", name)) == 1
+        assert prov.controller.queue.num_requeues(name) == before  # no rate-limited error retries either
+        assert name not in {p[3] for p in azure.arm.pools}
+
+
+async def test_delete_removes_pool_node_and_finalizer(azure: AzureEnv, api_client: ApiClient) -> None:
+    """Deleting the Machine deletes its Node and agent pool, then releases the Machine."""
+    machines = Machines(api_client)
+    name = fresh_name()
+    async with running_provisioner(azure.cluster, azure.cloud, azure.run):
+        await machines.create(machine_manifest(name, azure.run))
+        node = await wait_node(api_client, name)
+        m = await machines.wait_condition(name, "MachineRegistered", "True")
+        assert "karpenter.sh/termination" in m["metadata"]["finalizers"]
+        terminated = REGISTRY.get_sample_value("kaito_machine_terminations_total", {"reason": "deleted"}) or 0
+
+        await machines.delete(name)
+
+        async def all_gone() -> bool:
+            return await machines.get(name) is None
+
+        await eventually(all_gone, 30, f"machine {name} to be released and deleted")
+        assert name not in {p[3] for p in azure.arm.pools}
+        assert len(azure.arm.requests_for("DELETE", name)) == 1
+        try:
+            await CoreV1Api(api_client).read_node(node)
+            raise AssertionError(f"node {node} still exists")
+        except ApiException as e:
+            assert e.status == 404
+        assert (
+            REGISTRY.get_sample_value("kaito_machine_terminations_total", {"reason": "deleted"})
+            == terminated + 1
+        )
+
+
+async def test_orphan_pool_is_swept(azure: AzureEnv, api_client: ApiClient) -> None:
+    """A Kaito pool without a Machine is deleted; a user's pool and a pool whose Machine exists are kept."""
+    machines = Machines(api_client)
+    orphan, kept, users = fresh_name("or"), fresh_name("kp"), fresh_name("us")
+    kaito_labels = {
+        "karpenter.sh/provisioner-name": "default",
+        "kaito.sh/machine-type": "gpu",
+        "kaito.sh/workspace": "gone",
+        "kaito.sh/creation-timestamp": "2026-01-01T00-00-00Z",
+    }
+    aks = azure.config.cluster_name
+    for pool in (orphan, kept):
+        azure.arm.add_pool(SUB, RG, aks, pool, {"vmSize": SKU, "count": 1, "nodeLabels": kaito_labels})
+    azure.arm.add_pool(SUB, RG, aks, users, {"vmSize": SKU, "count": 1, "nodeLabels": {"team": "ml"}})
+    # A Machine another provisioner serves (not this one's run label): its pool is not an orphan.
+    await machines.create(machine_manifest(kept, "someone-else"))
+    try:
+        async with running_provisioner(
+            azure.cluster, azure.cloud, azure.run, gc_interval=0.5, gc_grace=30
+        ) as prov:
+            assert prov.gc is not None
+
+            async def swept() -> bool:
+                return orphan not in {p[3] for p in azure.arm.pools}
+
+            await eventually(swept, 30, f"orphan pool {orphan} to be deleted")
+            sweeps = prov.gc.sweeps
+            await eventually(
+                lambda: _at_least(prov.gc.sweeps if prov.gc else 0, sweeps + 1), 10, "another sweep"
+            )
+            pools = {p[3] for p in azure.arm.pools}
+            assert {kept, users} <= pools
+            assert azure.arm.requests_for("DELETE", kept) == []
+            assert azure.arm.requests_for("DELETE", users) == []
+    finally:
+        await machines.delete(kept)
+
+
+async def _at_least(value: int, target: int) -> bool:
+    return value >= target
+
+
+async def test_registration_timeout_deletes_and_relaunches(azure: AzureEnv, api_client: ApiClient) -> None:
+    """No Node within the registration timeout -> the pool is deleted and created again."""
+    azure.arm.hooks.clear()  # AKS never registers a node this time
+    machines = Machines(api_client)
+    name = fresh_name()
+    options = LifecycleOptions(registration_timeout=2.0, termination_poll=0.2)
+    async with running_provisioner(azure.cluster, azure.cloud, azure.run, options=options):
+        await machines.create(machine_manifest(name, azure.run))
+        await machines.wait_condition(name, "MachineLaunched", "True")
+
+        async def relaunched() -> bool:
+            return len(azure.arm.requests_for("PUT", name)) >= 2
+
+        await eventually(relaunched, 30, "a second PUT after the registration timeout")
+        deletes = azure.arm.requests_for("DELETE", name)
+        assert len(deletes) >= 1
+        order = [r.method for r in azure.arm.requests if r.method in ("PUT", "DELETE") and name in r.path]
+        assert order[:3] == ["PUT", "DELETE", "PUT"]
