@@ -403,8 +403,11 @@ def create_app(
                 f"the prompt has {len(input_ids)} tokens but the model's context length is {ctx} tokens "
                 "(set handle_long_generation to 'hole' to keep only its end)"
             )
-        if gen.get("eos_token_id") is None and engine.tokenizer.eos_token_id is not None:
-            gen["eos_token_id"] = engine.tokenizer.eos_token_id
+        if gen.get("eos_token_id") is None and engine.loaded.eos_token_ids:
+            # Upstream passed only the tokenizer's EOS, so chat models whose turns end with another
+            # token (phi-3's <|end|>, llama-3's <|eot_id|>, listed in generation_config) ran on to
+            # max_length; stop on all of them.
+            gen["eos_token_id"] = sorted(engine.loaded.eos_token_ids)
         if gen.get("pad_token_id") is None and engine.tokenizer.pad_token_id is not None:
             gen["pad_token_id"] = engine.tokenizer.pad_token_id
         req = GenerationRequest(
