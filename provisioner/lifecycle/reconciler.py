@@ -39,6 +39,7 @@ from provisioner import machine_fields as mf
 from provisioner import metrics
 from provisioner.cloud.base import CloudError, CloudProvider, Conflict, Instance, InstanceState, NotFound
 from provisioner.lifecycle import conditions as cond
+from provisioner.lifecycle import events as ev
 from provisioner.lifecycle import nodes as nd
 
 log = structlog.get_logger("provisioner.lifecycle")
@@ -74,6 +75,12 @@ def machine_for_node(node: Obj) -> list[str]:
     return [pool] if pool else []
 
 
+class InstanceFailed(CloudError):
+    """The cloud created the instance but reports it failed (e.g. an agent pool in state Failed)."""
+
+    reason = LAUNCH_FAILED_REASON
+
+
 @dataclass
 class LifecycleOptions:
     """Timings of the lifecycle."""
@@ -104,6 +111,17 @@ class _Pass:
     status: dict[str, Any]
     conditions: list[dict[str, Any]]
     requeue: list[float] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def transition(self, type_: str, status: str, reason: str, message: str, now: datetime) -> bool:
+        """Set a condition; True (and an Event queued) when its status or reason changed."""
+        before = cond.get(self.conditions, type_)
+        self.conditions = cond.set_condition(self.conditions, type_, status, reason, message, now=now)
+        changed = before is None or before.get("status") != status or before.get("reason") != reason
+        if changed and reason:
+            kind = ev.WARNING if status == cond.FALSE else ev.NORMAL
+            self.events.append((kind, reason, message or f"{type_} is {status}"))
+        return changed
 
     def after(self, seconds: float) -> None:
         self.requeue.append(max(seconds, 0.05))
@@ -136,6 +154,7 @@ class MachineLifecycle:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._monotonic = monotonic or asyncio.get_running_loop().time
         self._backoff: dict[str, _Backoff] = {}
+        self.recorder = ev.EventRecorder(client)
         # resourceVersion of our own last write per Machine, for read-your-writes (see _fresh).
         self._written: dict[str, str] = {}
 
@@ -211,8 +230,9 @@ class MachineLifecycle:
         now = self._clock()
         if cond.reason_of(work.conditions, cond.LAUNCHED) == REGISTRATION_TIMEOUT_REASON:
             # The previous instance never produced a Node: remove it before launching a new one.
-            if not await self._delete_instance(name):
-                work.after(self.options.termination_poll)
+            retry = await self._delete_instance(name)
+            if retry is not None:
+                work.after(retry)
                 return False
         elif self._in_backoff(machine, work):
             return False
@@ -230,7 +250,7 @@ class MachineLifecycle:
         try:
             instance = await self.cloud.create(machine)
             if instance.state is InstanceState.FAILED:
-                raise CloudError(
+                raise InstanceFailed(
                     f"the {self.cloud.name} instance {instance.name} is in state {instance.detail or 'Failed'}; "
                     "creating it again",
                     backoff=self.options.failed_instance_backoff,
@@ -279,9 +299,7 @@ class MachineLifecycle:
             message = f"{message} (next attempt in {_duration(error.backoff)})"
         elif not error.retryable:
             message = f"{message} (not retried until the Machine changes)"
-        work.conditions = cond.set_condition(
-            work.conditions, cond.LAUNCHED, status, error.reason, message, now=self._clock()
-        )
+        work.transition(cond.LAUNCHED, status, error.reason, message, self._clock())
         if status == cond.FALSE:
             metrics.LAUNCH_FAILURES.labels(error.reason).inc()
         log.warning(
@@ -301,7 +319,9 @@ class MachineLifecycle:
             work.status["providerID"] = instance.provider_id
         if instance.capacity and not work.status.get("capacity"):
             work.status["capacity"] = dict(instance.capacity)
-        work.conditions = cond.set_condition(work.conditions, cond.LAUNCHED, cond.TRUE, "Launched", now=now)
+        work.transition(
+            cond.LAUNCHED, cond.TRUE, "Launched", f"{self.cloud.name} instance {instance.name} created", now
+        )
         created = mf.creation_timestamp(work.machine)
         if created is not None:
             metrics.LAUNCH_DURATION.observe(max((now - created).total_seconds(), 0.0))
@@ -358,9 +378,7 @@ class MachineLifecycle:
                     "deleting the instance and launching it again"
                 )
                 log.warning("registration timed out", machine=name, waited_s=waited)
-                work.conditions = cond.set_condition(
-                    work.conditions, cond.LAUNCHED, cond.FALSE, REGISTRATION_TIMEOUT_REASON, message, now=now
-                )
+                work.transition(cond.LAUNCHED, cond.FALSE, REGISTRATION_TIMEOUT_REASON, message, now)
                 work.conditions = cond.set_condition(
                     work.conditions, cond.REGISTERED, cond.UNKNOWN, "NodeNotFound", message, now=now
                 )
@@ -380,13 +398,12 @@ class MachineLifecycle:
             return False
         if len(found) > 1:
             names = ", ".join(sorted(nd.node_name(n) for n in found))
-            work.conditions = cond.set_condition(
-                work.conditions,
+            work.transition(
                 cond.REGISTERED,
                 cond.FALSE,
                 "MultipleNodesFound",
                 f"expected one node for machine {name}, found {len(found)}: {names}",
-                now=now,
+                now,
             )
             return False
         node = await self._sync_node(machine, found[0])
@@ -394,8 +411,8 @@ class MachineLifecycle:
         work.status["nodeName"] = nd.node_name(node)
         work.status["capacity"] = nd.capacity(node)
         work.status["allocatable"] = nd.allocatable(node)
-        work.conditions = cond.set_condition(
-            work.conditions, cond.REGISTERED, cond.TRUE, "Registered", now=now
+        work.transition(
+            cond.REGISTERED, cond.TRUE, "Registered", f"node {nd.node_name(node)} registered", now
         )
         launch_time = cond.transition_time(work.conditions, cond.LAUNCHED)
         if launch_time is not None:
@@ -482,9 +499,7 @@ class MachineLifecycle:
             await self.client.patch(
                 NODES, node_name, {"metadata": {"labels": {nd.INITIALIZED_LABEL: "true"}}}
             )
-        work.conditions = cond.set_condition(
-            work.conditions, cond.INITIALIZED, cond.TRUE, "Initialized", now=now
-        )
+        work.transition(cond.INITIALIZED, cond.TRUE, "Initialized", f"node {node_name} is ready", now)
         registered_at = cond.transition_time(work.conditions, cond.REGISTERED)
         if registered_at is not None:
             metrics.INITIALIZATION_DURATION.observe(max((now - registered_at).total_seconds(), 0.0))
@@ -512,6 +527,9 @@ class MachineLifecycle:
             return
         name = mf.machine_name(work.machine)
         updated = self._wrote(await self.client.merge_patch_status(MACHINES, name, desired))
+        for kind, reason, message in work.events:
+            await self.recorder.event(updated, kind, reason, message)
+        work.events.clear()
         work.machine = updated
         work.status = dict(updated.get("status") or {})
         work.conditions = cond.conditions_of(work.status)
@@ -543,8 +561,9 @@ class MachineLifecycle:
         if pending_nodes:
             return Result(requeue_after=1.0)
         # 2. The instance; come back until the cloud says it is gone.
-        if not await self._delete_instance(name):
-            return Result(requeue_after=self.options.termination_poll)
+        retry = await self._delete_instance(name)
+        if retry is not None:
+            return Result(requeue_after=retry)
         # 3. Release the Machine.
         patch = {
             "metadata": {
@@ -564,22 +583,28 @@ class MachineLifecycle:
         if deleted_at is not None:
             metrics.TERMINATION_DURATION.observe(max((self._clock() - deleted_at).total_seconds(), 0.0))
         log.info("machine terminated", machine=name)
+        await self.recorder.event(
+            machine, ev.NORMAL, "Terminated", f"node and {self.cloud.name} instance of machine {name} deleted"
+        )
         return DONE
 
-    async def _delete_instance(self, name: str) -> bool:
-        """Ask the cloud to delete the instance; True once it reports the instance gone."""
+    async def _delete_instance(self, name: str) -> float | None:
+        """Ask the cloud to delete the instance: None once it reports the instance gone, else the
+        seconds after which to look again."""
+        poll = self.options.termination_poll
         try:
             async with asyncio.timeout(self.options.cloud_call_wait):
                 await self.cloud.delete(name)
         except NotFound:
-            return True
+            return None
         except TimeoutError:
             log.info("instance deletion in progress", machine=name)
-            return False
+            return poll
         except CloudError as e:
             log.warning("instance deletion failed", machine=name, reason=e.reason, error=e.message)
-            return False
-        return False  # accepted or still running: look again on the next pass
+            # A persistent failure (auth, throttling) must not become a tight loop.
+            return max(poll, min(e.backoff, 60.0))
+        return poll  # accepted or still running: look again on the next pass
 
 
 def _normalized(status: Mapping[str, Any]) -> dict[str, Any]:

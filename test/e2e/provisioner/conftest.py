@@ -27,9 +27,12 @@ def machine_crd(full_cluster: LocalCluster) -> LocalCluster:
 
 
 @pytest.fixture
-def provisioner(machine_crd: LocalCluster, tmp_path: Path) -> Iterator[ProvisionerProcess]:
-    """The provisioner process for one test (SIGTERMed afterwards; its log printed on failure)."""
-    p = start_provisioner(machine_crd, tmp_path / "provisioner.log", "--kwok-node-delay", "1")
+def provisioner(machine_crd: LocalCluster, namespace: str, tmp_path: Path) -> Iterator[ProvisionerProcess]:
+    """The provisioner process for one test, leader-elected on a Lease in the test's namespace
+    (SIGTERMed afterwards; ``KAITO_SHOW_PROVISIONER_LOG=1`` prints its log)."""
+    p = start_provisioner(
+        machine_crd, tmp_path / "provisioner.log", "--kwok-node-delay", "1", lease_namespace=namespace
+    )
     try:
         yield p
     finally:

@@ -39,8 +39,18 @@ class ProvisionerProcess:
         return self.proc.wait(timeout=timeout)
 
 
-def start_provisioner(cluster: LocalCluster, log_path: Path, *extra: str) -> ProvisionerProcess:
-    """Start the provisioner (kwok cloud) as a child process scoped to a fresh run label."""
+def start_provisioner(
+    cluster: LocalCluster, log_path: Path, *extra: str, lease_namespace: str | None = None
+) -> ProvisionerProcess:
+    """Start the provisioner (kwok cloud) as a child process scoped to a fresh run label.
+
+    With ``lease_namespace`` it runs with leader election, holding its Lease there.
+    """
+    election = (
+        ["--leader-elect", "--leader-election-namespace", lease_namespace]
+        if lease_namespace
+        else ["--no-leader-elect"]
+    )
     run = secrets.token_hex(4)
     metrics_port, probe_port = free_port(), free_port()
     env = cluster.env()
@@ -55,7 +65,7 @@ def start_provisioner(cluster: LocalCluster, log_path: Path, *extra: str) -> Pro
             "kwok",
             "--kubeconfig",
             str(cluster.kubeconfig),
-            "--no-leader-elect",
+            *election,
             "--bind-address",
             "127.0.0.1",
             "--metrics-port",

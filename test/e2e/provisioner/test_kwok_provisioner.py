@@ -6,7 +6,7 @@ import secrets
 from typing import Any
 
 import aiohttp
-from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
+from kubernetes_asyncio.client import ApiClient, CoordinationV1Api, CoreV1Api, CustomObjectsApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from test.e2e.provisioner.helpers import ProvisionerProcess, gpu_machine
@@ -40,10 +40,23 @@ def condition(machine: dict[str, Any], type_: str) -> dict[str, Any] | None:
 
 
 async def test_machine_becomes_ready_and_deletion_removes_node(
-    provisioner: ProvisionerProcess, api_client: ApiClient
+    provisioner: ProvisionerProcess, api_client: ApiClient, namespace: str
 ) -> None:
     """A Machine gets a kwok GPU Node, links it and turns Ready; deleting it deletes the Node and the Machine."""
     await wait_ready(provisioner)
+
+    async def leading() -> str | None:
+        try:
+            lease = await CoordinationV1Api(api_client).read_namespaced_lease(
+                "gpu-provisioner-leader-election", namespace
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return str(lease.spec.holder_identity or "") or None
+
+    await eventually(leading, 30, "the provisioner to hold its Lease")
     crd, core = CustomObjectsApi(api_client), CoreV1Api(api_client)
     name = "e2e" + secrets.token_hex(4)
     await crd.create_cluster_custom_object(

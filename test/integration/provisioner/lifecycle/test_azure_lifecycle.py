@@ -36,6 +36,14 @@ def reconcile_count() -> float:
     )
 
 
+async def events_of(api_client: ApiClient, name: str) -> list[tuple[str, str]]:
+    """(type, reason) of the Events about Machine ``name`` (cluster-scoped objects' Events live in default)."""
+    found = await CoreV1Api(api_client).list_namespaced_event(
+        "default", field_selector=f"involvedObject.name={name}"
+    )
+    return sorted((e.type, e.reason) for e in found.items)
+
+
 async def wait_node(api_client: ApiClient, pool: str) -> str:
     async def found() -> str | None:
         nodes = await nodes_of_pool(api_client, pool)
@@ -96,6 +104,11 @@ async def test_machine_becomes_ready_with_expected_pool(azure: AzureEnv, api_cli
         }
         assert core_node.metadata.labels["karpenter.sh/initialized"] == "true"
         assert any(r.uid == created["metadata"]["uid"] for r in core_node.metadata.owner_references)
+        assert await events_of(api_client, name) == [
+            ("Normal", "Initialized"),
+            ("Normal", "Launched"),
+            ("Normal", "Registered"),
+        ]
         assert len(azure.arm.requests_for("PUT", name)) == 1  # never a second create
 
 
@@ -137,6 +150,11 @@ async def test_quota_error_is_reported_without_hot_loop(azure: AzureEnv, api_cli
         assert len(azure.arm.requests_for("PUT", name)) == 1
         assert prov.controller.queue.num_requeues(name) == before  # no rate-limited error retries either
         assert name not in {p[3] for p in azure.arm.pools}
+        # One Warning for the failure, not one per reconcile.
+        assert ("Warning", "QuotaExceeded") in await events_of(api_client, name)
+        assert [e for e in await events_of(api_client, name) if e[1] == "QuotaExceeded"] == [
+            ("Warning", "QuotaExceeded")
+        ]
 
 
 async def test_delete_removes_pool_node_and_finalizer(azure: AzureEnv, api_client: ApiClient) -> None:
