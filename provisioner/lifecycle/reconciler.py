@@ -367,6 +367,8 @@ class MachineLifecycle:
                 now=now,
             )
         found = self._nodes_of(machine)
+        if not found and await self._instance_lost(work):
+            return False
         if not found:
             launched_at = cond.transition_time(work.conditions, cond.LAUNCHED) or now
             waited = (now - launched_at).total_seconds()
@@ -418,6 +420,27 @@ class MachineLifecycle:
         if launch_time is not None:
             metrics.REGISTRATION_DURATION.observe(max((now - launch_time).total_seconds(), 0.0))
         log.info("node registered", machine=name, node=nd.node_name(node))
+        return True
+
+    async def _instance_lost(self, work: _Pass) -> bool:
+        """While waiting for the Node: if the cloud no longer has the instance (deleted out of band, a
+        kwok creation lost with a restart) or reports it failed, mark the launch undone so the next pass
+        launches again at once instead of waiting out the registration timeout."""
+        name = mf.machine_name(work.machine)
+        try:
+            instance = await self.cloud.get(name)
+        except NotFound:
+            reason, message = "InstanceNotFound", f"the instance of machine {name} no longer exists"
+        except CloudError:
+            return False  # cannot tell now; the registration timeout still bounds the wait
+        else:
+            if instance.state is not InstanceState.FAILED:
+                return False
+            reason = LAUNCH_FAILED_REASON
+            message = f"the instance of machine {name} is in state {instance.detail or 'Failed'}"
+        log.warning("instance lost before its node registered; relaunching", machine=name, reason=reason)
+        work.transition(cond.LAUNCHED, cond.FALSE, reason, f"{message}; launching it again", self._clock())
+        work.after(0.05)
         return True
 
     async def _node_exists(self, name: str) -> bool:

@@ -40,7 +40,11 @@ class ProvisionerProcess:
 
 
 def start_provisioner(
-    cluster: LocalCluster, log_path: Path, *extra: str, lease_namespace: str | None = None
+    cluster: LocalCluster,
+    log_path: Path,
+    *extra: str,
+    lease_namespace: str | None = None,
+    run: str | None = None,
 ) -> ProvisionerProcess:
     """Start the provisioner (kwok cloud) as a child process scoped to a fresh run label.
 
@@ -51,7 +55,7 @@ def start_provisioner(
         if lease_namespace
         else ["--no-leader-elect"]
     )
-    run = secrets.token_hex(4)
+    run = run or secrets.token_hex(4)
     metrics_port, probe_port = free_port(), free_port()
     env = cluster.env()
     env["KAITO_LOG_FORMAT"] = "json"

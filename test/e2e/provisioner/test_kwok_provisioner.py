@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import secrets
+import signal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from kubernetes_asyncio.client import ApiClient, CoordinationV1Api, CoreV1Api, CustomObjectsApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from test.e2e.provisioner.helpers import ProvisionerProcess, gpu_machine
+from hack.localcluster import LocalCluster
+from test.e2e.provisioner.helpers import ProvisionerProcess, gpu_machine, start_provisioner
 from test.waiting import eventually
 
 GROUP, VERSION, PLURAL = "karpenter.sh", "v1alpha5", "machines"
@@ -112,3 +115,60 @@ async def test_machine_becomes_ready_and_deletion_removes_node(
 
     await eventually(gone, 60, f"machine {name} and node {node_name} to be deleted")
     assert provisioner.terminate() == 0, provisioner.log_tail()
+
+
+async def test_restart_before_node_appears_neither_leaks_nor_duplicates(
+    machine_crd: LocalCluster, api_client: ApiClient, tmp_path: Path
+) -> None:
+    """SIGKILL while kwok's Node is still pending (that creation dies with the process): the next
+    provisioner launches again at once, and exactly one Node exists for the Machine."""
+    first = start_provisioner(machine_crd, tmp_path / "first.log", "--kwok-node-delay", "30")
+    crd, core = CustomObjectsApi(api_client), CoreV1Api(api_client)
+    name = "rk" + secrets.token_hex(4)
+    second: ProvisionerProcess | None = None
+    try:
+        await wait_ready(first)
+        await crd.create_cluster_custom_object(
+            GROUP, VERSION, PLURAL, gpu_machine(name, first.selector_labels)
+        )
+
+        async def launched() -> bool:
+            m: dict[str, Any] = await crd.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+            return (condition(m, "MachineLaunched") or {}).get("status") == "True"
+
+        await eventually(launched, 30, f"machine {name} to be launched")
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(timeout=10)
+
+        # Same run label, so the new process serves the same Machine.
+        second = start_provisioner(
+            machine_crd, tmp_path / "second.log", "--kwok-node-delay", "1", run=first.run
+        )
+
+        async def ready() -> dict[str, Any] | None:
+            assert second is not None and second.proc.poll() is None, second.log_tail() if second else ""
+            m: dict[str, Any] = await crd.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+            return m if (condition(m, "Ready") or {}).get("status") == "True" else None
+
+        # Well within the 15-minute registration timeout: the lost creation is noticed, not waited out.
+        m = await eventually(ready, 60, f"machine {name} to be Ready after the restart")
+        selector = f"agentpool={name},kubernetes.azure.com/agentpool={name}"
+        nodes = (await core.list_node(label_selector=selector)).items
+        assert [n.metadata.name for n in nodes] == [m["status"]["nodeName"]]
+
+        await crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+        async def gone() -> bool:
+            return not (await core.list_node(label_selector=selector)).items and not [
+                i
+                for i in (await crd.list_cluster_custom_object(GROUP, VERSION, PLURAL))["items"]
+                if i["metadata"]["name"] == name
+            ]
+
+        await eventually(gone, 60, f"machine {name} and its node to be deleted")
+        assert second.terminate() == 0, second.log_tail()
+    finally:
+        for p in (first, second):
+            if p is not None and p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()
