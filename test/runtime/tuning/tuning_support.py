@@ -133,5 +133,6 @@ def write_config(
     )
     for name, values in (sections or {}).items():
         root.setdefault(name, {}).update(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
