@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from kubernetes_asyncio.client import ApiClient, CoreV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import REGISTRY
 
 from provisioner.cloud.azure import AzureProviderID
 from provisioner.lifecycle.reconciler import LifecycleOptions
-from test.fake_arm import QUOTA_EXCEEDED
+from test.fake_arm import ALLOCATION_FAILED, QUOTA_EXCEEDED, SKU_NOT_AVAILABLE, ArmError
 from test.integration.provisioner.lifecycle.conftest import RG, SUB, AzureEnv
 from test.integration.provisioner.lifecycle.helpers import (
     SKU,
@@ -247,3 +248,28 @@ async def test_registration_timeout_deletes_and_relaunches(azure: AzureEnv, api_
         assert len(deletes) >= 1
         order = [r.method for r in azure.arm.requests if r.method in ("PUT", "DELETE") and name in r.path]
         assert order[:3] == ["PUT", "DELETE", "PUT"]
+
+
+@pytest.mark.parametrize(
+    ("op", "error", "reason", "hint"),
+    [
+        ("put", SKU_NOT_AVAILABLE, "SkuUnavailable", "Choose another instance type"),
+        ("operation", ALLOCATION_FAILED, "InsufficientCapacity", "no capacity for this VM size"),
+        ("put", None, "InvalidRequest", "must be 1-12 lowercase letters or digits"),
+    ],
+)
+async def test_cloud_errors_become_condition_reasons(
+    azure: AzureEnv, api_client: ApiClient, op: str, error: ArmError | None, reason: str, hint: str
+) -> None:
+    """Each classified ARM failure surfaces as its own MachineLaunched reason with an actionable message."""
+    machines = Machines(api_client)
+    # An invalid pool name (too long) is rejected before any ARM call.
+    name = fresh_name() if error is not None else fresh_name("toolongname")
+    if error is not None:
+        azure.arm.inject(op, error, pool=name, times=1000)
+    async with running_provisioner(azure.cluster, azure.cloud, azure.run):
+        await machines.create(machine_manifest(name, azure.run))
+        m = await machines.wait_condition(name, "MachineLaunched", "False", reason=reason)
+        assert hint in condition(m, "MachineLaunched")["message"]
+        assert condition(m, "Ready")["reason"] == reason
+        assert len(azure.arm.requests_for("PUT", name)) == (0 if error is None else 1)
