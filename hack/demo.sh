@@ -1,39 +1,113 @@
 #!/usr/bin/env bash
 # The main job, run by `make demo` inside `hack/localcluster.py run --profile full` (KUBECONFIG is set and
-# the cluster's own kubectl is first on PATH). Until the controllers land it installs the CRDs, adds a
-# kwok GPU node the way the gpu-provisioner's kwok cloud will, and shows the cluster.
+# the cluster's own kubectl is first on PATH).
+#
+# Installs the CRDs, starts the workspace controller (with its admission webhook on https://127.0.0.1)
+# and the gpu-provisioner (kwok cloud) as processes, applies the seed's phi-3 Workspace, waits until
+# WORKSPACEREADY is True, shows what was created, deletes the workspace (its Machine and Node go too)
+# and stops both processes. Logs: $DEMO_LOG_DIR (default: a temp dir, printed at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== kube-apiserver $(kubectl version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')"
-if compgen -G "config/crd/*.yaml" >/dev/null; then
-  echo "== installing CRDs from config/crd/"
-  kubectl apply --server-side -f config/crd/
-  kubectl wait --for condition=Established --timeout=30s -f config/crd/
-fi
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+LOG_DIR=${DEMO_LOG_DIR:-$(mktemp -d -t kaito-demo-XXXXXX)}
+SAMPLE=config/samples/kaito_workspace_phi_3.yaml
+WS=workspace-phi-3-mini
+PIDS=()
 
-echo "== adding a fake Standard_NC6s_v3 GPU node (kwok)"
-kubectl apply -f - <<'YAML'
-apiVersion: v1
-kind: Node
-metadata:
-  name: aks-ws-phi3-00000000-vmss000000
-  annotations:
-    kwok.x-k8s.io/node: fake
-  labels:
-    kubernetes.io/hostname: aks-ws-phi3-00000000-vmss000000
-    kubernetes.io/os: linux
-    node.kubernetes.io/instance-type: Standard_NC6s_v3
-    apps: phi-3
-    kaito.sh/machine-type: gpu
-spec:
-  taints:
-  - key: sku
-    value: gpu
-    effect: NoSchedule
-status:
-  capacity: {cpu: "6", memory: 112Gi, pods: "110", nvidia.com/gpu: "1"}
-  allocatable: {cpu: "6", memory: 112Gi, pods: "110", nvidia.com/gpu: "1"}
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+cleanup() {
+  local rc=$?
+  kubectl delete validatingwebhookconfiguration validation.workspace.kaito.sh --ignore-not-found >/dev/null 2>&1 || true
+  kubectl delete mutatingwebhookconfiguration mutation.workspace.kaito.sh --ignore-not-found >/dev/null 2>&1 || true
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "$rc" -ne 0 ]; then
+    echo "== demo failed (exit $rc); last controller and provisioner log lines:" >&2
+    tail -n 20 "$LOG_DIR"/*.log >&2 || true
+  fi
+  echo "== logs in $LOG_DIR"
+}
+trap cleanup EXIT
+
+wait_ready() {  # name port
+  for _ in $(seq 1 300); do
+    if "$PY" -c "import sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:$2/readyz', timeout=1)" 2>/dev/null; then
+      echo "   $1 ready"; return 0
+    fi
+    sleep 0.2
+  done
+  echo "$1 did not become ready" >&2; return 1
+}
+
+echo "== kube-apiserver $(kubectl version -o json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')"
+echo "== installing CRDs from config/crd/"
+kubectl apply --server-side -f config/crd/ >/dev/null
+kubectl wait --for condition=Established --timeout=30s -f config/crd/ >/dev/null
+kubectl create namespace kaito-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+
+WEBHOOK_PORT=$(free_port)
+echo "== admission webhooks -> https://127.0.0.1:$WEBHOOK_PORT (served by the controller)"
+for kind in validating mutating; do
+  if [ $kind = validating ]; then KIND=ValidatingWebhookConfiguration; NAME=validation.workspace.kaito.sh; P=validate
+  else KIND=MutatingWebhookConfiguration; NAME=mutation.workspace.kaito.sh; P=mutate; fi
+  kubectl apply -f - >/dev/null <<YAML
+apiVersion: admissionregistration.k8s.io/v1
+kind: $KIND
+metadata: {name: $NAME}
+webhooks:
+- name: $NAME
+  clientConfig: {url: "https://127.0.0.1:$WEBHOOK_PORT/$P/workspace.kaito.sh"}
+  rules: [{apiGroups: [kaito.sh], apiVersions: [v1alpha1, v1beta1], operations: [CREATE, UPDATE], resources: [workspaces]}]
+  failurePolicy: Fail
+  sideEffects: None
+  admissionReviewVersions: [v1]
 YAML
-kubectl wait --for condition=Ready --timeout=30s node/aks-ws-phi3-00000000-vmss000000
-kubectl get nodes -L node.kubernetes.io/instance-type
+done
+
+C_PROBE=$(free_port); C_METRICS=$(free_port); P_PROBE=$(free_port); P_METRICS=$(free_port)
+echo "== starting kaito-controller (workspace controller) and gpu-provisioner (--cloud kwok)"
+"$PY" -m kaito --kubeconfig "$KUBECONFIG" --provisioning machine \
+  --health-probe-bind-address "127.0.0.1:$C_PROBE" --metrics-bind-address "127.0.0.1:$C_METRICS" \
+  --webhook-port "$WEBHOOK_PORT" --webhook-host 127.0.0.1 --webhook-ip 127.0.0.1 --webhook-service "" \
+  --log-format json >"$LOG_DIR/kaito-controller.log" 2>&1 &
+PIDS+=($!)
+"$PY" -m provisioner --cloud kwok --kubeconfig "$KUBECONFIG" --no-leader-elect --bind-address 127.0.0.1 \
+  --probe-port "$P_PROBE" --metrics-port "$P_METRICS" --kwok-node-delay 2 \
+  --log-format json >"$LOG_DIR/gpu-provisioner.log" 2>&1 &
+PIDS+=($!)
+wait_ready kaito-controller "$C_PROBE"
+wait_ready gpu-provisioner "$P_PROBE"
+
+echo "== kubectl apply -f $SAMPLE"
+kubectl apply -f "$SAMPLE"
+echo "== waiting for WorkspaceReady (Machine -> kwok GPU node -> Deployment -> pod Ready)"
+kubectl wait --for=condition=WorkspaceReady --timeout=180s "workspace/$WS"
+echo
+echo "\$ kubectl get machines"
+kubectl get machines
+echo
+echo "\$ kubectl get nodes -l apps=phi-3 -L node.kubernetes.io/instance-type"
+kubectl get nodes -l apps=phi-3 -L node.kubernetes.io/instance-type
+echo
+echo "\$ kubectl get deployment,pods -l kaito.sh/workspace=$WS"
+kubectl get deployment,pods -l "kaito.sh/workspace=$WS"
+echo
+echo "\$ kubectl get svc $WS"
+kubectl get svc "$WS"
+echo
+echo "== deleting the workspace (its Machine and kwok Node are removed too)"
+kubectl delete workspace "$WS" --timeout=120s
+for _ in $(seq 1 300); do
+  [ -z "$(kubectl get machines -l "kaito.sh/workspace=$WS" -o name)" ] && [ -z "$(kubectl get nodes -l apps=phi-3 -o name)" ] && break
+  sleep 0.2
+done
+echo "   machines left: $(kubectl get machines -o name | wc -l), GPU nodes left: $(kubectl get nodes -l apps=phi-3 -o name | wc -l)"
+echo
+echo "== re-applying the sample to leave the result on screen"
+kubectl apply -f "$SAMPLE" >/dev/null
+kubectl wait --for=condition=WorkspaceReady --timeout=180s "workspace/$WS" >/dev/null
+echo "\$ kubectl get workspace"
+kubectl get workspace
