@@ -183,6 +183,9 @@ def test_unknown_model_is_404(base_server: RunningServer) -> None:
         ),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"frequency_penalty": 1.0}, "frequency_penalty"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
     ],
 )
 def test_bad_openai_requests_are_400(

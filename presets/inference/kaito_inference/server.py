@@ -177,6 +177,14 @@ def _sampling_kwargs(
         )
     if body.logprobs:
         raise ClientError("logprobs are not supported", param="logprobs")
+    # Unknown fields are accepted (clients send many optional ones); these would change the answer if
+    # honoured, so silently ignoring them would be wrong.
+    extra = body.model_extra or {}
+    if extra.get("logit_bias"):
+        raise ClientError("logit_bias is not supported", param="logit_bias")
+    response_format = extra.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
+        raise ClientError("only the 'text' response_format is supported", param="response_format")
     if body.stream and body.n > 1:
         raise ClientError("n > 1 is not supported with stream", param="n")
     kwargs: dict[str, Any] = {"max_new_tokens": max_new, "num_return_sequences": body.n}
