@@ -125,8 +125,11 @@ def load_tokenizer(cfg: TuningConfig) -> Any:
 
 def _device_map(cfg: TuningConfig) -> Any:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # One full copy per process under accelerate/torchrun: pin it to this process's GPU.
-        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        import torch
+
+        # One full copy per process under accelerate/torchrun (DDP): pin it to this process's GPU, or
+        # leave placement to the Trainer on CPU ("auto" would try to split the model).
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else None
     return cfg.model.device_map
 
 
