@@ -139,6 +139,7 @@ NEEDED: dict[str, list[Attr]] = {
         attr("delete", "nodes", name="aks-ws-abc-0"),
         attr("create", "leases", "coordination.k8s.io", ns=NAMESPACE),
         attr("update", "leases", "coordination.k8s.io", ns=NAMESPACE, name="gpu-provisioner-leader-election"),
+        attr("create", "events", ns="default"),
     ],
 }
 
@@ -188,6 +189,8 @@ FORBIDDEN: dict[str, list[Attr]] = {
         attr("patch", "machines", "karpenter.sh", sub="status", name="m"),
         attr("create", "workspaces", "kaito.sh", ns="default"),
         attr("delete", "workspaces", "kaito.sh", ns="default", name="w"),
+        attr("patch", "events", ns="default", name="e"),
+        attr("delete", "events", ns="default", name="e"),
     ],
     GP: [
         *FORBIDDEN_BOTH,
@@ -198,6 +201,9 @@ FORBIDDEN: dict[str, list[Attr]] = {
         attr("create", "secrets", ns=NAMESPACE),
         attr("update", "leases", "coordination.k8s.io", ns=NAMESPACE, name="kaito-workspace"),
         attr("create", "pods", sub="eviction", ns="default", name="p"),
+        attr("create", "events", ns="kube-system"),
+        attr("create", "events", ns=NAMESPACE),
+        attr("patch", "events", ns="default", name="e"),
     ],
 }
 
