@@ -7,7 +7,7 @@ Flags (each also readable from the environment variable in brackets, flags win):
 ``--cloud`` azure|kwok [CLOUD_PROVIDER], ``--kubeconfig`` [KUBECONFIG], ``--leader-elect`` /
 ``--no-leader-elect`` [LEADER_ELECT, default true], ``--leader-election-namespace`` [POD_NAMESPACE],
 ``--metrics-port`` [METRICS_PORT, 8080], ``--probe-port`` [HEALTH_PROBE_PORT, 8081], ``--workers``,
-``--kwok-node-delay``, ``--registration-timeout``, ``--gc-interval``, ``--gc-grace``,
+``--kwok-node-delay``, ``--registration-timeout``, ``--drain-timeout``, ``--gc-interval``, ``--gc-grace``,
 ``--machine-selector``, ``--log-level`` [LOG_LEVEL], ``--log-format`` [KAITO_LOG_FORMAT].
 Azure: ``ARM_SUBSCRIPTION_ID``, ``ARM_RESOURCE_GROUP``, ``AZURE_CLUSTER_NAME``, identity variables and
 the optional ``ARM_*`` overrides (see :meth:`provisioner.cloud.azure.AzureConfig.from_env`).
@@ -101,6 +101,12 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         default=900.0,
         help="seconds a launched instance has to register its Node before it is deleted and relaunched",
     )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to drain a deleted Machine's node (evictions honour PodDisruptionBudgets) before deleting it",
+    )
     p.add_argument("--gc-interval", type=float, default=120.0, help="seconds between orphan sweeps (0: off)")
     p.add_argument(
         "--gc-grace", type=float, default=30.0, help="minimum instance age before a sweep deletes it"
@@ -157,7 +163,9 @@ async def amain(argv: Sequence[str] | None = None) -> int:
                 mgr,
                 cloud,
                 gpu_count=gpu_count,
-                options=LifecycleOptions(registration_timeout=args.registration_timeout),
+                options=LifecycleOptions(
+                    registration_timeout=args.registration_timeout, drain_timeout=args.drain_timeout
+                ),
                 workers=args.workers,
                 machine_selector=args.machine_selector,
                 gc_interval=args.gc_interval if args.gc_interval > 0 else None,

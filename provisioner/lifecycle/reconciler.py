@@ -18,7 +18,8 @@ cache and moves it as far as it can without waiting:
    are gone and the GPUs are allocatable -> label ``karpenter.sh/initialized``;
 5. ``Ready`` summarises the three; the status is written only when it changed.
 
-On deletion: delete the Node(s), delete the instance, and come back (requeue) until the cloud reports it
+On deletion: drain (cordon, evict pods honouring PodDisruptionBudgets, bounded by a timeout) and delete
+the Node(s), delete the instance, and come back (requeue) until the cloud reports it
 gone; then remove the finalizer. Nothing in a reconcile waits on the cloud beyond one bounded call.
 """
 
@@ -39,6 +40,7 @@ from provisioner import machine_fields as mf
 from provisioner import metrics
 from provisioner.cloud.base import CloudError, CloudProvider, Conflict, Instance, InstanceState, NotFound
 from provisioner.lifecycle import conditions as cond
+from provisioner.lifecycle import drain
 from provisioner.lifecycle import events as ev
 from provisioner.lifecycle import nodes as nd
 
@@ -93,6 +95,10 @@ class LifecycleOptions:
     """Longest a reconcile waits on a cloud delete (ARM's operation goes on; the next pass looks again)."""
     failed_instance_backoff: float = 30.0
     """Seconds before retrying an instance the cloud reports Failed."""
+    drain_timeout: float = 600.0
+    """Seconds after the Machine's deletion during which its Node is drained; then it is deleted anyway."""
+    drain_poll: float = 2.0
+    """Seconds between drain passes."""
 
 
 @dataclass
@@ -155,6 +161,7 @@ class MachineLifecycle:
         self._monotonic = monotonic or asyncio.get_running_loop().time
         self._backoff: dict[str, _Backoff] = {}
         self.recorder = ev.EventRecorder(client)
+        self._reported_blocked: set[tuple[str, str]] = set()
         # resourceVersion of our own last write per Machine, for read-your-writes (see _fresh).
         self._written: dict[str, str] = {}
 
@@ -571,6 +578,7 @@ class MachineLifecycle:
         node_names = {nd.node_name(n) for n in self._nodes_of(machine)}
         if mf.node_name(machine):
             node_names.add(mf.node_name(machine))
+        requeue = 1.0
         for node_name in sorted(node_names):
             node = self.nodes.get(node_name)
             if node is None:
@@ -578,11 +586,15 @@ class MachineLifecycle:
             if node is None:
                 continue
             pending_nodes = True
-            if not nd.is_deleting(node):
-                log.info("deleting node", machine=name, node=node_name)
-                await self.client.delete(NODES, node_name)
+            if nd.is_deleting(node):
+                continue
+            if not await self._drained(machine, node):
+                requeue = self.options.drain_poll
+                continue
+            log.info("deleting node", machine=name, node=node_name)
+            await self.client.delete(NODES, node_name)
         if pending_nodes:
-            return Result(requeue_after=1.0)
+            return Result(requeue_after=requeue)
         # 2. The instance; come back until the cloud says it is gone.
         retry = await self._delete_instance(name)
         if retry is not None:
@@ -601,6 +613,7 @@ class MachineLifecycle:
                 raise
         self._backoff.pop(name, None)
         self._written.pop(name, None)
+        self._reported_blocked = {k for k in self._reported_blocked if k[0] != name}
         metrics.TERMINATIONS.labels("deleted").inc()
         deleted_at = cond.parse_time(meta.get("deletionTimestamp"))
         if deleted_at is not None:
@@ -610,6 +623,34 @@ class MachineLifecycle:
             machine, ev.NORMAL, "Terminated", f"node and {self.cloud.name} instance of machine {name} deleted"
         )
         return DONE
+
+    async def _drained(self, machine: Obj, node: Obj) -> bool:
+        """Cordon the node and evict its pods; True when nothing evictable is left or the drain timed out."""
+        name = mf.machine_name(machine)
+        node_name = nd.node_name(node)
+        await drain.cordon(self.client, node)
+        deleted_at = cond.parse_time((machine.get("metadata") or {}).get("deletionTimestamp"))
+        if deleted_at is not None:
+            waited = (self._clock() - deleted_at).total_seconds()
+            if waited > self.options.drain_timeout:
+                log.warning("drain timed out; deleting the node anyway", machine=name, node=node_name)
+                return True
+        result = await drain.evict_pods(self.client, node_name)
+        if not result.remaining:
+            return True
+        if result.blocked and (name, node_name) not in self._reported_blocked:
+            # Once per node: the user should know why the Machine is not going away yet.
+            self._reported_blocked.add((name, node_name))
+            await self.recorder.event(
+                machine,
+                ev.WARNING,
+                "EvictionBlocked",
+                f"draining node {node_name}: a PodDisruptionBudget does not allow evicting "
+                f"{', '.join(result.blocked[:5])} yet; the node is deleted anyway after "
+                f"{_duration(self.options.drain_timeout)}",
+            )
+        log.info("draining node", machine=name, node=node_name, pods=len(result.remaining))
+        return False
 
     async def _delete_instance(self, name: str) -> float | None:
         """Ask the cloud to delete the instance: None once it reports the instance gone, else the

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from kubernetes_asyncio.client import ApiClient, CoordinationV1Api, CoreV1Api, CustomObjectsApi
+from kubernetes_asyncio.client import ApiClient, CoordinationV1Api, CoreV1Api, CustomObjectsApi, PolicyV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from hack.localcluster import LocalCluster
@@ -172,3 +172,76 @@ async def test_restart_before_node_appears_neither_leaks_nor_duplicates(
             if p is not None and p.proc.poll() is None:
                 p.proc.kill()
                 p.proc.wait()
+
+
+async def test_deletion_drains_node_honouring_disruption_budget(
+    provisioner: ProvisionerProcess, api_client: ApiClient, namespace: str
+) -> None:
+    """Deleting a Machine cordons its Node and evicts its pods; a PodDisruptionBudget holds the Node (and
+    the Machine) until it allows the eviction."""
+    await wait_ready(provisioner)
+    crd, core, policy = CustomObjectsApi(api_client), CoreV1Api(api_client), PolicyV1Api(api_client)
+    name = "dr" + secrets.token_hex(4)
+    await crd.create_cluster_custom_object(
+        GROUP, VERSION, PLURAL, gpu_machine(name, provisioner.selector_labels)
+    )
+
+    async def ready_node() -> str | None:
+        m: dict[str, Any] = await crd.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        return m["status"]["nodeName"] if (condition(m, "Ready") or {}).get("status") == "True" else None
+
+    node_name = await eventually(ready_node, 60, f"machine {name} to be Ready")
+    labels = {"app": f"drain-{name}"}
+    await policy.create_namespaced_pod_disruption_budget(
+        namespace,
+        {"metadata": {"name": "keep"}, "spec": {"minAvailable": 1, "selector": {"matchLabels": labels}}},
+    )
+    await core.create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {"name": "model", "labels": labels},
+            "spec": {
+                "nodeName": node_name,
+                "tolerations": [{"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
+                "containers": [{"name": "srv", "image": "registry.invalid/model:1"}],
+            },
+        },
+    )
+
+    async def pod_ready() -> bool:
+        pod = await core.read_namespaced_pod("model", namespace)
+        return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+    await eventually(pod_ready, 60, "the model pod to be Ready on the machine's node")
+
+    await crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+    async def blocked() -> bool:
+        events = await core.list_namespaced_event("default", field_selector=f"involvedObject.name={name}")
+        return any(e.reason == "EvictionBlocked" for e in events.items)
+
+    await eventually(blocked, 60, "an EvictionBlocked event on the machine")
+    node = await core.read_node(node_name)
+    assert node.spec.unschedulable is True  # cordoned
+    assert node.metadata.deletion_timestamp is None  # but kept while the budget holds
+    still: dict[str, Any] = await crd.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    assert "karpenter.sh/termination" in still["metadata"]["finalizers"]
+    assert (await core.read_namespaced_pod("model", namespace)).metadata.deletion_timestamp is None
+
+    await policy.delete_namespaced_pod_disruption_budget("keep", namespace)
+
+    async def all_gone() -> bool:
+        for read in (
+            lambda: crd.get_cluster_custom_object(GROUP, VERSION, PLURAL, name),
+            lambda: core.read_node(node_name),
+            lambda: core.read_namespaced_pod("model", namespace),
+        ):
+            try:
+                await read()
+                return False
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+        return True
+
+    await eventually(all_gone, 60, "the pod to be evicted and the node and machine deleted")
