@@ -273,3 +273,23 @@ async def test_cloud_errors_become_condition_reasons(
         assert hint in condition(m, "MachineLaunched")["message"]
         assert condition(m, "Ready")["reason"] == reason
         assert len(azure.arm.requests_for("PUT", name)) == (0 if error is None else 1)
+
+
+async def test_spec_change_retries_a_failed_launch_at_once(azure: AzureEnv, api_client: ApiClient) -> None:
+    """The quota backoff holds for the same spec, but a changed spec (new generation) is tried at once."""
+    machines = Machines(api_client)
+    name = fresh_name()
+    azure.arm.inject("put", QUOTA_EXCEEDED, pool=name, times=1000)
+    async with running_provisioner(azure.cluster, azure.cloud, azure.run):
+        await machines.create(machine_manifest(name, azure.run))
+        await machines.wait_condition(name, "MachineLaunched", "False", reason="QuotaExceeded")
+        assert len(azure.arm.requests_for("PUT", name)) == 1
+        # A smaller VM size, as a user would pick to fit the quota.
+        spec = machine_manifest(name, azure.run, sku="Standard_NC6s_v3")["spec"]
+        await machines.patch(name, {"spec": {"requirements": spec["requirements"]}})
+
+        async def second_put() -> bool:
+            return len(azure.arm.requests_for("PUT", name)) == 2
+
+        await eventually(second_put, 15, "a new PUT for the changed spec")
+        assert azure.arm.requests_for("PUT", name)[1].body["properties"]["vmSize"] == "Standard_NC6s_v3"
