@@ -134,7 +134,11 @@ async def amain(argv: Sequence[str] | None = None) -> int:
     configure_logging(
         json_output=None if args.log_format == "auto" else args.log_format == "json", level=args.log_level
     )
-    api = await load_api_client(args.kubeconfig)
+    try:
+        api = await load_api_client(args.kubeconfig)
+    except Exception as e:  # no kubeconfig / service account: say so instead of a traceback
+        log.error("cannot load the Kubernetes client configuration", kubeconfig=args.kubeconfig, error=str(e))
+        return 1
     try:
         client = KubeClient(api)
         try:
