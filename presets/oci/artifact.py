@@ -120,7 +120,7 @@ def build_layer(files: list[Path], workdir: Path) -> tuple[Blob, str]:
     layer_path = workdir / "layer.tar.gz"
     with layer_path.open("wb") as raw:
         compressed = _HashingWriter(raw)
-        with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, mtime=0) as gz:  # type: ignore[arg-type]
+        with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, mtime=0) as gz:
             uncompressed = _HashingWriter(gz)
             with tarfile.open(fileobj=uncompressed, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 tar.addfile(_tarinfo(DATA_PREFIX + "/", tarfile.DIRTYPE, 0, 0o755))

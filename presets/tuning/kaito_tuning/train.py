@@ -86,7 +86,7 @@ def _bnb_config(cfg: TuningConfig) -> Any:
     }
     if q.bnb_4bit_quant_storage:
         kwargs["bnb_4bit_quant_storage"] = _dtype(q.bnb_4bit_quant_storage)
-    return BitsAndBytesConfig(**kwargs)
+    return BitsAndBytesConfig(**kwargs)  # type: ignore[no-untyped-call]
 
 
 def _common_load_args(cfg: TuningConfig) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def load_tokenizer(cfg: TuningConfig) -> Any:
     """The tokenizer, with a pad token (EOS when it has none) and the configured chat template."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
+    tokenizer: Any = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
         cfg.model.pretrained_model_name_or_path, **_common_load_args(cfg)
     )
     if tokenizer.pad_token is None:
@@ -150,10 +150,13 @@ def load_model(cfg: TuningConfig) -> Any:
         kwargs["device_map"] = device_map
     if cfg.quantized:
         kwargs["quantization_config"] = _bnb_config(cfg)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained_model_name_or_path, **kwargs)
+    # transformers and peft are not typed precisely enough for strict checking of this glue.
+    model: Any = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained_model_name_or_path, **kwargs)
     gradient_checkpointing = bool(cfg.training.get("gradient_checkpointing", False))
     if cfg.quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
     elif gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed frozen embeddings otherwise cut the graph
     try:
@@ -223,8 +226,8 @@ def train(cfg: TuningConfig, data_dir: Path, output_dir: Path) -> TrainResult:
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=train_set,  # type: ignore[arg-type]  # a list is a map-style dataset
-        eval_dataset=eval_set,  # type: ignore[arg-type]
+        train_dataset=train_set,  # a list of features is a map-style dataset
+        eval_dataset=eval_set,
         data_collator=_collator(cfg, tokenizer),
     )
     output = trainer.train()
