@@ -13,11 +13,14 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
+TOKEN_SERVICE = "kaito-test-registry"
+TOKEN_ISSUER = "kaito-test-issuer"
 
 
 def free_port() -> int:
@@ -63,8 +66,14 @@ def _status(url: str) -> int:
         return int(err.code)
 
 
-def start_registry(workdir: Path, users: dict[str, str] | None = None, timeout: float = 30.0) -> Registry:
-    """Start a registry storing under ``workdir``; with ``users``, htpasswd (bcrypt) basic auth."""
+def start_registry(
+    workdir: Path,
+    users: dict[str, str] | None = None,
+    token_server: TokenServer | None = None,
+    timeout: float = 30.0,
+) -> Registry:
+    """Start a registry storing under ``workdir``; with ``users``, htpasswd (bcrypt) basic auth; with
+    ``token_server``, bearer-token auth (distribution's ``auth.token``) trusting that server's key."""
     import bcrypt
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +104,15 @@ def start_registry(workdir: Path, users: dict[str, str] | None = None, timeout: 
             )
         )
         lines += ["auth:", "  htpasswd:", "    realm: kaito-test", f"    path: {htpasswd}"]
+    elif token_server is not None:
+        lines += [
+            "auth:",
+            "  token:",
+            f"    realm: {token_server.url}/token",
+            f"    service: {TOKEN_SERVICE}",
+            f"    issuer: {TOKEN_ISSUER}",
+            f"    rootcertbundle: {token_server.cert}",
+        ]
     config = workdir / "config.yml"
     config.write_text("\n".join(lines) + "\n")
     log_path = workdir / "registry.log"
@@ -103,7 +121,7 @@ def start_registry(workdir: Path, users: dict[str, str] | None = None, timeout: 
             [REGISTRY_BINARY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
         )
     registry = Registry(f"127.0.0.1:{port}", storage, process, log_path)
-    ready = {200, 401} if users else {200}
+    ready = {200, 401} if users or token_server else {200}
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
@@ -124,3 +142,108 @@ def docker_config(path: Path, registry: str, user: str, password: str) -> Path:
     auth = base64.b64encode(f"{user}:{password}".encode()).decode()
     path.write_text(json.dumps({"auths": {registry: {"username": user, "password": password, "auth": auth}}}))
     return path
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """A docker token server (the bearer flow of ACR, GHCR, Docker Hub) for distribution's token auth.
+
+    ``GET /token?service&scope`` with basic credentials, or ``POST /token`` with an OAuth2
+    ``refresh_token`` grant (docker's ``identitytoken``), returns an RS256 JWT whose ``x5c`` header
+    carries a self-signed certificate the registry trusts (``rootcertbundle``). Keys and signatures come
+    from the ``openssl`` CLI, so no crypto package is needed. ``requests`` records (method, grant, scope).
+    """
+
+    def __init__(self, workdir: Path, users: dict[str, str], refresh_tokens: set[str]) -> None:
+        import http.server
+        import threading
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.key = workdir / "token-key.pem"
+        self.cert = workdir / "token-cert.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key),
+             "-out", str(self.cert), "-subj", "/CN=kaito-test-token", "-days", "1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        der = subprocess.run(
+            ["openssl", "x509", "-in", str(self.cert), "-outform", "DER"], check=True, capture_output=True
+        ).stdout
+        self.x5c = base64.b64encode(der).decode()
+        self.users = users
+        self.refresh_tokens = refresh_tokens
+        self.requests: list[tuple[str, str, str]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _issue(self, query: dict[str, list[str]], form: dict[str, list[str]]) -> None:
+                scope = (form.get("scope") or query.get("scope") or [""])[0]
+                grant = (form.get("grant_type") or ["password"])[0]
+                server.requests.append((self.command, grant, scope))
+                if grant == "refresh_token":
+                    ok = (form.get("refresh_token") or [""])[0] in server.refresh_tokens
+                else:
+                    ok = server._basic_ok(self.headers.get("Authorization"))
+                if not ok:
+                    self._send(401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]})
+                    return
+                token = server.sign(scope)
+                key = "access_token" if grant == "refresh_token" else "token"
+                self._send(200, {key: token, "expires_in": 300})
+
+            def _send(self, status: int, body: dict[str, object]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                parts = urllib.parse.urlsplit(self.path)
+                self._issue(urllib.parse.parse_qs(parts.query), {})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                self._issue(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query), form)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def _basic_ok(self, header: str | None) -> bool:
+        if not header or not header.startswith("Basic "):
+            return False
+        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        return self.users.get(user) == password
+
+    def sign(self, scope: str) -> str:
+        """An RS256 JWT granting the actions of ``scope`` (``repository:<name>:<actions>``)."""
+        access = []
+        if scope.startswith("repository:"):
+            _, name, actions = scope.split(":", 2)
+            access.append({"type": "repository", "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}
+        claims = {
+            "iss": TOKEN_ISSUER, "sub": "kaito-test", "aud": TOKEN_SERVICE, "exp": now + 300,
+            "nbf": now - 10, "iat": now, "jti": str(now) + scope, "access": access,
+        }  # fmt: skip
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        signature = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+            input=signing_input.encode(), check=True, capture_output=True,
+        ).stdout  # fmt: skip
+        return f"{signing_input}.{_b64url(signature)}"
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import pytest
 from conftest import PASSWORD, USER
-from registry_support import Registry, docker_config
+from registry_support import Registry, TokenServer, docker_config, start_registry
 
 from presets.oci import (
     ARTIFACT_TYPE,
@@ -369,3 +369,44 @@ def test_credentials_are_not_forwarded_to_redirect_targets(tmp_path: Path) -> No
             server.server_close()
     assert [auth for port, auth in _Recorder.seen if port == registry_port] == [None, creds.basic_header()]
     assert [auth for port, auth in _Recorder.seen if port == storage_port] == [None]
+
+
+def test_bearer_token_auth_with_password_and_identity_token(tmp_path: Path) -> None:
+    """The token flow of ACR/GHCR/Docker Hub against distribution's own token verification."""
+    tokens = TokenServer(tmp_path / "token", users={USER: PASSWORD}, refresh_tokens={"refresh-abc"})
+    registry = start_registry(tmp_path / "registry", token_server=tokens)
+    try:
+        src = adapter_files(tmp_path / "results", seed=3)
+        image = f"{registry.host}/kaito/bearer:1"
+        password_config = docker_config(tmp_path / "password.json", registry.host, USER, PASSWORD)
+        assert main(["push", "--plain-http", "--docker-config", str(password_config), str(src), image]) == 0
+
+        # What `az acr login` writes: a placeholder user and an identity (refresh) token.
+        identity_config = tmp_path / "identity.json"
+        placeholder = base64.b64encode(b"00000000-0000-0000-0000-000000000000:").decode()
+        identity_config.write_text(
+            json.dumps({"auths": {registry.host: {"auth": placeholder, "identitytoken": "refresh-abc"}}})
+        )
+        dest = tmp_path / "pulled"
+        assert main(["pull", "--plain-http", "--docker-config", str(identity_config), image, str(dest)]) == 0
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            assert (dest / name).read_bytes() == (src / name).read_bytes()
+
+        assert ("GET", "password", "repository:kaito/bearer:pull,push") in tokens.requests
+        assert ("POST", "refresh_token", "repository:kaito/bearer:pull") in tokens.requests
+
+        term = tmp_path / "term"
+        assert (
+            main(["pull", "--plain-http", image, str(tmp_path / "anon"), "--termination-log", str(term)]) == 3
+        )
+        assert "token request" in term.read_text() and "HTTP 401" in term.read_text()
+        identity_config.write_text(json.dumps({"auths": {registry.host: {"identitytoken": "revoked"}}}))
+        assert (
+            main(
+                ["pull", "--plain-http", "--docker-config", str(identity_config), image, str(tmp_path / "x")]
+            )
+            == 3
+        )
+    finally:
+        registry.stop()
+        tokens.stop()
