@@ -128,9 +128,13 @@ def wait_for_marker(source: Path, timeout: float, poll: float = 2.0) -> None:
             raise WaitError(f"the trainer failed, nothing to push: {reason[:300]}")
         if (source / COMPLETED_MARKER).exists():
             return
-        if deadline is not None and time.monotonic() > deadline:
-            raise WaitError(f"{source / COMPLETED_MARKER} did not appear within {timeout:.0f}s")
-        time.sleep(poll)  # polling a file another container writes; there is no event to wait on
+        pause = poll
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitError(f"{source / COMPLETED_MARKER} did not appear within {timeout:g}s")
+            pause = min(poll, remaining)
+        time.sleep(pause)  # polling a file another container writes; there is no event to wait on
 
 
 def write_termination_log(path: str | None, message: str) -> None:
