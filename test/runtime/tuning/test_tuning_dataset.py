@@ -180,3 +180,28 @@ def test_split_is_seeded() -> None:
     assert train == again and train != features[:8]
     whole, none = split(features, DatasetConfig(train_test_split=1, shuffle_dataset=False))
     assert whole == features and none is None
+
+
+def test_chat_template_override_from_file_or_inline(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from kaito_tuning.config import parse_config
+    from kaito_tuning.train import load_tokenizer
+
+    inline = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}")
+    rows = conversational_rows(1)
+    fmt = detect_format(rows, DatasetConfig())
+    for value, expected in ((inline, "[user] "), (str(template_file), "<user> ")):
+        cfg = parse_config(
+            {
+                "training_config": {
+                    "ModelConfig": {
+                        "pretrained_model_name_or_path": str(tiny_model_dir),
+                        "chat_template": value,
+                    }
+                }
+            },
+            environ={},
+        )
+        text, special = render_texts(rows, fmt, load_tokenizer(cfg))[0]
+        assert expected + "What schedules pods?" in text and not special
