@@ -260,6 +260,33 @@ def transitions(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -
     return out
 
 
+EVENT_PRIORITY = (
+    "WorkspaceDeleting",
+    "WorkspaceReady",
+    "InferenceReady",
+    "JobStarted",
+    "ResourceReady",
+    "MachineReady",
+    "WorkspaceSucceeded",
+)
+
+
+def summarise(changes: Sequence[Transition]) -> tuple[str, str, str] | None:
+    """One Event ``(type, reason, message)`` for the condition changes of one status write.
+
+    The reason is that of the most telling changed condition (WorkspaceReady first); the message lists
+    every change, so one write costs one Event instead of one per condition.
+    """
+    if not changes:
+        return None
+    rank = {t: i for i, t in enumerate(EVENT_PRIORITY)}
+    lead = min(changes, key=lambda t: rank.get(t.type, len(rank)))
+    ordered = sorted(changes, key=lambda t: rank.get(t.type, len(rank)))
+    message = "; ".join(f"{t.type}={t.new}" + (f": {t.message}" if t.message else "") for t in ordered)
+    kind = "Warning" if any(t.event_type == "Warning" for t in changes) else "Normal"
+    return kind, lead.reason, message
+
+
 def condition_status(status: Mapping[str, Any] | None, type_: str) -> str | None:
     """The status string of a condition, or None."""
     for c in (status or {}).get("conditions") or []:

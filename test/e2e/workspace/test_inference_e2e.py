@@ -98,9 +98,9 @@ async def test_phi3_sample_becomes_ready_and_cleans_up(operator: Operator) -> No
     events = kget(op, "events", "-n", op.namespace, "--field-selector", "involvedObject.kind=Workspace")[
         "items"
     ]
-    assert {"MachineCreated", "workspaceReady", "WorkspaceInferenceStatusSuccess"} <= {
-        e["reason"] for e in events
-    }
+    assert {"MachineCreated", "workspaceReady"} <= {e["reason"] for e in events}
+    ready_event = next(e for e in events if e["reason"] == "workspaceReady")
+    assert "InferenceReady=True" in ready_event["message"] and ready_event["type"] == "Normal"
     metrics = op.procs[0].metrics()
     assert 'kaito_workspace_count{state="Ready"} 1.0' in metrics
 

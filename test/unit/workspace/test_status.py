@@ -122,3 +122,19 @@ def test_pod_problems() -> None:
     )
     assert unsched is not None and unsched[0] == "Unschedulable" and "0/3" in unsched[1]
     assert st.pod_problem([pod("p", reason="Evicted", message="disk")])[0] == "PodEvicted"  # type: ignore[index]
+
+
+def test_one_event_per_status_write() -> None:
+    pending = st.desired_status(
+        None,
+        st.Observation(
+            generation=1, resource=READY, inference=st.StepOutcome(st.Phase.PENDING, "Deploying", "0/1")
+        ),
+    )
+    ready = st.desired_status(pending, st.Observation(generation=1, resource=READY, inference=READY))
+    summary = st.summarise(st.transitions(pending, ready))
+    assert summary is not None
+    kind, reason, message = summary
+    assert (kind, reason) == ("Normal", "workspaceReady")
+    assert message.startswith("WorkspaceReady=True") and "InferenceReady=True" in message
+    assert st.summarise([]) is None

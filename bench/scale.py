@@ -1,0 +1,365 @@
+"""Workspace controller at scale (SPEC §10): N workspaces on pre-existing kwok GPU nodes.
+
+Two runs, each on a fresh full local cluster (etcd, apiserver, controller-manager, scheduler, kwok) with
+the same pre-existing kwok GPU nodes (8 GPUs each; workspace ``i`` names node ``i // 8`` in
+``preferredNodes``):
+
+* **bare**: a script creates each workspace's children (Service, ConfigMap, Deployment -- the very
+  manifests the controller builds, without ownerReferences) directly, and waits until every Deployment
+  has a ready replica;
+* **operator**: ``kaito-controller --provisioning byo`` runs as a process; the script creates the N
+  Workspaces and waits until every one reports ``WorkspaceReady=True``.
+
+Then, on the operator run: create -> Deployment latency at idle (workspaces created one at a time, the
+Deployment's ADDED event timed on a watch), write requests per minute at idle (the controller's own
+``rest_client_requests_total`` for POST/PUT/PATCH/DELETE over ``--idle-seconds``) and controller RSS.
+
+Usage: python bench/scale.py [--n 1000] [--workers 5] [--idle-seconds 60] [--latency-samples 50]
+Targets: ratio <= 1.5, idle writes 0/min, RSS <= 200 MB, latency p50 <= 50 ms, p99 <= 250 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kubernetes_asyncio.client import ApiClient
+
+from hack.localcluster import LocalCluster, free_port
+from kaito.api.workspace import Workspace
+from kaito.presets.registry import default_registry
+from kaito.presets.skus import default_sku_catalog
+from kaito.runtime.kube import CONFIGMAPS, DEPLOYMENTS, NAMESPACES, SERVICES, KubeClient
+from kaito.workspace import manifests as mf
+from kaito.workspace.reconciler import WORKSPACES
+
+REPO = Path(__file__).resolve().parent.parent
+GPUS_PER_NODE = 8
+NS = "bench"
+INSTANCE = "Standard_NC6s_v3"
+LABEL = {"apps": "bench"}
+
+
+def workspace(i: int) -> dict[str, Any]:
+    """Workspace ``i`` (phi-3, one node, preferring its pre-existing kwok node)."""
+    return {
+        "apiVersion": "kaito.sh/v1alpha1",
+        "kind": "Workspace",
+        "metadata": {"name": f"ws-{i:05d}", "namespace": NS},
+        "resource": {
+            "instanceType": INSTANCE,
+            "labelSelector": {"matchLabels": LABEL},
+            "preferredNodes": [f"bench-node-{i // GPUS_PER_NODE:04d}"],
+        },
+        "inference": {"preset": {"name": "phi-3-mini-4k-instruct"}},
+    }
+
+
+def bare_children(i: int) -> list[tuple[Any, dict[str, Any]]]:
+    """The controller's manifests for workspace ``i``, without ownerReferences (no owner exists)."""
+    raw = workspace(i)
+    raw["metadata"]["uid"] = "00000000-0000-0000-0000-000000000000"
+    ws = Workspace.model_validate(raw)
+    preset = default_registry().get("phi-3-mini-4k-instruct")
+    wl = mf.build_inference(
+        ws,
+        preset,
+        mf.ManifestOptions(registry="registry.invalid/kaito"),
+        sku=default_sku_catalog().get(INSTANCE),
+        nodes=raw["resource"]["preferredNodes"],
+    )
+    out = []
+    for obj in wl.objects():
+        obj["metadata"].pop("ownerReferences", None)
+        res = {"Service": SERVICES, "ConfigMap": CONFIGMAPS, "Deployment": DEPLOYMENTS}[obj["kind"]]
+        out.append((res, obj))
+    return out
+
+
+async def bounded(n: int, concurrency: int, fn: Callable[[int], Awaitable[None]]) -> None:
+    """Run ``fn(0..n-1)`` with at most ``concurrency`` in flight."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await fn(i)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def retrying(fn: Callable[[], Awaitable[Any]], tries: int = 20) -> Any:
+    for attempt in range(tries):
+        try:
+            return await fn()
+        except Exception:
+            if attempt == tries - 1:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
+    return None
+
+
+def start_cluster(n: int) -> LocalCluster:
+    cluster = LocalCluster(profile="full")
+    cluster.start(timeout=120)
+    for crd in ("kaito.sh_workspaces.yaml", "karpenter.sh_machines.yaml"):
+        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "config" / "crd" / crd))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/workspaces.kaito.sh")
+    nodes = (n + GPUS_PER_NODE - 1) // GPUS_PER_NODE
+    for j in range(nodes):
+        cluster.create_kwok_node(
+            f"bench-node-{j:04d}",
+            labels={**LABEL, "node.kubernetes.io/instance-type": INSTANCE},
+            gpus=GPUS_PER_NODE,
+            taints=[{"key": "sku", "value": "gpu", "effect": "NoSchedule"}],
+        )
+    cluster.kubectl("wait", "--for=condition=Ready", "--timeout=120s", "nodes", "-l", "apps=bench")
+    cluster.kubectl("create", "namespace", NS)
+    return cluster
+
+
+async def count_ready_deployments(client: KubeClient) -> int:
+    items = await client.list_all(DEPLOYMENTS, NS)
+    return sum(1 for d in items if int((d.get("status") or {}).get("readyReplicas") or 0) >= 1)
+
+
+async def count_ready_workspaces(client: KubeClient) -> int:
+    items = await client.list_all(WORKSPACES, NS)
+    return sum(
+        1
+        for w in items
+        if any(
+            c.get("type") == "WorkspaceReady" and c.get("status") == "True"
+            for c in (w.get("status") or {}).get("conditions") or []
+        )
+    )
+
+
+async def wait_count(what: str, fn: Callable[[], Awaitable[int]], n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = -1
+    while True:
+        got = await fn()
+        if got != last:
+            print(f"  {what}: {got}/{n}", file=sys.stderr)
+            last = got
+        if got >= n:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: {got}/{n} after {timeout}s")
+        await asyncio.sleep(0.25)
+
+
+async def bare_run(n: int, concurrency: int, timeout: float) -> float:
+    cluster = start_cluster(n)
+    try:
+        async with ApiClient(cluster.client_configuration()) as api:
+            client = KubeClient(api)
+            children = [bare_children(i) for i in range(n)]
+            t0 = time.monotonic()
+
+            async def create(i: int) -> None:
+                for res, obj in children[i]:
+                    await retrying(lambda res=res, obj=obj: client.create(res, obj, NS))
+
+            await bounded(n, concurrency, create)
+            await wait_count("bare: deployments ready", lambda: count_ready_deployments(client), n, timeout)
+            return time.monotonic() - t0
+    finally:
+        cluster.stop()
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return str(r.read().decode())
+
+
+def writes(metrics: str) -> float:
+    total = 0.0
+    for line in metrics.splitlines():
+        m = re.match(
+            r'rest_client_requests_total\{code="[^"]*",host="[^"]*",method="(\w+)"\} ([0-9.e+]+)', line
+        )
+        if m and m.group(1) in ("POST", "PUT", "PATCH", "DELETE"):
+            total += float(m.group(2))
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def latency_samples(client: KubeClient, samples: int, start: int) -> list[float]:
+    """Create workspaces one at a time; time POST -> the Deployment's ADDED event on a watch."""
+    seen: dict[str, float] = {}
+    rv = (await client.list(DEPLOYMENTS, NS, limit=1)).get("metadata", {}).get("resourceVersion")
+    resp = await client.open_stream(
+        DEPLOYMENTS.path(NS), query={"watch": True, "resourceVersion": rv, "allowWatchBookmarks": False}
+    )
+
+    async def watch() -> None:
+        async for line in resp.content:
+            if not line.strip():
+                continue
+            ev = json.loads(line)
+            if ev.get("type") == "ADDED":
+                seen.setdefault(ev["object"]["metadata"]["name"], time.monotonic())
+
+    task = asyncio.create_task(watch())
+    out: list[float] = []
+    try:
+        for k in range(samples):
+            i = start + k
+            name = f"ws-{i:05d}"
+            t0 = time.monotonic()
+            await client.create(WORKSPACES, workspace(i), NS)
+            deadline = t0 + 30
+            while name not in seen and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
+            if name in seen:
+                out.append(seen[name] - t0)
+            await asyncio.sleep(0.2)  # idle between samples
+    finally:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        resp.close()
+    return out
+
+
+async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    total = n + args.latency_samples
+    cluster = start_cluster(total)
+    metrics_port, probe_port = free_port(), free_port()
+    log = open(Path(args.log_dir) / "bench-controller.log", "wb")  # noqa: SIM115, ASYNC230
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kaito",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "--provisioning",
+            "byo",
+            "--no-webhook",
+            "--workers",
+            str(args.workers),
+            "--metrics-bind-address",
+            f"127.0.0.1:{metrics_port}",
+            "--health-probe-bind-address",
+            f"127.0.0.1:{probe_port}",
+            "--log-level",
+            args.controller_log_level,
+            "--log-format",
+            "json",
+        ],
+        cwd=REPO,
+        env=cluster.env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        async with ApiClient(cluster.client_configuration()) as api:
+            client = KubeClient(api)
+            for _ in range(300):
+                try:
+                    scrape(metrics_port)
+                    break
+                except OSError:
+                    await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            await bounded(
+                n, args.concurrency, lambda i: retrying(lambda: client.create(WORKSPACES, workspace(i), NS))
+            )
+            await wait_count(
+                "operator: workspaces ready", lambda: count_ready_workspaces(client), n, args.timeout
+            )
+            t_all = time.monotonic() - t0
+            await asyncio.sleep(5)  # let the last events settle before measuring idle
+            lat = await latency_samples(client, args.latency_samples, n)
+            await wait_count("operator: workspaces ready", lambda: count_ready_workspaces(client), total, 120)
+            await asyncio.sleep(5)
+            w0 = writes(scrape(metrics_port))
+            await asyncio.sleep(args.idle_seconds)
+            final = scrape(metrics_port)
+            w1 = writes(final)
+            (Path(args.log_dir) / "bench-controller-metrics.txt").write_text(final)
+            rss = rss_mb(proc.pid)
+            lat_ms = sorted(x * 1000 for x in lat)
+            return {
+                "operator_all_ready_s": round(t_all, 2),
+                "idle_writes_per_min": round((w1 - w0) * 60 / args.idle_seconds, 2),
+                "controller_rss_mb": round(rss, 1),
+                "create_to_deployment_ms_p50": round(statistics.median(lat_ms), 1) if lat_ms else None,
+                "create_to_deployment_ms_p99": round(lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))], 1)
+                if lat_ms
+                else None,
+                "latency_samples": len(lat_ms),
+            }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        cluster.stop()
+
+
+async def amain() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=5, help="controller workers")
+    p.add_argument("--concurrency", type=int, default=50, help="client requests in flight while creating")
+    p.add_argument("--idle-seconds", type=float, default=60.0)
+    p.add_argument("--latency-samples", type=int, default=50)
+    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--log-dir", default="/tmp")
+    p.add_argument("--controller-log-level", default="warning")
+    p.add_argument("--skip-bare", action="store_true", help="only the operator run (ratio not computed)")
+    args = p.parse_args()
+    _ = NAMESPACES  # the bench namespace is created by kubectl in start_cluster
+    print(f"bare run: {args.n} workspaces' children", file=sys.stderr)
+    t_bare = 0.0 if args.skip_bare else await bare_run(args.n, args.concurrency, args.timeout)
+    print(f"operator run: {args.n} workspaces", file=sys.stderr)
+    result = await operator_run(args.n, args)
+    result = {
+        "n": args.n,
+        "bare_all_ready_s": round(t_bare, 2),
+        **result,
+        "ratio": round(result["operator_all_ready_s"] / t_bare, 3) if t_bare else None,
+    }
+    print(
+        f"time to all ready: operator {result['operator_all_ready_s']} s, bare {result['bare_all_ready_s']} s, "
+        f"ratio {result['ratio']} (target <= 1.5)"
+    )
+    print(f"idle write requests/min: {result['idle_writes_per_min']} (target 0)")
+    print(f"controller RSS: {result['controller_rss_mb']} MB (target <= 200)")
+    print(
+        f"create -> Deployment at idle: p50 {result['create_to_deployment_ms_p50']} ms, "
+        f"p99 {result['create_to_deployment_ms_p99']} ms over {result['latency_samples']} samples "
+        "(targets 50 / 250)"
+    )
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(amain()))
