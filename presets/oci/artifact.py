@@ -230,34 +230,49 @@ def _pick_platform(entries: list[Any]) -> dict[str, Any]:
 
 
 def pull_to_directory(client: RegistryClient, dest: Path) -> list[str]:
-    """Pull ``client.ref`` and write the artifact's ``/data`` files into ``dest``; return their names."""
+    """Pull ``client.ref`` and make ``dest`` hold exactly the artifact's ``/data`` files; return their
+    names. Files are assembled in a hidden staging directory inside ``dest`` (same volume; ``dest`` may
+    be a mount point) and swapped in only when complete, so a failed or repeated pull never leaves a
+    half-written or mixed adapter behind."""
     manifest = _resolve_manifest(client)
     dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="kaito-oci-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".kaito-oci-pull-", dir=dest) as tmp:
+        staging, blobs = Path(tmp) / "data", Path(tmp) / "blobs"
+        staging.mkdir()
+        blobs.mkdir()
         for index, layer in enumerate(manifest["layers"]):
-            if not isinstance(layer, dict) or "digest" not in layer:
-                raise ArtifactError(f"{client.ref}: layer {index} has no digest")
-            blob_path = Path(tmp) / f"layer-{index}"
-            client.download_blob(str(layer["digest"]), blob_path)
-            media_type = str(layer.get("mediaType", ""))
-            title = (layer.get("annotations") or {}).get(TITLE)
-            if media_type in _TAR_TYPES or media_type.endswith((".tar", ".tar+gzip")):
-                _apply_tar_layer(blob_path, dest)
-            elif title:
-                name = _safe_relative(str(title))
-                if name is None:
-                    raise ArtifactError(f"{client.ref}: layer title {title!r} is not a safe file name")
-                target = dest / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(blob_path), target)
-            else:
-                raise ArtifactError(f"{client.ref}: layer {index} has unsupported media type {media_type!r}")
-            blob_path.unlink(missing_ok=True)
-    names = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
-    if not names:
-        raise ArtifactError(f"{client.ref} holds no files under /{DATA_PREFIX}")
+            _apply_layer(client, index, layer, blobs, staging)
+        names = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        if not names:
+            raise ArtifactError(f"{client.ref} holds no files under /{DATA_PREFIX}")
+        for child in dest.iterdir():
+            if child != Path(tmp):
+                _remove(child)
+        for child in staging.iterdir():
+            child.rename(dest / child.name)
     log.info("pulled %s into %s: %s", client.ref, dest, ", ".join(names))
     return names
+
+
+def _apply_layer(client: RegistryClient, index: int, layer: Any, blobs: Path, staging: Path) -> None:
+    if not isinstance(layer, dict) or "digest" not in layer:
+        raise ArtifactError(f"{client.ref}: layer {index} has no digest")
+    blob_path = blobs / f"layer-{index}"
+    client.download_blob(str(layer["digest"]), blob_path)
+    media_type = str(layer.get("mediaType", ""))
+    title = (layer.get("annotations") or {}).get(TITLE)
+    if media_type in _TAR_TYPES or media_type.endswith((".tar", ".tar+gzip")):
+        _apply_tar_layer(blob_path, staging)
+    elif title:
+        name = _safe_relative(str(title))
+        if name is None:
+            raise ArtifactError(f"{client.ref}: layer title {title!r} is not a safe file name")
+        target = staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(blob_path), target)
+    else:
+        raise ArtifactError(f"{client.ref}: layer {index} has unsupported media type {media_type!r}")
+    blob_path.unlink(missing_ok=True)
 
 
 def _safe_relative(name: str) -> PurePosixPath | None:

@@ -410,3 +410,37 @@ def test_bearer_token_auth_with_password_and_identity_token(tmp_path: Path) -> N
     finally:
         registry.stop()
         tokens.stop()
+
+
+def test_pull_replaces_the_directory_only_when_complete(registry: Registry, tmp_path: Path) -> None:
+    src = adapter_files(tmp_path / "src", seed=4)
+    image = f"{registry.host}/kaito/replace:1"
+    assert main(["push", "--plain-http", str(src), image]) == 0
+    dest = tmp_path / "mnt" / "adapter" / "replace"
+    (dest / "old-dir").mkdir(parents=True)
+    (dest / "adapter_model.bin").write_bytes(b"stale weights of an earlier adapter")
+    # A failed pull leaves what was there untouched (and no staging directory behind).
+    assert main(["pull", "--plain-http", f"{registry.host}/kaito/replace:missing", str(dest)]) == 4
+    assert sorted(p.name for p in dest.iterdir()) == ["adapter_model.bin", "old-dir"]
+    assert main(["pull", "--plain-http", image, str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_corrupt_blob_is_refused_and_leaves_the_target_untouched(registry: Registry, tmp_path: Path) -> None:
+    src = adapter_files(tmp_path / "src", seed=5)
+    image = f"{registry.host}/kaito/corrupt:1"
+    assert main(["push", "--plain-http", str(src), image]) == 0
+    layer = manifest_of(registry, "kaito/corrupt", "1")["layers"][0]  # type: ignore[index]
+    hexdigest = str(layer["digest"]).removeprefix("sha256:")
+    blob = registry.storage / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the digest check can notice
+    blob.write_bytes(bytes(data))
+
+    dest = tmp_path / "adapter"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("previous content")
+    term = tmp_path / "term"
+    assert main(["pull", "--plain-http", image, str(dest), "--termination-log", str(term)]) == 1
+    assert "blob digest mismatch" in term.read_text()
+    assert [p.name for p in dest.iterdir()] == ["keep.txt"]
