@@ -14,9 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "presets" / "tuning"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from registry_support import Registry, registry_available, start_registry
-
-USER, PASSWORD = "kaito-pusher", "pw-9f3b7c"  # test-only credentials of the htpasswd registry
+from registry_support import PASSWORD, USER, Registry, registry_available, start_registry
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 TOKEN_SERVICE = "kaito-test-registry"
+USER, PASSWORD = "kaito-pusher", "pw-9f3b7c"  # test-only credentials of the authenticating registries
 TOKEN_ISSUER = "kaito-test-issuer"
 
 

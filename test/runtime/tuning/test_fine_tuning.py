@@ -14,10 +14,9 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from conftest import PASSWORD, USER
 from kaito_tuning.cli import main
 from kaito_tuning.train import COMPLETED_MARKER, FAILED_MARKER, RESULTS_FILE
-from registry_support import Registry, docker_config
+from registry_support import PASSWORD, USER, Registry, docker_config
 from runtime_support import make_config
 from safetensors.torch import load_file
 from tuning_support import (

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from conftest import PASSWORD, USER
-from registry_support import Registry, TokenServer, docker_config, start_registry
+from registry_support import PASSWORD, USER, Registry, TokenServer, docker_config, start_registry
 
 from presets.oci import (
     ARTIFACT_TYPE,
