@@ -140,6 +140,8 @@ NEEDED: dict[str, list[Attr]] = {
         attr("create", "leases", "coordination.k8s.io", ns=NAMESPACE),
         attr("update", "leases", "coordination.k8s.io", ns=NAMESPACE, name="gpu-provisioner-leader-election"),
         attr("create", "events", ns="default"),
+        attr("list", "pods"),
+        attr("create", "pods", sub="eviction", ns="team-a", name="p"),
     ],
 }
 
@@ -187,6 +189,7 @@ FORBIDDEN: dict[str, list[Attr]] = {
         attr("delete", "nodes", name="n"),
         attr("delete", "pods", ns="default", name="p"),
         attr("patch", "machines", "karpenter.sh", sub="status", name="m"),
+        attr("create", "pods", sub="eviction", ns="default", name="p"),
         attr("create", "workspaces", "kaito.sh", ns="default"),
         attr("delete", "workspaces", "kaito.sh", ns="default", name="w"),
         attr("patch", "events", ns="default", name="e"),
@@ -200,7 +203,9 @@ FORBIDDEN: dict[str, list[Attr]] = {
         attr("get", "configmaps", ns="default", name="c"),
         attr("create", "secrets", ns=NAMESPACE),
         attr("update", "leases", "coordination.k8s.io", ns=NAMESPACE, name="kaito-workspace"),
-        attr("create", "pods", sub="eviction", ns="default", name="p"),
+        attr("delete", "pods", ns="default", name="p"),
+        attr("get", "pods", ns="default", name="p"),
+        attr("patch", "pods", ns="default", name="p"),
         attr("create", "events", ns="kube-system"),
         attr("create", "events", ns=NAMESPACE),
         attr("patch", "events", ns="default", name="e"),

@@ -1,0 +1,157 @@
+"""The install works with exactly the permissions config/ grants.
+
+Both controllers run as processes under their own ServiceAccount tokens (see conftest.py): the seed's
+phi-3 Workspace becomes ready and is deleted cleanly, the webhook serves with the certificate the
+controller issued itself, no API call is refused, and both /metrics endpoints pass ``promtool``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+from test.e2e.install.conftest import WEBHOOK_CONFIG_NAMES, Installed
+from test.integration.install.helpers import NAMESPACE, REPO
+from test.waiting import eventually
+
+SAMPLE = REPO / "config" / "samples" / "kaito_workspace_phi_3.yaml"
+# A JWT (header {"alg":...) in base64url always starts like this: no log line may carry one.
+JWT = re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}")
+
+
+# Metric names promtool's linter dislikes but SPEC §3 prescribes (upstream KAITO's names, which existing
+# dashboards query): a gauge named *_count.
+LINT_EXCEPTIONS = {"kaito_workspace_count"}
+
+
+def kget(inst: Installed, *args: str) -> Any:
+    out = inst.cluster.kubectl("get", *args, "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def conditions(obj: Any) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in ((obj or {}).get("status") or {}).get("conditions") or []}
+
+
+def machines(inst: Installed, workspace: str) -> list[Any]:
+    out = kget(
+        inst, "machines", "-l", f"kaito.sh/workspace={workspace},kaito.sh/workspacenamespace={inst.namespace}"
+    )
+    return list((out or {}).get("items") or [])
+
+
+async def until(inst: Installed, check: Any, timeout: float, what: str) -> Any:
+    async def guarded() -> Any:
+        for p in inst.procs.values():
+            assert p.alive(), f"{p.name} exited:\n{p.tail()}"
+        return await asyncio.to_thread(check)
+
+    return await eventually(guarded, timeout, what, interval=0.3)
+
+
+def refused_calls(log: str) -> list[str]:
+    """Log lines that report an API call refused by RBAC (403 / forbidden)."""
+    return [line for line in log.splitlines() if re.search(r"\b403\b|[Ff]orbidden", line)]
+
+
+async def test_phi3_sample_ready_and_deleted_under_least_privilege(installed: Installed) -> None:
+    inst = installed
+    doc = yaml.safe_load(SAMPLE.read_text())
+    name = doc["metadata"]["name"]
+    inst.cluster.kubectl("apply", "-n", inst.namespace, "-f", str(SAMPLE))
+
+    def ready() -> Any:
+        ws = kget(inst, "workspace", name, "-n", inst.namespace)
+        return ws if conditions(ws).get("WorkspaceReady") == "True" else None
+
+    ws = await until(inst, ready, 150, f"{name} WorkspaceReady=True")
+    assert conditions(ws)["ResourceReady"] == "True" and conditions(ws)["InferenceReady"] == "True"
+    (machine,) = machines(inst, name)
+    assert conditions(machine).get("Ready") == "True"
+    workers = ws["status"]["workerNodes"]
+    assert workers == [machine["status"]["nodeName"]]
+    assert kget(inst, "deployment", name, "-n", inst.namespace)["status"].get("readyReplicas") == 1
+
+    # Both hold their Leases in kaito-system, as the ServiceAccounts' Roles allow.
+    for lease in ("kaito-workspace", "gpu-provisioner-leader-election"):
+        got = kget(inst, "lease", lease, "-n", NAMESPACE)
+        assert got and got["spec"].get("holderIdentity"), f"lease {lease}: {got}"
+
+    inst.cluster.kubectl("delete", "workspace", name, "-n", inst.namespace, "--wait=false")
+
+    def gone() -> bool:
+        return (
+            kget(inst, "workspace", name, "-n", inst.namespace) is None
+            and not machines(inst, name)
+            and all(kget(inst, "node", n) is None for n in workers)
+        )
+
+    await until(inst, gone, 120, f"{name}, its Machine and its Node to be deleted")
+
+    for p in inst.procs.values():
+        log = p.log()
+        assert not refused_calls(log), f"{p.name} was refused API calls:\n" + "\n".join(
+            refused_calls(log)[:10]
+        )
+        assert not JWT.search(log), f"{p.name} logged a token"
+
+
+async def test_webhook_serves_with_the_controller_issued_certificate(installed: Installed) -> None:
+    """The controller (as its SA) created the cert Secret and patched caBundle into config/'s configurations."""
+    inst = installed
+    secret = kget(inst, "secret", "workspace-webhook-cert", "-n", NAMESPACE)
+    assert secret is not None and {"ca.crt", "tls.crt", "tls.key"} <= set(secret["data"])
+    for kind, name in zip(
+        ("validatingwebhookconfiguration", "mutatingwebhookconfiguration"), WEBHOOK_CONFIG_NAMES, strict=True
+    ):
+        cfg = kget(inst, kind, name)
+        assert cfg["webhooks"][0]["clientConfig"].get("caBundle") == secret["data"]["ca.crt"], name
+    # Both configurations fail closed (failurePolicy Fail), so an admitted write means both webhooks
+    # answered over TLS with that CA; a write they must refuse is refused by the validating one.
+    doc = yaml.safe_load(SAMPLE.read_text())
+    doc["metadata"]["name"] = "install-dry-run"
+    ok = inst.cluster.kubectl(
+        "create", "-n", inst.namespace, "--dry-run=server", "-f", "-", input=yaml.safe_dump(doc)
+    )
+    assert "created (server dry run)" in ok.stdout
+    doc["resource"]["instanceType"] = "Standard_NC6s_v3"
+    doc["inference"]["preset"]["name"] = "falcon-40b"
+    bad = inst.cluster.kubectl(
+        "create", "-n", inst.namespace, "--dry-run=server", "-f", "-", input=yaml.safe_dump(doc), check=False
+    )
+    assert bad.returncode != 0 and "denied the request" in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("component", ["kaito-workspace", "gpu-provisioner"])
+async def test_metrics_pass_promtool(installed: Installed, component: str) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: apt-get install -y --no-install-recommends prometheus"
+    p = installed.procs[component]
+    status, text = await asyncio.to_thread(p.get, p.metrics_port, "/metrics")
+    assert status == 200
+    check = await asyncio.to_thread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    # Exit 1 is a format error: never acceptable. Exit 3 lists lint problems: acceptable only for the
+    # names SPEC §3 fixes for compatibility with upstream dashboards (see LINT_EXCEPTIONS).
+    assert check.returncode in (0, 3), f"promtool: {check.stdout}{check.stderr}"
+    problems = [line for line in (check.stdout + check.stderr).splitlines() if line.strip()]
+    unexpected = [line for line in problems if line.split()[0] not in LINT_EXCEPTIONS]
+    assert not unexpected, "promtool lint:\n" + "\n".join(unexpected)
+    assert (check.returncode == 0) == (not problems)
+    # The controller-runtime names dashboards expect, and the process's leadership (it holds its Lease).
+    for family in ("rest_client_requests_total", "workqueue_depth", "controller_runtime_reconcile_total"):
+        assert f"# TYPE {family} " in text, family
+    assert re.search(r"^leader_election_master_status\{[^}]*\} 1\.0$", text, re.M), "not leading"
