@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,16 +328,19 @@ class Engine:
 
         return StoppingCriteriaList([_Criteria()])
 
-    def _finish(self, row: list[int], req: GenerationRequest, cancelled: bool) -> SequenceOutput:
-        pad = self.tokenizer.pad_token_id
+    def _finish(
+        self, row: list[int], req: GenerationRequest, cancelled: bool, batched: bool
+    ) -> SequenceOutput:
+        # generate() pads only rows of a batch (n > 1) that finished early; a single row has no padding,
+        # and the pad id may be a token the model legitimately produces.
+        pad = self.tokenizer.pad_token_id if batched else None
         ended_by_eos = False
         out: list[int] = []
         for tok in row:
             if tok in self._eos:
                 ended_by_eos = True
                 break
-            if tok == pad and pad is not None:
-                # generate() pads rows that finished early (stop string) to the batch's length.
+            if pad is not None and tok == pad:
                 break
             out.append(tok)
         text: str = self.tokenizer.decode(
@@ -388,7 +391,7 @@ class Engine:
         rows = output[:, len(req.input_ids) :].tolist()
         cancelled = control.cancel.is_set()
         return GenerationResult(
-            sequences=[self._finish(r, req, cancelled) for r in rows],
+            sequences=[self._finish(r, req, cancelled, len(rows) > 1) for r in rows],
             prompt_tokens=len(req.input_ids),
             queued_at=queued_at,
             started_at=started,
@@ -400,7 +403,7 @@ class Engine:
 
     def _control(self) -> _Control:
         if self._closed:
-            raise RuntimeError("engine is closed")
+            raise GenerationCancelled("server is shutting down")
         control = _Control()
         self._controls.add(control)
         return control
@@ -460,10 +463,19 @@ class Engine:
         text = ""
         emitted = 0
         try:
-            while True:
+            ended = False
+            while not ended:
                 item = await queue.get()
                 if item is _END:
                     break
+                # Coalesce whatever else has arrived: when the client or the loop is slower than the
+                # model, one chunk carries several tokens instead of falling further behind.
+                while not queue.empty():
+                    more = queue.get_nowait()
+                    if more is _END:
+                        ended = True
+                        break
+                    item = item + more
                 if control.cancel.is_set():
                     continue
                 if any(t in self._eos for t in item):
@@ -490,6 +502,3 @@ class Engine:
         for control in list(self._controls):
             control.cancel.set()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-
-
-LoadFn = Callable[[ServerConfig], LoadedModel]

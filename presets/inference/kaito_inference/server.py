@@ -506,6 +506,8 @@ def create_app(
                 yield _sse("[DONE]")
             except GenerationError as exc:
                 yield _sse({"error": {"message": str(exc), "type": "invalid_request_error", "code": 400}})
+            except (GenerationCancelled, EngineOverloaded) as exc:
+                yield _sse({"error": {"message": str(exc), "type": "server_error", "code": 503}})
             except Exception:
                 # Headers are already sent: report in-band like OpenAI does, never with a traceback.
                 log.exception("stream failed")
