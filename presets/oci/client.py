@@ -70,7 +70,8 @@ BodyFactory = Callable[[], "bytes | IO[bytes] | None"]
 class RegistryClient:
     """Talk to one registry for one repository with optional credentials.
 
-    ``plain_http`` selects ``http://`` (local or in-cluster registries without TLS).
+    ``plain_http`` selects ``http://`` (local or in-cluster registries without TLS); ``retries``
+    transport errors, 5xx and 429 are retried after ``backoff`` * 1, 2, 4, ... seconds (at most 16).
     """
 
     def __init__(
@@ -81,12 +82,14 @@ class RegistryClient:
         plain_http: bool = False,
         timeout: float = 60.0,
         retries: int = 4,
+        backoff: float = 1.0,
     ) -> None:
         self.ref = ref
         self.credentials = credentials
         self.base = f"{'http' if plain_http else 'https'}://{ref.api_host}"
         self.timeout = timeout
         self.retries = retries
+        self.backoff = backoff
         self._auth_header: str | None = None
         self._opener = urllib.request.build_opener(_NoRedirect)
 
@@ -203,7 +206,7 @@ class RegistryClient:
         return f" - the registry rejected the credentials for {self.ref.registry}"
 
     def _backoff(self, attempt: int, why: str) -> None:
-        delay = min(2.0 ** (attempt - 1), 16.0)
+        delay = min(self.backoff * 2.0 ** (attempt - 1), 16.0)
         log.warning("retrying in %.0fs (attempt %d/%d): %s", delay, attempt, self.retries, why)
         time.sleep(delay)  # retry backoff against a remote service, not test synchronisation
 

@@ -69,9 +69,8 @@ def _dtype(name: str | None) -> Any:
     return getattr(torch, aliases.get(name, name))
 
 
-def _bnb_config(cfg: TuningConfig) -> Any:
-    from transformers import BitsAndBytesConfig
-
+def bnb_kwargs(cfg: TuningConfig) -> dict[str, Any]:
+    """Keyword arguments of transformers' ``BitsAndBytesConfig`` for the QLoRA settings."""
     q = cfg.quantization
     kwargs: dict[str, Any] = {
         "load_in_4bit": q.load_in_4bit or cfg.model.load_in_4bit,
@@ -86,7 +85,14 @@ def _bnb_config(cfg: TuningConfig) -> Any:
     }
     if q.bnb_4bit_quant_storage:
         kwargs["bnb_4bit_quant_storage"] = _dtype(q.bnb_4bit_quant_storage)
-    return BitsAndBytesConfig(**kwargs)  # type: ignore[no-untyped-call]
+    return kwargs
+
+
+def _bnb_config(cfg: TuningConfig) -> Any:
+    # Constructing it needs bitsandbytes installed (it checks the version), hence after the check.
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**bnb_kwargs(cfg))  # type: ignore[no-untyped-call]
 
 
 def _common_load_args(cfg: TuningConfig) -> dict[str, Any]:

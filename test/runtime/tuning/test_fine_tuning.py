@@ -225,3 +225,28 @@ def test_config_and_dataset_errors_exit_with_their_codes(tiny_model_dir: Path, t
     write_parquet(data / "d.parquet", conversational_rows(2))
     assert main(["--config", str(wrong), "--data-dir", str(data), "--termination-log", str(term)]) == 2
     assert "TrainingArguments" in term.read_text()
+
+
+def test_qlora_template_maps_to_bitsandbytes_settings() -> None:
+    import yaml
+    from kaito_tuning.config import parse_config
+    from kaito_tuning.train import bnb_kwargs
+
+    kwargs = bnb_kwargs(parse_config(yaml.safe_load(QLORA_TEMPLATE), environ={}))
+    assert kwargs["load_in_4bit"] and not kwargs["load_in_8bit"]
+    assert (kwargs["bnb_4bit_quant_type"], kwargs["bnb_4bit_compute_dtype"]) == ("nf4", torch.bfloat16)
+    assert kwargs["bnb_4bit_use_double_quant"]
+
+
+def test_qlora_on_a_gpu_without_bitsandbytes_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import yaml
+    from kaito_tuning.config import parse_config
+    from kaito_tuning.train import HardwareError, check_quantization_support
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU half of the check only
+    with pytest.raises(HardwareError, match="pip install bitsandbytes"):
+        check_quantization_support(parse_config(yaml.safe_load(QLORA_TEMPLATE), environ={}))

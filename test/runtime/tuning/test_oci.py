@@ -443,3 +443,41 @@ def test_corrupt_blob_is_refused_and_leaves_the_target_untouched(registry: Regis
     assert main(["pull", "--plain-http", image, str(dest), "--termination-log", str(term)]) == 1
     assert "blob digest mismatch" in term.read_text()
     assert [p.name for p in dest.iterdir()] == ["keep.txt"]
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """Answers 503 to the first ``failures`` requests, then 404 (so the outcome is deterministic)."""
+
+    failures: ClassVar[int] = 2
+    count: ClassVar[int] = 0
+
+    def do_GET(self) -> None:
+        type(self).count += 1
+        status = 503 if self.count <= self.failures else 404
+        body = json.dumps({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_server_errors_are_retried_then_reported() -> None:
+    from presets.oci import NotFoundError, RegistryError
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ref = parse_reference(f"127.0.0.1:{server.server_address[1]}/a:b")
+        with pytest.raises(NotFoundError, match="manifest unknown"):
+            RegistryClient(ref, None, plain_http=True, retries=2, backoff=0.01).get_manifest("b", ["*/*"])
+        assert _Flaky.count == 3  # two 503s retried, then the 404 reported
+        _Flaky.count = 0
+        with pytest.raises(RegistryError, match="HTTP 503") as err:
+            RegistryClient(ref, None, plain_http=True, retries=1, backoff=0.01).get_manifest("b", ["*/*"])
+        assert err.value.status == 503 and _Flaky.count == 2
+    finally:
+        server.shutdown()
+        server.server_close()
