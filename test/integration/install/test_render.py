@@ -207,3 +207,22 @@ def test_chart_follows_the_release_namespace() -> None:
     hook = vwc["webhooks"][0]
     assert hook["clientConfig"]["service"]["namespace"] == "ops"
     assert "system:serviceaccount:ops:kaito-workspace" in hook["matchConditions"][0]["expression"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("provisioner.cloud=gcp", "/provisioner/cloud"),
+        ("workspace.replica=3", "replica"),
+        ("provisioner.replicas=3", "/provisioner/replicas"),
+        ("logLevel=verbose", "/logLevel"),
+    ],
+)
+def test_chart_rejects_bad_values(setting: str, message: str) -> None:
+    """values.schema.json turns a typo or an unsupported setting into an error, not a silent default."""
+    proc = run(
+        [tools_dir() / "helm", "template", "kaito", CHART, "--namespace", NAMESPACE, "--set", setting],
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
