@@ -46,6 +46,7 @@ DATA_PREFIX = "data"
 MANIFEST_ACCEPT = [OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_LIST]
 _TAR_TYPES = {OCI_LAYER_TAR, OCI_LAYER_TGZ, DOCKER_LAYER_TGZ, "application/vnd.docker.image.rootfs.diff.tar"}
 _WHITEOUT = ".wh."
+CONTROL_FILES = ("fine_tuning_completed.txt", "fine_tuning_failed.txt")
 _OPAQUE = ".wh..wh..opq"
 
 
@@ -88,7 +89,8 @@ class _HashingWriter:
 
 
 def select_files(source: Path, names: Iterable[str]) -> list[Path]:
-    """The files to push: ``names`` (relative to ``source``) or every top-level regular file."""
+    """The files to push: ``names`` (relative to ``source``), or every top-level regular file except
+    hidden ones and the trainer's marker files (they signal the pusher; they are not adapter content)."""
     if not source.is_dir():
         raise ArtifactError(f"{source} is not a directory")
     wanted = list(names)
@@ -106,7 +108,11 @@ def select_files(source: Path, names: Iterable[str]) -> list[Path]:
                 )
             files.append(path)
         return files
-    files = sorted(p for p in source.iterdir() if p.is_file() and not p.is_symlink())
+    files = sorted(
+        p
+        for p in source.iterdir()
+        if p.is_file() and not p.is_symlink() and not p.name.startswith(".") and p.name not in CONTROL_FILES
+    )
     if not files:
         raise ArtifactError(f"{source} holds no files to push")
     return files

@@ -131,6 +131,9 @@ def test_docker_config_errors_do_not_echo_content(tmp_path: Path) -> None:
 
 def test_push_pull_roundtrip_is_byte_identical_and_deterministic(registry: Registry, tmp_path: Path) -> None:
     src = adapter_files(tmp_path / "src")
+    (src / "fine_tuning_completed.txt").write_text("marker, not content")
+    (src / ".hidden").write_text("not content")
+    (src / "checkpoint-1").mkdir()
     ref = parse_reference(f"{registry.host}/kaito/adapter:v1")
     client = RegistryClient(ref, None, plain_http=True)
     first = push_directory(client, src, annotations={"sh.kaito.model.name": "tiny"})
@@ -154,6 +157,7 @@ def test_push_pull_roundtrip_is_byte_identical_and_deterministic(registry: Regis
     assert names == ["adapter_config.json", "adapter_model.safetensors"]
     for name in names:
         assert (dest / name).read_bytes() == (src / name).read_bytes()
+    assert sorted(p.name for p in dest.iterdir()) == names
 
 
 def test_cli_with_basic_auth_and_push_secret(
