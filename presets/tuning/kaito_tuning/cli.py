@@ -15,8 +15,11 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config, normalize_output_dir
+import yaml
+
+from .config import DEFAULT_CONFIG_PATH, DEFAULT_OUTPUT_DIR, ConfigError, load_config, normalize_output_dir
 from .dataset import DatasetError
 from .train import FAILED_MARKER, HardwareError, TrainResult, train
 
@@ -69,6 +72,20 @@ def write_termination_log(path: str | None, message: str) -> None:
         log.warning("cannot write the termination message to %s: %s", target, exc)
 
 
+def guess_output_dir(args: argparse.Namespace) -> Path | None:
+    """Where the failure marker goes when the config itself was refused: the flag, else the raw
+    ``TrainingArguments.output_dir`` if readable, else the default, i.e. the directory the controller
+    mounted by the same rule, so that a waiting pusher learns of the failure."""
+    try:
+        if args.output_dir:
+            return Path(normalize_output_dir(args.output_dir))
+        raw: Any = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
+        value = raw["training_config"]["TrainingArguments"]["output_dir"]
+        return Path(normalize_output_dir(value))
+    except (OSError, ValueError, yaml.YAMLError, TypeError, KeyError):
+        return Path(DEFAULT_OUTPUT_DIR)
+
+
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -110,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("%s", message)
     else:
         print(message, file=sys.stderr, flush=True)
+        if output_dir is None:
+            output_dir = guess_output_dir(args)
         if output_dir is not None and _is_main_process():
             # Tells a pusher sidecar waiting for the completion marker to stop waiting.
             try:

@@ -204,8 +204,15 @@ def test_config_and_dataset_errors_exit_with_their_codes(tiny_model_dir: Path, t
     term = tmp_path / "term"
     bad = tmp_path / "bad.yaml"
     bad.write_text("training_config:\n  LoRAConfig:\n    r: 8\n")
-    assert main(["--config", str(bad), "--termination-log", str(term)]) == 2
+    flagged = tmp_path / "flagged-results"
+    assert main(["--config", str(bad), "--output-dir", str(flagged), "--termination-log", str(term)]) == 2
     assert "unrecognized section 'LoRAConfig'" in term.read_text() and "LoraConfig" in term.read_text()
+    assert (flagged / FAILED_MARKER).read_text().strip() == term.read_text().strip()
+    # A refused config still tells a waiting pusher, in the output_dir it names.
+    named = tmp_path / "named-results"
+    bad.write_text(f"training_config:\n  TrainingArguments:\n    output_dir: {named}\n    learnin_rate: 1\n")
+    assert main(["--config", str(bad), "--termination-log", str(term)]) == 2
+    assert "did you mean 'learning_rate'" in (named / FAILED_MARKER).read_text()
 
     data = tmp_path / "data"
     write_parquet(data / "d.parquet", [{"question": "q", "answer": "a"}])
