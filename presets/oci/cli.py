@@ -8,6 +8,7 @@ or missing; 4 image not found or not an adapter artifact; 5 the trainer failed o
 from __future__ import annotations
 
 import argparse
+import http.client
 import logging
 import os
 import sys
@@ -184,8 +185,10 @@ def run(args: argparse.Namespace) -> tuple[int, str]:
         return EXIT_USAGE, f"error: {exc}"
     except WaitError as exc:
         return EXIT_WAIT, f"error: {exc}"
-    except (RegistryError, OSError) as exc:
+    except RegistryError as exc:
         return EXIT_REGISTRY, f"error: {exc}"
+    except (OSError, http.client.HTTPException) as exc:  # local I/O, or a response cut short
+        return EXIT_REGISTRY, f"error: {type(exc).__name__}: {exc}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ signature) and never appear in messages.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import time
@@ -140,7 +141,7 @@ class RegistryClient:
             payload = body() if body is not None else None
             try:
                 status, resp_headers, stream = self._once(method, url, hdrs, payload, auth)
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
                 reason = getattr(exc, "reason", exc)
                 if attempt >= self.retries:
                     raise RegistryError(f"{what or method} {self._safe(url)}: {reason}") from None

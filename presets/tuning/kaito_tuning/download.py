@@ -10,6 +10,7 @@ there, 1 when one could not be fetched, 2 when no URL was given; the outcome goe
 from __future__ import annotations
 
 import argparse
+import http.client
 import logging
 import os
 import re
@@ -75,7 +76,7 @@ def fetch(url: str, target: Path, attempts: int, delay: float, timeout: float) -
             return size
         except urllib.error.HTTPError as err:
             last = f"HTTP {err.code}"
-        except (urllib.error.URLError, OSError, DownloadError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException, DownloadError) as exc:
             last = str(getattr(exc, "reason", exc))
         finally:
             tmp.unlink(missing_ok=True)
