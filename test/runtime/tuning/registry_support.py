@@ -75,8 +75,6 @@ def start_registry(
 ) -> Registry:
     """Start a registry storing under ``workdir``; with ``users``, htpasswd (bcrypt) basic auth; with
     ``token_server``, bearer-token auth (distribution's ``auth.token``) trusting that server's key."""
-    import bcrypt
-
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     storage = workdir / "storage"
@@ -97,6 +95,8 @@ def start_registry(
         "  secret: kaito-test-secret",
     ]
     if users:
+        import bcrypt  # distribution's htpasswd accepts bcrypt hashes only
+
         htpasswd = workdir / "htpasswd"
         htpasswd.write_text(
             "".join(
