@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -196,6 +197,12 @@ def writes(metrics: str) -> float:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -291,6 +298,7 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 "operator: workspaces ready", lambda: count_ready_workspaces(client), n, args.timeout
             )
             t_all = time.monotonic() - t0
+            cpu_all = cpu_seconds(proc.pid)
             await asyncio.sleep(5)  # let the last events settle before measuring idle
             lat = await latency_samples(client, args.latency_samples, n)
             await wait_count("operator: workspaces ready", lambda: count_ready_workspaces(client), total, 120)
@@ -306,6 +314,7 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 "operator_all_ready_s": round(t_all, 2),
                 "idle_writes_per_min": round((w1 - w0) * 60 / args.idle_seconds, 2),
                 "controller_rss_mb": round(rss, 1),
+                "controller_cpu_s_until_all_ready": round(cpu_all, 2),
                 "create_to_deployment_ms_p50": round(statistics.median(lat_ms), 1) if lat_ms else None,
                 "create_to_deployment_ms_p99": round(lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))], 1)
                 if lat_ms

@@ -612,7 +612,10 @@ class WorkspaceReconciler:
         if patch is None:
             return
         ns, name = split_key(key)
-        summary = st.summarise(st.transitions(current, desired))
+        changes = st.transitions(current, desired)
+        if not current.get("conditions") and all(t.event_type == "Normal" and t.new != "True" for t in changes):
+            changes = []  # the first, pending status of a new workspace is not a transition worth an Event
+        summary = st.summarise(changes)
         write = self.client.merge_patch_status(WORKSPACES, name, desired, ns)
         try:
             if summary is None:
