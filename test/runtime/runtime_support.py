@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 from kaito_inference.config import ServerConfig
 from kaito_inference.engine import LoadedModel, load_model
@@ -165,3 +166,18 @@ def make_config(model_dir: Path, adapters_dir: Path | None = None, **overrides: 
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
+
+
+# Generous: on a loaded 2-core machine a 200-token sampled generation can take several seconds, and a
+# client timeout is not what these tests are about.
+HTTP_TIMEOUT = 60.0
+
+
+def http_get(url: str, **kwargs: Any) -> httpx.Response:
+    """``httpx.get`` with the tests' timeout."""
+    return httpx.get(url, timeout=HTTP_TIMEOUT, **kwargs)
+
+
+def http_post(url: str, **kwargs: Any) -> httpx.Response:
+    """``httpx.post`` with the tests' timeout."""
+    return httpx.post(url, timeout=HTTP_TIMEOUT, **kwargs)

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
 from kaito_inference.adapters import AdapterError, discover_adapters
-from runtime_support import RunningServer, make_config
+from runtime_support import RunningServer, http_get, http_post, make_config
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(90)]
 
@@ -67,7 +66,7 @@ def adapter_dir(tmp_path: Path, src: Path, names: list[str]) -> Path:
 
 
 def result(server: RunningServer) -> str:
-    r = httpx.post(server.url + "/chat", json=CHAT)
+    r = http_post(server.url + "/chat", json=CHAT)
     assert r.status_code == 200, r.text
     return str(r.json()["Result"])
 
@@ -82,7 +81,7 @@ def test_adapter_changes_output_and_zero_strength_is_base(
     with_adapter = server_factory(make_config(tiny_model_dir, adapters_dir=mnt))
     assert with_adapter.runtime.state == "ready", with_adapter.failures
     assert result(with_adapter) != base
-    models = httpx.get(with_adapter.url + "/v1/models").json()
+    models = http_get(with_adapter.url + "/v1/models").json()
     assert models["data"][0]["adapters"] == [{"name": "adapter-one", "strength": 1.0}]
 
     monkeypatch.setenv("adapter-one", "0.0")
@@ -170,4 +169,4 @@ def test_corrupt_weights_fail_the_load(
     assert server.runtime.state == "failed"
     assert "adapter 'adapter-one'" in server.failures[0]
     assert "cannot be loaded" in server.failures[0]
-    assert httpx.get(server.url + "/health").status_code == 503
+    assert http_get(server.url + "/health").status_code == 503

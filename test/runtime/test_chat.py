@@ -6,12 +6,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
 from kaito_inference.config import ServerConfig
 from kaito_inference.engine import LoadedModel, load_model
-from runtime_support import RunningServer, make_config
+from runtime_support import RunningServer, http_get, http_post, make_config
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(60)]
 
@@ -34,9 +33,9 @@ def direct_greedy(server: RunningServer, input_ids: list[int], max_new_tokens: i
 
 
 def test_root_and_health(base_server: RunningServer) -> None:
-    assert httpx.get(base_server.url + "/").json() == {"message": "Server is running"}
+    assert http_get(base_server.url + "/").json() == {"message": "Server is running"}
     for path in ("/health", "/healthz"):
-        r = httpx.get(base_server.url + path)
+        r = http_get(base_server.url + path)
         assert r.status_code == 200
         assert r.json() == {"status": "Healthy"}
 
@@ -44,7 +43,7 @@ def test_root_and_health(base_server: RunningServer) -> None:
 def test_seed_curl_request(base_server: RunningServer) -> None:
     """The seed document's call: POST /chat {"prompt": ...} with upstream's default generate kwargs."""
     prompt = "YOUR QUESTION HERE"
-    r = httpx.post(base_server.url + "/chat", headers=SEED_HEADERS, content='{"prompt":"YOUR QUESTION HERE"}')
+    r = http_post(base_server.url + "/chat", headers=SEED_HEADERS, content='{"prompt":"YOUR QUESTION HERE"}')
     assert r.status_code == 200, r.text
     result = r.json()["Result"]
     assert isinstance(result, str)
@@ -56,9 +55,9 @@ def test_seed_curl_request(base_server: RunningServer) -> None:
 def test_chat_prompt_matches_direct_generate(base_server: RunningServer) -> None:
     prompt = "The quick brown fox"
     body = {"prompt": prompt, "generate_kwargs": {"do_sample": False, "max_new_tokens": 12}}
-    full = httpx.post(base_server.url + "/chat", json=body).json()["Result"]
+    full = http_post(base_server.url + "/chat", json=body).json()["Result"]
     body["return_full_text"] = False
-    tail = httpx.post(base_server.url + "/chat", json=body).json()["Result"]
+    tail = http_post(base_server.url + "/chat", json=body).json()["Result"]
     expected = direct_greedy(base_server, base_server.runtime.engine.encode_prompt(prompt), 12)
     assert tail == expected
     assert full == prompt + expected
@@ -73,7 +72,7 @@ def test_chat_max_length_counts_prompt(base_server: RunningServer) -> None:
         "return_full_text": False,
         "generate_kwargs": {"do_sample": False, "max_length": len(ids) + 5},
     }
-    r = httpx.post(base_server.url + "/chat", json=body)
+    r = http_post(base_server.url + "/chat", json=body)
     assert r.status_code == 200, r.text
     assert r.json()["Result"] == direct_greedy(base_server, ids, 5)
 
@@ -81,7 +80,7 @@ def test_chat_max_length_counts_prompt(base_server: RunningServer) -> None:
 def test_chat_messages_use_chat_template(base_server: RunningServer) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     body = {"messages": messages, "generate_kwargs": {"do_sample": False, "max_new_tokens": 10}}
-    r = httpx.post(base_server.url + "/chat", json=body)
+    r = http_post(base_server.url + "/chat", json=body)
     assert r.status_code == 200, r.text
     engine = base_server.runtime.engine
     ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -111,7 +110,7 @@ def test_chat_messages_use_chat_template(base_server: RunningServer) -> None:
 def test_chat_bad_input_is_4xx_json(
     base_server: RunningServer, body: dict[str, Any], status: int, fragment: str
 ) -> None:
-    r = httpx.post(base_server.url + "/chat", json=body)
+    r = http_post(base_server.url + "/chat", json=body)
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     assert fragment in r.text
@@ -125,13 +124,13 @@ def test_chat_long_prompt_hole_keeps_the_end(base_server: RunningServer) -> None
         "return_full_text": False,
         "generate_kwargs": {"do_sample": False, "max_new_tokens": 4},
     }
-    r = httpx.post(base_server.url + "/chat", json=body)
+    r = http_post(base_server.url + "/chat", json=body)
     assert r.status_code == 200, r.text
     assert isinstance(r.json()["Result"], str)
 
 
 def test_chat_malformed_json(base_server: RunningServer) -> None:
-    r = httpx.post(
+    r = http_post(
         base_server.url + "/chat", content=b'{"prompt": ', headers={"content-type": "application/json"}
     )
     assert r.status_code == 422
@@ -140,13 +139,13 @@ def test_chat_malformed_json(base_server: RunningServer) -> None:
 
 def test_conversational_pipeline_requires_messages(tiny_model_dir: Path, server_factory: Any) -> None:
     server = server_factory(make_config(tiny_model_dir, pipeline="conversational"))
-    r = httpx.post(server.url + "/chat", json={"prompt": "hello"})
+    r = http_post(server.url + "/chat", json={"prompt": "hello"})
     # A prompt alone is accepted in text-generation mode only; conversational wants messages.
     assert r.status_code == 200
-    r = httpx.post(server.url + "/chat", json={"messages": []})
+    r = http_post(server.url + "/chat", json={"messages": []})
     assert r.status_code == 400
     assert r.json() == {"detail": "Conversational parameter messages required"}
-    r = httpx.post(server.url + "/chat", json={})
+    r = http_post(server.url + "/chat", json={})
     assert r.json() == {"detail": "Conversational parameter messages required"}
 
 
@@ -159,31 +158,31 @@ def test_503_while_loading(tiny_model_dir: Path, server_factory: Any) -> None:
 
     server = server_factory(make_config(tiny_model_dir), load_fn=gated_load, wait=False)
     try:
-        r = httpx.get(server.url + "/health")
+        r = http_get(server.url + "/health")
         assert (r.status_code, r.json()["status"]) == (503, "Loading")
-        r = httpx.post(server.url + "/chat", json={"prompt": "hi"})
+        r = http_post(server.url + "/chat", json={"prompt": "hi"})
         assert r.status_code == 503
         assert r.headers["retry-after"] == "5"
         assert r.json() == {"detail": "Model is loading"}
-        r = httpx.get(server.url + "/v1/models")
+        r = http_get(server.url + "/v1/models")
         assert r.status_code == 503
         assert r.json()["error"]["message"] == "Model is loading"
-        metrics = httpx.get(server.url + "/metrics").text
+        metrics = http_get(server.url + "/metrics").text
         assert "kaito_inference_model_ready 0.0" in metrics
     finally:
         release.set()
     server.wait_ready()
-    assert httpx.get(server.url + "/health").status_code == 200
-    assert httpx.post(server.url + "/chat", json={"prompt": "hi"}).status_code == 200
+    assert http_get(server.url + "/health").status_code == 200
+    assert http_post(server.url + "/chat", json={"prompt": "hi"}).status_code == 200
 
 
 def test_load_failure_is_reported(tmp_path: Path, server_factory: Any) -> None:
     server = server_factory(make_config(tmp_path / "does-not-exist"))
     assert server.runtime.state == "failed"
     assert server.failures and "model failed to load" in server.failures[0]
-    r = httpx.get(server.url + "/health")
+    r = http_get(server.url + "/health")
     assert r.status_code == 503
     assert r.json()["status"] == "Failed"
-    r = httpx.post(server.url + "/chat", json={"prompt": "hi"})
+    r = http_post(server.url + "/chat", json={"prompt": "hi"})
     assert r.status_code == 503
     assert "Traceback" not in r.text

@@ -123,7 +123,7 @@ def test_upstream_launch_command_serves_seed_request(tiny_model_dir: Path, tmp_p
             )
             assert r.status_code == 200, r.text
             assert r.json()["Result"].startswith("YOUR QUESTION HERE")
-            models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+            models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
             assert models["data"][0]["id"] == "phi-3-mini-4k-instruct"
         finally:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from kaito_inference.config import ServerConfig
 from kaito_inference.engine import LoadedModel, load_model
-from runtime_support import MODEL_ID, RunningServer, make_config, wait_for
+from runtime_support import MODEL_ID, RunningServer, http_get, make_config, wait_for
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(60)]
 
@@ -21,11 +21,11 @@ MESSAGES = [{"role": "user", "content": "Hello! How are you today?"}]
 
 
 def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def aclient(server: RunningServer) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def greedy_reference(server: RunningServer, input_ids: list[int], max_new_tokens: int) -> tuple[str, int]:
@@ -49,7 +49,7 @@ def chat_ids(server: RunningServer, messages: list[dict[str, str]]) -> list[int]
 
 def metric(server: RunningServer, name: str, labels: str = "") -> float:
     """Read one sample from /metrics (0 when absent)."""
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
+    for line in http_get(server.url + "/metrics").text.splitlines():
         if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
@@ -206,7 +206,7 @@ def test_prometheus_metrics(base_server: RunningServer) -> None:
         base_server, "kaito_inference_requests_total", '{code="200",endpoint="/v1/completions"}'
     )
     assert reqs_after - reqs == 1
-    text = httpx.get(base_server.url + "/metrics").text
+    text = http_get(base_server.url + "/metrics").text
     for name in (
         "kaito_inference_time_to_first_token_seconds_bucket",
         "kaito_inference_request_duration_seconds_bucket",
@@ -234,7 +234,7 @@ async def test_concurrent_requests(base_server: RunningServer) -> None:
                 text += ch.choices[0].text if ch.choices else ""
             return text
         if i % 3 == 1:
-            async with httpx.AsyncClient() as h:
+            async with httpx.AsyncClient(timeout=60) as h:
                 r = await h.post(
                     base_server.url + "/chat",
                     json={
