@@ -1,0 +1,320 @@
+"""The workspace reconciler in-process against a real kube-apiserver (no controller-manager, no kwok):
+byo mode, Machine failure reasons, stuck Machine deletion, minimal writes, preferredNodes rollout.
+
+Without a controller-manager nothing makes Deployments ready or collects garbage, so the tests play
+those parts by writing the status subresources the real controllers would write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes_asyncio.client import ApiClient
+
+from hack.localcluster import LocalCluster
+from kaito.machine import MACHINES, machine_name
+from kaito.presets.registry import default_registry
+from kaito.presets.skus import default_sku_catalog
+from kaito.runtime.kube import DEPLOYMENTS, EVENTS, NODES, KubeClient
+from kaito.runtime.manager import Manager, ManagerOptions
+from kaito.runtime.metrics import REST_CLIENT_REQUESTS
+from kaito.workspace.reconciler import WORKSPACES, ReconcilerOptions, WorkspaceReconciler, register
+from test.waiting import eventually
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def crds(control_plane: LocalCluster) -> LocalCluster:
+    for crd in ("kaito.sh_workspaces.yaml", "karpenter.sh_machines.yaml"):
+        control_plane.kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=kaito-crds",
+            "-f",
+            str(REPO / "config/crd" / crd),
+        )
+    control_plane.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/workspaces.kaito.sh",
+        "crd/machines.karpenter.sh",
+    )
+    return control_plane
+
+
+@dataclass
+class Env:
+    client: KubeClient
+    rec: WorkspaceReconciler
+    namespace: str
+
+    async def ws(self, name: str) -> dict[str, Any] | None:
+        return await self.client.get_or_none(WORKSPACES, name, self.namespace)
+
+    async def condition(self, name: str, type_: str) -> dict[str, Any] | None:
+        ws = await self.ws(name)
+        for c in ((ws or {}).get("status") or {}).get("conditions") or []:
+            if c["type"] == type_:
+                return dict(c)
+        return None
+
+
+async def run_operator(
+    api_client: ApiClient, namespace: str, options: ReconcilerOptions
+) -> AsyncIterator[Env]:
+    client = KubeClient(api_client)
+    mgr = Manager(client, ManagerOptions(name="it-workspace", probe_port=None, metrics_port=None))
+    rec, _ = register(
+        mgr,
+        client,
+        registry=default_registry(),
+        skus=default_sku_catalog(),
+        options=options,
+        namespace=namespace,
+    )
+    task = asyncio.create_task(mgr.run())
+    try:
+        await eventually(lambda: asyncio.sleep(0, mgr.is_leader), 30, "manager started")
+        yield Env(client, rec, namespace)
+    finally:
+        mgr.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def byo(crds: LocalCluster, api_client: ApiClient, namespace: str) -> AsyncIterator[Env]:
+    async for env in run_operator(api_client, namespace, ReconcilerOptions(provisioning="byo")):
+        yield env
+
+
+@pytest.fixture
+async def machines(crds: LocalCluster, api_client: ApiClient, namespace: str) -> AsyncIterator[Env]:
+    opts = ReconcilerOptions(provisioning="machine", machine_deletion_timeout=2.0, deletion_requeue=0.5)
+    async for env in run_operator(api_client, namespace, opts):
+        yield env
+
+
+def phi3(name: str, labels: dict[str, str], **resource: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kaito.sh/v1alpha1",
+        "kind": "Workspace",
+        "metadata": {"name": name},
+        "resource": {
+            "instanceType": "Standard_NC6s_v3",
+            "labelSelector": {"matchLabels": labels},
+            **resource,
+        },
+        "inference": {"preset": {"name": "phi-3-mini-4k-instruct"}},
+    }
+
+
+async def make_node(client: KubeClient, name: str, labels: dict[str, str], ready: bool = True) -> None:
+    await client.create(
+        NODES,
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "node.kubernetes.io/instance-type": "Standard_NC6s_v3",
+                    "kubernetes.io/hostname": name,
+                    **labels,
+                },
+            },
+        },
+    )
+    status = {
+        "conditions": [
+            {"type": "Ready", "status": "True" if ready else "False", "reason": "test", "message": ""}
+        ],
+        "capacity": {"nvidia.com/gpu": "1", "pods": "10"},
+        "allocatable": {"nvidia.com/gpu": "1", "pods": "10"},
+    }
+    await client.merge_patch_status(NODES, name, status)
+
+
+async def test_byo_reports_missing_nodes_then_uses_new_node(byo: Env) -> None:
+    """byo never creates Machines; it names what is missing, and picks up a node that appears."""
+    labels = {"apps": f"byo-{byo.namespace[-6:]}"}
+    await byo.client.create(WORKSPACES, phi3("ws", labels), byo.namespace)
+
+    async def missing() -> Any:
+        c = await byo.condition("ws", "ResourceReady")
+        return c if c and c["status"] == "False" else None
+
+    cond = await eventually(missing, 20, "ResourceReady=False")
+    assert "found 0" in cond["message"] and f"apps={labels['apps']}" in cond["message"]
+    ws = await byo.ws("ws")
+    assert ws is not None and (ws["status"]["state"], ws["status"]["reason"]) == ("NotReady", "NodesMissing")
+    assert ws["metadata"]["finalizers"] == ["workspace.finalizer.kaito.sh"]
+    assert (await byo.client.list(MACHINES, label_selector=f"kaito.sh/workspacenamespace={byo.namespace}"))[
+        "items"
+    ] == []
+
+    node = f"n-{byo.namespace[-6:]}"
+    await make_node(byo.client, node, labels)
+
+    async def deployed() -> Any:
+        return await byo.client.get_or_none(DEPLOYMENTS, "ws", byo.namespace)
+
+    dep = await eventually(deployed, 20, "the Deployment once a node qualifies")
+    terms = dep["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]} in terms[
+        "nodeSelectorTerms"
+    ][0]["matchExpressions"]
+    c = await byo.condition("ws", "ResourceReady")
+    assert c is not None and c["status"] == "True"
+    # Play the deployment controller: one ready replica -> the workspace becomes ready.
+    await byo.client.merge_patch_status(DEPLOYMENTS, "ws", {"replicas": 1, "readyReplicas": 1}, byo.namespace)
+
+    async def ready() -> Any:
+        c = await byo.condition("ws", "WorkspaceReady")
+        return c if c and c["status"] == "True" else None
+
+    await eventually(ready, 20, "WorkspaceReady=True")
+    await byo.client.delete(NODES, node)
+
+
+def writes() -> float:
+    total = 0.0
+    for metric in REST_CLIENT_REQUESTS.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and sample.labels.get("method") in (
+                "POST",
+                "PUT",
+                "PATCH",
+                "DELETE",
+            ):
+                total += sample.value
+    return total
+
+
+async def test_reconcile_without_change_writes_nothing(byo: Env) -> None:
+    """Once ready, reconciling again (any number of times) sends no write to the apiserver."""
+    labels = {"apps": f"idle-{byo.namespace[-6:]}"}
+    node = f"idle-{byo.namespace[-6:]}"
+    await make_node(byo.client, node, labels)
+    await byo.client.create(WORKSPACES, phi3("idle", labels), byo.namespace)
+    await eventually(lambda: byo.client.get_or_none(DEPLOYMENTS, "idle", byo.namespace), 20, "Deployment")
+    await byo.client.merge_patch_status(
+        DEPLOYMENTS, "idle", {"replicas": 1, "readyReplicas": 1}, byo.namespace
+    )
+
+    async def ready_in_cache() -> bool:
+        ws = byo.rec.workspaces.store.get_by_name("idle", byo.namespace)
+        conds = ((ws or {}).get("status") or {}).get("conditions") or []
+        return any(c["type"] == "WorkspaceReady" and c["status"] == "True" for c in conds)
+
+    await eventually(ready_in_cache, 20, "WorkspaceReady=True in the cache")
+    before = writes()
+    for _ in range(5):
+        await byo.rec.reconcile(f"{byo.namespace}/idle")
+    assert writes() == before
+    await byo.client.delete(NODES, node)
+
+
+async def test_preferred_nodes_change_rolls_the_deployment(byo: Env) -> None:
+    """Changing preferredNodes moves the workload: the Deployment is updated in place (new hash)."""
+    labels = {"apps": f"pref-{byo.namespace[-6:]}"}
+    a, b = f"pa-{byo.namespace[-6:]}", f"pb-{byo.namespace[-6:]}"
+    await make_node(byo.client, a, labels)
+    await make_node(byo.client, b, labels)
+    await byo.client.create(WORKSPACES, phi3("pref", labels, preferredNodes=[a]), byo.namespace)
+
+    def hosts(dep: dict[str, Any]) -> list[str]:
+        terms = dep["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+        exprs = terms["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
+            "matchExpressions"
+        ]
+        return next(e["values"] for e in exprs if e["key"] == "kubernetes.io/hostname")
+
+    async def on(node: str) -> Any:
+        dep = await byo.client.get_or_none(DEPLOYMENTS, "pref", byo.namespace)
+        return dep if dep is not None and hosts(dep) == [node] else None
+
+    first = await eventually(lambda: on(a), 20, f"Deployment pinned to {a}")
+    await byo.client.patch(WORKSPACES, "pref", {"resource": {"preferredNodes": [b]}}, byo.namespace)
+    second = await eventually(lambda: on(b), 20, f"Deployment moved to {b}")
+    assert second["metadata"]["uid"] == first["metadata"]["uid"]  # updated in place, not recreated
+    assert second["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    ws = await byo.ws("pref")
+    assert ws is not None and ws["status"]["workerNodes"] == [b]
+    for n in (a, b):
+        await byo.client.delete(NODES, n)
+
+
+async def test_machine_quota_failure_surfaces_as_reason(machines: Env) -> None:
+    """A Machine the provisioner reports as QuotaExceeded makes the workspace NotReady/QuotaExceeded."""
+    env = machines
+    labels = {"apps": f"quota-{env.namespace[-6:]}"}
+    await env.client.create(WORKSPACES, phi3("quota", labels), env.namespace)
+    mname = machine_name(env.namespace, "quota", 0)
+    m = await eventually(lambda: env.client.get_or_none(MACHINES, mname), 20, "the Machine")
+    assert m["metadata"]["labels"]["kaito.sh/workspace"] == "quota"
+    await env.client.merge_patch_status(
+        MACHINES,
+        mname,
+        {
+            "conditions": [
+                {
+                    "type": "MachineLaunched",
+                    "status": "False",
+                    "reason": "QuotaExceeded",
+                    "message": "Operation could not be completed as it results in exceeding approved quota",
+                }
+            ]
+        },
+    )
+
+    async def failed() -> Any:
+        ws = await env.ws("quota")
+        st = (ws or {}).get("status") or {}
+        return ws if st.get("reason") == "QuotaExceeded" else None
+
+    ws = await eventually(failed, 20, "state reason QuotaExceeded")
+    assert ws["status"]["state"] == "NotReady"
+    c = await env.condition("quota", "ResourceReady")
+    assert c is not None and c["status"] == "False" and "exceeding approved quota" in c["message"]
+    # Only one Machine, however often the workspace was reconciled.
+    items = (await env.client.list(MACHINES, label_selector=f"kaito.sh/workspacenamespace={env.namespace}"))[
+        "items"
+    ]
+    assert [i["metadata"]["name"] for i in items] == [mname]
+
+
+async def test_deletion_completes_when_a_machine_is_stuck(machines: Env) -> None:
+    """A Machine that never goes away does not block deletion forever: after the timeout the finalizer
+    is removed and a Warning Event names the Machine."""
+    env = machines
+    labels = {"apps": f"stuck-{env.namespace[-6:]}"}
+    await env.client.create(WORKSPACES, phi3("stuck", labels), env.namespace)
+    mname = machine_name(env.namespace, "stuck", 0)
+    await eventually(lambda: env.client.get_or_none(MACHINES, mname), 20, "the Machine")
+    await env.client.patch(MACHINES, mname, {"metadata": {"finalizers": ["test.kaito.sh/stuck"]}})
+    await env.client.delete(WORKSPACES, "stuck", env.namespace)
+
+    async def gone() -> bool:
+        return await env.ws("stuck") is None
+
+    await eventually(gone, 30, "the workspace to be deleted despite the stuck Machine")
+    m = await env.client.get(MACHINES, mname)
+    assert m["metadata"].get("deletionTimestamp")  # the controller did ask for its deletion
+    events = (await env.client.list(EVENTS, env.namespace, field_selector="involvedObject.name=stuck"))[
+        "items"
+    ]
+    stuck = [e for e in events if e["reason"] == "MachineDeletionStuck"]
+    assert stuck and stuck[0]["type"] == "Warning" and mname in stuck[0]["message"]
+    await env.client.patch(MACHINES, mname, {"metadata": {"finalizers": None}})
