@@ -16,8 +16,8 @@ Steps (upstream §3.2 without its blocking waits):
 4. status: conditions, ``state`` with a typed reason from what Pods and Machines report, Events on
    transitions -- written only when it changed.
 
-Tuning workspaces get the finalizer, their Machines and deletion here; their Job belongs to the tuning
-controller.
+Tuning workspaces only get the finalizer and the deletion path here (which removes any Machines
+labelled for them); their nodes, Job and status belong to the tuning controller.
 """
 
 from __future__ import annotations
@@ -613,7 +613,9 @@ class WorkspaceReconciler:
             return
         ns, name = split_key(key)
         changes = st.transitions(current, desired)
-        if not current.get("conditions") and all(t.event_type == "Normal" and t.new != "True" for t in changes):
+        if not current.get("conditions") and all(
+            t.event_type == "Normal" and t.new != "True" for t in changes
+        ):
             changes = []  # the first, pending status of a new workspace is not a transition worth an Event
         summary = st.summarise(changes)
         write = self.client.merge_patch_status(WORKSPACES, name, desired, ns)

@@ -268,8 +268,11 @@ async def operator(
         yield op
     finally:
         failed = getattr(request.node, "rep_call", None)
-        # Delete what the test left so the provisioner (still running) removes Machines and Nodes.
-        crds.kubectl("delete", "workspaces", "--all", "-n", namespace, "--wait=false", check=False)
+        # Delete what the test left while both processes still run, so the finalizer is honoured and
+        # the provisioner removes the Machines' Nodes (nothing leaks into later tests).
+        crds.kubectl(
+            "delete", "workspaces", "--all", "-n", namespace, "--timeout=60s", check=False, timeout=90
+        )
         op.remove_webhooks()
         if os.environ.get("KAITO_SHOW_LOGS") or (failed is not None and failed.failed):
             print(op.dump())
