@@ -13,7 +13,7 @@ import pytest
 import torch
 from kaito_inference.config import ServerConfig
 from kaito_inference.engine import LoadedModel, load_model
-from runtime_support import MODEL_ID, RunningServer, http_get, make_config, wait_for
+from runtime_support import MODEL_ID, RunningServer, http_get, http_post, make_config, wait_for
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(60)]
 
@@ -330,3 +330,28 @@ async def test_stream_disconnect_stops_generation(tiny_model_dir: Path, server_f
         release.set()
     await asyncio.to_thread(wait_for, lambda: not engine._controls, 10, "generation to finish")
     assert engine.model.forward_calls["n"] < 12, "generation ran on after the client left"
+
+
+def test_chat_template_flag_and_missing_template(
+    tiny_model_dir: Path, tmp_path: Path, server_factory: Any
+) -> None:
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    custom = server_factory(make_config(tiny_model_dir, chat_template=str(template)))
+    out = client(custom).chat.completions.create(
+        model=MODEL_ID, messages=MESSAGES, max_tokens=2, temperature=0
+    )
+    expected_ids = custom.runtime.engine.tokenizer(MESSAGES[0]["content"] + "\n", add_special_tokens=False)
+    assert out.usage is not None and out.usage.prompt_tokens == len(expected_ids["input_ids"])
+
+    def without_template(cfg: ServerConfig) -> LoadedModel:
+        loaded = load_model(cfg)
+        loaded.tokenizer.chat_template = None
+        return loaded
+
+    bare = server_factory(make_config(tiny_model_dir), load_fn=without_template)
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        client(bare).chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=2)
+    r = http_post(bare.url + "/chat", json={"messages": MESSAGES})
+    assert r.status_code == 400
+    assert "no chat template" in r.json()["detail"]
