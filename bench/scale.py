@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -111,8 +111,19 @@ async def retrying(fn: Callable[[], Awaitable[Any]], tries: int = 20) -> Any:
     return None
 
 
+class BenchCluster(LocalCluster):
+    """The full local cluster with room for thousands of ClusterIPs (the launcher's /24 holds 254)."""
+
+    def _apiserver_args(self, port: int) -> list[str]:
+        args = super()._apiserver_args(port)
+        return [
+            "--service-cluster-ip-range=10.128.0.0/16" if a.startswith("--service-cluster-ip-range=") else a
+            for a in args
+        ]
+
+
 def start_cluster(n: int) -> LocalCluster:
-    cluster = LocalCluster(profile="full")
+    cluster = BenchCluster(profile="full")
     cluster.start(timeout=120)
     for crd in ("kaito.sh_workspaces.yaml", "karpenter.sh_machines.yaml"):
         cluster.kubectl("apply", "--server-side", "-f", str(REPO / "config" / "crd" / crd))
@@ -213,6 +224,7 @@ def rss_mb(pid: int) -> float:
 async def latency_samples(client: KubeClient, samples: int, start: int) -> list[float]:
     """Create workspaces one at a time; time POST -> the Deployment's ADDED event on a watch."""
     seen: dict[str, float] = {}
+    arrived: dict[str, asyncio.Event] = {}
     rv = (await client.list(DEPLOYMENTS, NS, limit=1)).get("metadata", {}).get("resourceVersion")
     resp = await client.open_stream(
         DEPLOYMENTS.path(NS), query={"watch": True, "resourceVersion": rv, "allowWatchBookmarks": False}
@@ -224,7 +236,9 @@ async def latency_samples(client: KubeClient, samples: int, start: int) -> list[
                 continue
             ev = json.loads(line)
             if ev.get("type") == "ADDED":
-                seen.setdefault(ev["object"]["metadata"]["name"], time.monotonic())
+                name = ev["object"]["metadata"]["name"]
+                seen.setdefault(name, time.monotonic())
+                arrived.setdefault(name, asyncio.Event()).set()
 
     task = asyncio.create_task(watch())
     out: list[float] = []
@@ -234,18 +248,15 @@ async def latency_samples(client: KubeClient, samples: int, start: int) -> list[
             name = f"ws-{i:05d}"
             t0 = time.monotonic()
             await client.create(WORKSPACES, workspace(i), NS)
-            deadline = t0 + 30
-            while name not in seen and time.monotonic() < deadline:
-                await asyncio.sleep(0.001)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.setdefault(name, asyncio.Event()).wait(), 30)
             if name in seen:
                 out.append(seen[name] - t0)
             await asyncio.sleep(0.2)  # idle between samples
     finally:
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-        except (asyncio.CancelledError, Exception):
-            pass
         resp.close()
     return out
 
@@ -255,8 +266,8 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
     cluster = start_cluster(total)
     metrics_port, probe_port = free_port(), free_port()
     log = open(Path(args.log_dir) / "bench-controller.log", "wb")  # noqa: SIM115, ASYNC230
-    proc = subprocess.Popen(
-        [
+    proc = await asyncio.create_subprocess_exec(
+        *[
             sys.executable,
             "-m",
             "kaito",
@@ -279,7 +290,7 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
         cwd=REPO,
         env=cluster.env(),
         stdout=log,
-        stderr=subprocess.STDOUT,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         async with ApiClient(cluster.client_configuration()) as api:
@@ -322,12 +333,13 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 "latency_samples": len(lat_ms),
             }
     finally:
-        proc.terminate()
+        if proc.returncode is None:
+            proc.terminate()
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
             proc.kill()
-            proc.wait()
+            await proc.wait()
         log.close()
         cluster.stop()
 
