@@ -132,7 +132,9 @@ class WorkQueue(Generic[K]):
         if key in self._dirty:
             self._queue.append(key)
             self._wake_getter()
-        elif not self._processing and self._drain_waiters:
+        # A drain waits for handed-out keys only: one re-queued just now must not hold it up (the
+        # workers may already have stopped taking keys), so check even after re-queueing.
+        if not self._processing and self._drain_waiters:
             for fut in self._drain_waiters:
                 if not fut.done():
                     fut.set_result(None)

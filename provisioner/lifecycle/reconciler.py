@@ -282,11 +282,12 @@ class MachineLifecycle:
             return False
         if self.nodes.index_keys(NODE_POOL_INDEX, name):
             return False  # the instance produced a Node after all: go and adopt it
+        if not gate.retryable:
+            return True  # the Machine (its spec) has to change first; that resets the gate above
         remaining = gate.until - self._monotonic()
         if remaining <= 0:
             return False
-        if gate.retryable:
-            work.after(remaining)
+        work.after(remaining)
         return True
 
     def _launch_failed(self, work: _Pass, error: CloudError) -> None:
@@ -309,8 +310,9 @@ class MachineLifecycle:
         work.transition(cond.LAUNCHED, status, error.reason, message, self._clock())
         if status == cond.FALSE:
             metrics.LAUNCH_FAILURES.labels(error.reason).inc()
-        log.warning(
-            "launch failed",
+        pending = isinstance(error, Conflict)
+        (log.info if pending else log.warning)(
+            "launch waiting for a cloud operation in progress" if pending else "launch failed",
             machine=name,
             reason=error.reason,
             code=error.code,

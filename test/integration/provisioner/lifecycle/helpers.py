@@ -129,15 +129,24 @@ async def mark_node_ready(api_client: ApiClient, node: str) -> None:
             }
         },
     )
-    current = await core.read_node(node)
-    taints = [
-        {"key": t.key, "value": t.value, "effect": t.effect}
-        for t in current.spec.taints or []
-        if t.key != "node.kubernetes.io/not-ready"
-    ]
-    await core.patch_node(
-        node, {"metadata": {"resourceVersion": current.metadata.resource_version}, "spec": {"taints": taints}}
-    )
+    for _ in range(10):  # the provisioner patches the Node too: a conditional read-modify-write may conflict
+        current = await core.read_node(node)
+        taints = [
+            {"key": t.key, "value": t.value, "effect": t.effect}
+            for t in current.spec.taints or []
+            if t.key != "node.kubernetes.io/not-ready"
+        ]
+        patch = {
+            "metadata": {"resourceVersion": current.metadata.resource_version},
+            "spec": {"taints": taints},
+        }
+        try:
+            await core.patch_node(node, patch)
+            return
+        except ApiException as e:
+            if e.status != 409:
+                raise
+    raise AssertionError(f"could not lift the not-ready taint of node {node}")
 
 
 async def nodes_of_pool(api_client: ApiClient, pool: str) -> list[Any]:

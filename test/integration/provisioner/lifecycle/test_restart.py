@@ -73,7 +73,7 @@ async def test_restart_mid_create_neither_leaks_nor_duplicates(
     procs: list[subprocess.Popen[bytes]] = []
 
     def tail() -> str:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+        return "\n".join(log.read_text(errors="replace").splitlines()[-60:])
 
     async with FakeArmServer(arm) as server:
         env = machine_crd.env()
@@ -133,6 +133,7 @@ async def test_restart_mid_create_neither_leaks_nor_duplicates(
             procs[1].send_signal(signal.SIGTERM)
             assert procs[1].wait(timeout=30) == 0, tail()
         finally:
+            print(tail())  # shown by pytest only when the test failed
             for p in procs:
                 if p.poll() is None:
                     p.kill()
