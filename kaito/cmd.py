@@ -171,6 +171,8 @@ async def _setup_webhook(
         default_sku_catalog(),
         cloud_provider=args.cloud_provider,
         configmaps=read_configmap,
+        # Bring-your-own nodes may be of any type; Machines need a SKU the provisioner knows.
+        allow_unknown_instance_types=args.provisioning == "byo",
     )
     certs = CertManager(
         api,  # type: ignore[arg-type]
