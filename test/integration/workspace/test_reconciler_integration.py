@@ -175,8 +175,12 @@ async def test_byo_reports_missing_nodes_then_uses_new_node(byo: Env) -> None:
     assert {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]} in terms[
         "nodeSelectorTerms"
     ][0]["matchExpressions"]
-    c = await byo.condition("ws", "ResourceReady")
-    assert c is not None and c["status"] == "True"
+
+    async def resource_ready() -> Any:
+        c = await byo.condition("ws", "ResourceReady")
+        return c if c and c["status"] == "True" else None
+
+    await eventually(resource_ready, 20, "ResourceReady=True")
     # Play the deployment controller: one ready replica -> the workspace becomes ready.
     await byo.client.merge_patch_status(DEPLOYMENTS, "ws", {"replicas": 1, "readyReplicas": 1}, byo.namespace)
 
@@ -250,8 +254,12 @@ async def test_preferred_nodes_change_rolls_the_deployment(byo: Env) -> None:
     second = await eventually(lambda: on(b), 20, f"Deployment moved to {b}")
     assert second["metadata"]["uid"] == first["metadata"]["uid"]  # updated in place, not recreated
     assert second["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
-    ws = await byo.ws("pref")
-    assert ws is not None and ws["status"]["workerNodes"] == [b]
+
+    async def workers_b() -> bool:
+        ws = await byo.ws("pref")
+        return ws is not None and ws["status"].get("workerNodes") == [b]
+
+    await eventually(workers_b, 20, f"status.workerNodes == [{b}]")
     for n in (a, b):
         await byo.client.delete(NODES, n)
 
