@@ -28,7 +28,7 @@ import structlog
 
 from kaito.runtime.kube import KubeClient, load_api_client
 from kaito.runtime.logging import configure_logging
-from kaito.runtime.manager import LeaderElectionLost, Manager, ManagerOptions
+from kaito.runtime.manager import CacheSyncTimeout, LeaderElectionLost, Manager, ManagerOptions
 from provisioner.cloud.factory import PROVIDERS, open_provider
 from provisioner.lifecycle.reconciler import LifecycleOptions
 from provisioner.lifecycle.setup import add_provisioner
@@ -187,6 +187,13 @@ async def amain(argv: Sequence[str] | None = None) -> int:
                 await mgr.run()
             except LeaderElectionLost as e:
                 log.error("exiting: leadership lost", error=str(e))
+                return 1
+            except CacheSyncTimeout as e:
+                log.error(
+                    "exiting: caches did not sync; is the Machine CRD (machines.karpenter.sh) installed "
+                    "and may this identity list/watch Machines and Nodes?",
+                    error=str(e),
+                )
                 return 1
             finally:
                 del provisioner
