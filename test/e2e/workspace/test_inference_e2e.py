@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from typing import Any
@@ -95,14 +96,27 @@ async def test_phi3_sample_becomes_ready_and_cleans_up(operator: Operator) -> No
     assert dep["metadata"]["ownerReferences"][0]["kind"] == "Workspace"
     pods = kget(op, "pods", "-n", op.namespace, "-l", "kaito.sh/workspace=workspace-phi-3-mini")["items"]
     assert [p["spec"]["nodeName"] for p in pods] == workers
-    events = kget(op, "events", "-n", op.namespace, "--field-selector", "involvedObject.kind=Workspace")[
-        "items"
-    ]
-    assert {"MachineCreated", "workspaceReady"} <= {e["reason"] for e in events}
-    ready_event = next(e for e in events if e["reason"] == "workspaceReady")
-    assert "InferenceReady=True" in ready_event["message"] and ready_event["type"] == "Normal"
-    metrics = op.procs[0].metrics()
-    assert 'kaito_workspace_count{state="Ready"} 1.0' in metrics
+
+    # The Event is sent alongside the status write and the metric reads the informer cache: both may
+    # trail the status we just read by a moment.
+    async def ready_event() -> Any:
+        out = kget(op, "events", "-n", op.namespace, "--field-selector", "involvedObject.kind=Workspace")
+        events = out["items"] if out else []
+        reasons = {e["reason"] for e in events}
+        return (
+            next((e for e in events if e["reason"] == "workspaceReady"), None)
+            if "MachineCreated" in reasons
+            else None
+        )
+
+    event = await eventually(ready_event, 20, "MachineCreated and workspaceReady Events")
+    assert "InferenceReady=True" in event["message"] and event["type"] == "Normal"
+
+    async def ready_metric() -> bool:
+        metrics = await asyncio.to_thread(op.procs[0].metrics)
+        return 'kaito_workspace_count{state="Ready"} 1.0' in metrics
+
+    await eventually(ready_metric, 20, "kaito_workspace_count{state=Ready} 1")
 
     await delete_and_check_clean(op, "workspace-phi-3-mini", workers)
 
@@ -204,8 +218,15 @@ async def test_crashlooping_pods_show_reason(operator: Operator) -> None:
     assert (ws["status"]["state"], ws["status"]["reason"]) == ("NotReady", "CrashLoopBackOff")
     msg = next(c["message"] for c in ws["status"]["conditions"] if c["type"] == "InferenceReady")
     assert "CrashLoopBackOff" in msg and "container srv" in msg
-    events = kget(op, "events", "-n", op.namespace, "--field-selector", "involvedObject.name=crashy")["items"]
-    assert any(e["type"] == "Warning" and "CrashLoopBackOff" in e["message"] for e in events)
+
+    async def warning() -> bool:
+        out = kget(op, "events", "-n", op.namespace, "--field-selector", "involvedObject.name=crashy")
+        return any(
+            e["type"] == "Warning" and "CrashLoopBackOff" in e["message"]
+            for e in (out or {}).get("items", [])
+        )
+
+    await eventually(warning, 20, "a Warning Event naming CrashLoopBackOff")
 
 
 async def test_controller_killed_while_provisioning_creates_no_duplicate(operator: Operator) -> None:
