@@ -45,6 +45,7 @@ class Proc:
     log_path: Path
     probe_port: int
     metrics_port: int
+    webhook_port: int = 0
 
     def tail(self, lines: int = 80) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -160,6 +161,41 @@ async def wait_webhook_enforced(api_client: ApiClient, namespace: str, timeout: 
     await eventually(denied_by_webhook, timeout, "the webhook to be called by the apiserver", interval=0.3)
 
 
+def start_controller(cluster: LocalCluster, replica: str, webhook_port: int, tmp: Path) -> Proc:
+    """One kaito-workspace replica (``python -m kaito``) as the kaito-workspace ServiceAccount."""
+    probe, metrics = free_port(), free_port()
+    proc = start_as(
+        cluster,
+        "kaito-workspace",
+        [
+            sys.executable,
+            "-m",
+            "kaito",
+            "--leader-elect",
+            "--metrics-bind-address",
+            f"127.0.0.1:{metrics}",
+            "--health-probe-bind-address",
+            f"127.0.0.1:{probe}",
+            "--webhook-host",
+            "127.0.0.1",
+            "--webhook-port",
+            str(webhook_port),
+            "--webhook-ip",
+            "127.0.0.1",
+            "--image-registry",
+            "registry.invalid/kaito",
+            "--log-format",
+            "json",
+        ],
+        tmp / f"{replica}.log",
+        probe,
+        metrics,
+    )
+    proc.name = replica
+    proc.webhook_port = webhook_port
+    return proc
+
+
 @pytest.fixture(scope="module")
 def installed_base(
     full_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
@@ -215,34 +251,9 @@ def installed_base(
             probe,
             metrics,
         )
-        probe, metrics = free_port(), free_port()
-        inst.procs["kaito-workspace"] = start_as(
-            cluster,
-            "kaito-workspace",
-            [
-                sys.executable,
-                "-m",
-                "kaito",
-                "--leader-elect",
-                "--metrics-bind-address",
-                f"127.0.0.1:{metrics}",
-                "--health-probe-bind-address",
-                f"127.0.0.1:{probe}",
-                "--webhook-host",
-                "127.0.0.1",
-                "--webhook-port",
-                str(inst.webhook_port),
-                "--webhook-ip",
-                "127.0.0.1",
-                "--image-registry",
-                "registry.invalid/kaito",
-                "--log-format",
-                "json",
-            ],
-            tmp / "kaito-workspace.log",
-            probe,
-            metrics,
-        )
+        # Two replicas, as the Deployment runs them: one leads, both serve the webhook and probes.
+        for replica, port in (("kaito-workspace", inst.webhook_port), ("kaito-workspace-2", free_port())):
+            inst.procs[replica] = start_controller(cluster, replica, port, tmp)
         yield inst
     finally:
         cluster.kubectl("delete", "workspaces", "--all", "-n", namespace, "--wait=false", check=False)

@@ -8,10 +8,13 @@ controller issued itself, no API call is refused, and both /metrics endpoints pa
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import shutil
+import ssl
 import subprocess
+import urllib.request
 from typing import Any
 
 import pytest
@@ -129,7 +132,14 @@ async def test_webhook_serves_with_the_controller_issued_certificate(installed: 
     assert bad.returncode != 0 and "denied the request" in bad.stderr, bad.stderr
 
 
-@pytest.mark.parametrize("component", ["kaito-workspace", "gpu-provisioner"])
+def master_status(text: str) -> float:
+    """The value of leader_election_master_status in a /metrics page."""
+    found = re.findall(r"^leader_election_master_status\{[^}]*\} ([0-9.]+)$", text, re.M)
+    assert len(found) == 1, found
+    return float(found[0])
+
+
+@pytest.mark.parametrize("component", ["kaito-workspace", "kaito-workspace-2", "gpu-provisioner"])
 async def test_metrics_pass_promtool(installed: Installed, component: str) -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: apt-get install -y --no-install-recommends prometheus"
@@ -151,7 +161,60 @@ async def test_metrics_pass_promtool(installed: Installed, component: str) -> No
     unexpected = [line for line in problems if line.split()[0] not in LINT_EXCEPTIONS]
     assert not unexpected, "promtool lint:\n" + "\n".join(unexpected)
     assert (check.returncode == 0) == (not problems)
-    # The controller-runtime names dashboards expect, and the process's leadership (it holds its Lease).
+    # The controller-runtime names dashboards expect.
     for family in ("rest_client_requests_total", "workqueue_depth", "controller_runtime_reconcile_total"):
         assert f"# TYPE {family} " in text, family
-    assert re.search(r"^leader_election_master_status\{[^}]*\} 1\.0$", text, re.M), "not leading"
+    assert master_status(text) in (0.0, 1.0)
+    if component == "gpu-provisioner":
+        assert master_status(text) == 1.0, "the only provisioner replica must hold its Lease"
+
+
+async def test_two_replicas_one_leader_both_serve_the_webhook(installed: Installed) -> None:
+    """As in the Deployment: one replica leads, the other stands by yet is ready and admits requests."""
+    replicas = [installed.procs["kaito-workspace"], installed.procs["kaito-workspace-2"]]
+
+    async def one_leader() -> list[float] | None:
+        pages = [await asyncio.to_thread(p.get, p.metrics_port, "/metrics") for p in replicas]
+        states = sorted(master_status(text) for _, text in pages)
+        return states if states == [0.0, 1.0] else None
+
+    await eventually(one_leader, 30, "exactly one leading replica", interval=0.3)
+    secret = kget(installed, "secret", "workspace-webhook-cert", "-n", NAMESPACE)
+    ca = base64.b64decode(secret["data"]["ca.crt"])
+    doc = yaml.safe_load(SAMPLE.read_text())
+    doc["inference"]["preset"]["name"] = "no-such-preset"
+    for p in replicas:
+        status, _ = await asyncio.to_thread(p.get, p.probe_port, "/readyz")
+        assert status == 200, p.name
+        review = await asyncio.to_thread(admission_review, p.webhook_port, ca, installed.namespace, doc)
+        response = review["response"]
+        assert response["allowed"] is False, (p.name, response)
+        assert "no-such-preset" in response["status"]["message"], (p.name, response)
+
+
+def admission_review(port: int, ca: bytes, namespace: str, workspace: dict[str, Any]) -> dict[str, Any]:
+    """POST a validating AdmissionReview to a replica, trusting only the CA from the webhook Secret."""
+    body = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "00000000-0000-0000-0000-000000000001",
+            "kind": {"group": "kaito.sh", "version": "v1alpha1", "kind": "Workspace"},
+            "resource": {"group": "kaito.sh", "version": "v1alpha1", "resource": "workspaces"},
+            "operation": "CREATE",
+            "namespace": namespace,
+            "name": workspace["metadata"]["name"],
+            "object": workspace,
+            "userInfo": {"username": "install-test"},
+        },
+    }
+    ctx = ssl.create_default_context(cadata=ca.decode())
+    req = urllib.request.Request(
+        f"https://127.0.0.1:{port}/validate/workspace.kaito.sh",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+        result: dict[str, Any] = json.loads(r.read())
+    return result
