@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import re
+import signal
 import statistics
 import sys
 import time
@@ -208,6 +210,12 @@ def writes(metrics: str) -> float:
     return total
 
 
+def _die_with_parent() -> None:
+    # Runs in the child before exec: the controller goes when the bench goes, however it ends.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def cpu_seconds(pid: int) -> float:
     """user + system CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -291,6 +299,7 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
         env=cluster.env(),
         stdout=log,
         stderr=asyncio.subprocess.STDOUT,
+        preexec_fn=_die_with_parent,
     )
     try:
         async with ApiClient(cluster.client_configuration()) as api:
@@ -347,7 +356,12 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
 async def amain() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=5, help="controller workers")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=50,
+        help="controller workers (default: as many as the bare script's requests in flight, a fair share)",
+    )
     p.add_argument("--concurrency", type=int, default=50, help="client requests in flight while creating")
     p.add_argument("--idle-seconds", type=float, default=60.0)
     p.add_argument("--latency-samples", type=int, default=50)
