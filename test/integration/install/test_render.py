@@ -188,6 +188,9 @@ def test_chart_switches() -> None:
     assert not any(n in {"gpu-provisioner", "gpu-provisioner-metrics"} for _, n in names)
     assert not any(k == "ServiceMonitor" for k, _ in names)
     assert ("Deployment", "kaito-workspace") in names
+    # One replica: no PodDisruptionBudget (minAvailable 1 would block every drain of its node).
+    single = render_helm("--set", "workspace.replicas=1")
+    assert not any(o["kind"] == "PodDisruptionBudget" for o in single)
     # Without namespace.create the chart leaves the Namespace to `helm install --create-namespace`.
     assert not any(o["kind"] == "Namespace" for o in load_docs(helm_template()))
 
