@@ -61,7 +61,8 @@ async def until(inst: Installed, check: Any, timeout: float, what: str) -> Any:
 
 def refused_calls(log: str) -> list[str]:
     """Log lines that report an API call refused by RBAC (403 / forbidden)."""
-    return [line for line in log.splitlines() if re.search(r"\b403\b|[Ff]orbidden", line)]
+    # ApiError renders as "403 Forbidden: ..."; the apiserver's message says "... is forbidden: User ...".
+    return [line for line in log.splitlines() if re.search(r"403 Forbidden|is forbidden", line)]
 
 
 async def test_phi3_sample_ready_and_deleted_under_least_privilege(installed: Installed) -> None:

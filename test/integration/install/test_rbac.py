@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -354,3 +355,47 @@ def test_run_as_sa_never_prints_the_token(rbac: LocalCluster, tmp_path: Path) ->
     assert status == 201 and body["status"]["authenticated"], body
     assert body["status"]["user"]["username"] == f"system:serviceaccount:{NAMESPACE}:{WS}"
     assert "authentication.kubernetes.io/credential-id" in body["status"]["user"].get("extra", {}), body
+
+
+def test_run_as_sa_passes_sigterm_on_and_removes_the_kubeconfig(rbac: LocalCluster, tmp_path: Path) -> None:
+    """The wrapper forwards SIGTERM (the controllers' graceful stop), returns the child's status and
+    deletes the private kubeconfig holding the token."""
+    marker = tmp_path / "child-ready"
+    # On SIGTERM the child stops its sleeper and exits 7 (single quotes: $! is read when the trap fires).
+    child = (
+        "trap 'kill $!; exit 7' TERM; "
+        f'echo "$KUBECONFIG" > {marker}.tmp; mv {marker}.tmp {marker}; sleep 60 & wait'
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(RUN_AS_SA),
+            "--kubeconfig",
+            str(rbac.kubeconfig),
+            "run",
+            "--sa",
+            GP,
+            "--no-apply",
+            "--",
+            "sh",
+            "-c",
+            child,
+        ],
+        env={**rbac.env(), "KUBECTL": str(kubectl_path())},
+    )
+    try:
+
+        async def ready() -> bool:
+            assert proc.poll() is None, f"run-as-sa exited early ({proc.returncode})"
+            return marker.exists()
+
+        asyncio.run(eventually(ready, timeout=60, what="the child to start"))
+        kubeconfig = Path(marker.read_text().strip())
+        assert kubeconfig.exists() and kubeconfig.stat().st_mode & 0o077 == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 7
+        assert not kubeconfig.exists() and not kubeconfig.parent.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
