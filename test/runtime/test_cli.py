@@ -66,6 +66,7 @@ def test_parse_extras_bools_and_local_rank() -> None:
         (["--combination_type=magic"], "combination_type"),
         (["stray"], "unexpected argument"),
         (["--max_concurrent_generations=0"], "at least 1"),
+        (["--torch_dtype=int3"], "Invalid torch dtype"),
     ],
 )
 def test_parse_rejects_bad_flags(argv: list[str], fragment: str) -> None:

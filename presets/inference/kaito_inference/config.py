@@ -17,6 +17,7 @@ from typing import Any
 
 SUPPORTED_PIPELINES = ("text-generation", "conversational")
 COMBINATION_TYPES = ("cat", "svd", "linear")
+TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64", "half", "float", "double")
 DEFAULT_WEIGHTS = "/workspace/tfs/weights"
 DEFAULT_ADAPTERS_DIR = "/mnt/adapter"
 DEFAULT_PORT = 5000
@@ -78,6 +79,10 @@ class ServerConfig:
             raise ConfigError(
                 f"Unsupported combination_type {self.combination_type!r}: "
                 f"expected one of {', '.join(COMBINATION_TYPES)}"
+            )
+        if self.torch_dtype not in (None, "auto", *TORCH_DTYPES):
+            raise ConfigError(
+                f"Invalid torch dtype: {self.torch_dtype} (expected auto or one of {', '.join(TORCH_DTYPES)})"
             )
         if self.max_concurrent_generations < 1:
             raise ConfigError("max_concurrent_generations must be at least 1")

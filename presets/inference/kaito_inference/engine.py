@@ -21,11 +21,9 @@ from typing import Any
 import anyio
 
 from .adapters import AdapterSpec, discover_adapters, merge_adapters
-from .config import ServerConfig
+from .config import TORCH_DTYPES, ServerConfig
 
 log = logging.getLogger("kaito_inference")
-
-_DTYPES = ("float32", "float16", "bfloat16", "float64", "half", "float", "double")
 
 
 class GenerationError(ValueError):
@@ -46,7 +44,7 @@ def resolve_dtype(name: str | None) -> Any:
         return name
     import torch
 
-    if name not in _DTYPES:
+    if name not in TORCH_DTYPES:
         raise ValueError(f"Invalid torch dtype: {name}")
     return getattr(torch, name)
 
