@@ -63,6 +63,20 @@ def test_chat_prompt_matches_direct_generate(base_server: RunningServer) -> None
     assert full == prompt + expected
 
 
+def test_chat_several_sequences_are_concatenated(base_server: RunningServer) -> None:
+    """Upstream joins the generated_text of every returned sequence into one Result."""
+    prompt = "Hello world"
+    body = {
+        "prompt": prompt,
+        "generate_kwargs": {"num_return_sequences": 3, "max_new_tokens": 3, "do_sample": True},
+    }
+    r = http_post(base_server.url + "/chat", json=body)
+    assert r.status_code == 200, r.text
+    result = r.json()["Result"]
+    assert result.startswith(prompt)
+    assert result.count(prompt) >= 3
+
+
 def test_chat_max_length_counts_prompt(base_server: RunningServer) -> None:
     """Upstream's max_length (default 200) is prompt + new tokens."""
     prompt = "Hello world! How are you"
