@@ -29,7 +29,7 @@ from kubernetes_asyncio.client import ApiClient, CustomObjectsApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from hack.localcluster import LocalCluster, free_port
-from test.integration.install.helpers import CRD_DIR, REPO, kubectl_path, render_kustomize
+from test.integration.install.helpers import REPO, crd_files, kubectl_path, render_kustomize
 from test.waiting import eventually
 
 RUN_AS_SA = REPO / "hack" / "run-as-sa.py"
@@ -202,7 +202,7 @@ def installed_base(
 ) -> Iterator[Installed]:
     """CRDs, a namespace, config/'s webhook configurations (local) and both controllers as their SAs."""
     cluster = full_cluster
-    for crd in sorted(CRD_DIR.glob("*.yaml")):
+    for crd in crd_files():
         cluster.kubectl(
             "apply", "--server-side", "--force-conflicts", "--field-manager=kaito-crds", "-f", str(crd)
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hack.localcluster import LocalCluster
-from test.integration.install.helpers import CONFIG, CRD_DIR, servicemonitor_crd
+from test.integration.install.helpers import CONFIG, crd_files, servicemonitor_crd
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def crds_and_namespace(control_plane: LocalCluster) -> LocalCluster:
     Server-side apply under a shared field manager: idempotent and safe beside other suites that apply
     the same CRDs. A server dry-run of namespaced objects needs their Namespace to exist.
     """
-    for path in (CRD_DIR, servicemonitor_crd()):
+    for path in (*crd_files(), servicemonitor_crd()):
         control_plane.kubectl(
             "apply", "--server-side", "--force-conflicts", "--field-manager=kaito-crds", "-f", str(path)
         )

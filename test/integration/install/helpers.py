@@ -46,6 +46,25 @@ def kubectl_path() -> Path:
     return build_binaries() / "kubectl"
 
 
+def crd_files() -> list[Path]:
+    """The generated CRD files in config/crd (any other file there, e.g. a kustomization, is skipped)."""
+    return [
+        f
+        for f in sorted(CRD_DIR.glob("*.yaml"))
+        if any(d.get("kind") == "CustomResourceDefinition" for d in load_docs(f.read_text()))
+    ]
+
+
+def generated_crds() -> list[Obj]:
+    """The CRD objects of config/crd."""
+    return [
+        d
+        for f in crd_files()
+        for d in load_docs(f.read_text())
+        if d.get("kind") == "CustomResourceDefinition"
+    ]
+
+
 def servicemonitor_crd() -> Path:
     """The Prometheus Operator's ServiceMonitor CRD (from its Go module, fetched by build-tools.sh)."""
     return tools_dir() / "crds" / "monitoring.coreos.com_servicemonitors.yaml"

@@ -18,10 +18,9 @@ import pytest
 
 from hack.localcluster import LocalCluster
 from test.integration.install.helpers import (
-    CRD_DIR,
+    generated_crds,
     kinds,
     kubeconform,
-    load_docs,
     render_helm,
     render_kustomize,
     to_yaml,
@@ -93,7 +92,7 @@ def schema_dir(crds_and_namespace: LocalCluster, tmp_path_factory: pytest.TempPa
     wanted = set()
     for source in SOURCES:
         wanted |= kinds(render(source))
-    wanted |= kinds(d for f in CRD_DIR.glob("*.yaml") for d in load_docs(f.read_text()))
+    wanted |= kinds(generated_crds())
 
     async def published() -> dict[str, Any] | None:
         status, body = await asyncio.to_thread(crds_and_namespace.request, "GET", "/openapi/v2", None, 60)
@@ -133,7 +132,7 @@ def test_kubeconform_validates_against_the_apiserver_schemas(schema_dir: Path, s
 
 
 def test_kubeconform_validates_the_crds(schema_dir: Path) -> None:
-    docs = [d for f in sorted(CRD_DIR.glob("*.yaml")) for d in load_docs(f.read_text())]
+    docs = generated_crds()
     proc = kubeconform(schema_dir, to_yaml(docs))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _summary(proc.stdout)["valid"] == len(docs)

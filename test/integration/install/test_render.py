@@ -12,9 +12,9 @@ import pytest
 from test.integration.install.helpers import (
     CHART,
     CONFIG,
-    CRD_DIR,
     NAMESPACE,
     by_key,
+    generated_crds,
     helm_template,
     load_docs,
     pod_specs,
@@ -41,7 +41,7 @@ def test_chart_renders_exactly_the_objects_of_config_default() -> None:
 
 def test_chart_crds_are_the_generated_ones() -> None:
     helm_crds = [o for o in render_helm(include_crds=True) if o["kind"] == "CustomResourceDefinition"]
-    generated = [d for f in sorted(CRD_DIR.glob("*.yaml")) for d in load_docs(f.read_text())]
+    generated = generated_crds()
     assert generated, "config/crd holds no CRDs"
     assert by_key(helm_crds) == by_key(generated)
 
