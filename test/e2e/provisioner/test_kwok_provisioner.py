@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import signal
 from pathlib import Path
@@ -33,6 +34,20 @@ async def wait_ready(p: ProvisionerProcess) -> None:
         return status == 200
 
     await eventually(ready, 60, "the provisioner's /readyz to answer 200")
+
+
+async def write_requests(port: int) -> dict[str, float]:
+    """``rest_client_requests_total`` of POST/PATCH/DELETE by label set: the lifecycle's writes (the
+    leader elector renews its Lease with PUT, which is excluded)."""
+    _, text = await http_get(port, "/metrics")
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("rest_client_requests_total{") and any(
+            f'method="{m}"' in line for m in ("POST", "PATCH", "DELETE")
+        ):
+            labels, _, value = line.rpartition(" ")
+            out[labels] = float(value)
+    return out
 
 
 def condition(machine: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -97,6 +112,11 @@ async def test_machine_becomes_ready_and_deletion_removes_node(
     assert "kaito_machine_launch_duration_seconds_count 1.0" in ours, ours
     assert "kaito_machine_initialization_duration_seconds_count 1.0" in ours, ours
     assert 'kaito_cloud_request_duration_seconds_count{operation="create",provider="kwok"}' in ours, ours
+
+    # Idle: a Ready Machine costs no writes (node heartbeats and resyncs reconcile to "nothing changed").
+    before = await write_requests(provisioner.metrics_port)
+    await asyncio.sleep(3)  # the measurement window, not synchronisation
+    assert await write_requests(provisioner.metrics_port) == before
 
     await crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
 
