@@ -91,7 +91,12 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     p.add_argument(
         "--probe-port", type=int, default=_env_int(env, "HEALTH_PROBE_PORT", 8081), help="negative disables"
     )
-    p.add_argument("--workers", type=int, default=10, help="concurrent Machine reconciles")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=50,
+        help="concurrent Machine reconciles (an Azure create holds one for the length of ARM's operation)",
+    )
     p.add_argument(
         "--kwok-node-delay", type=float, default=0.0, help="kwok: seconds before a Machine's Node appears"
     )
