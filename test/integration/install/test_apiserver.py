@@ -28,12 +28,33 @@ from test.integration.install.helpers import (
 )
 from test.waiting import eventually
 
-SOURCES = ("config/default", "config/base", "helm")
+SOURCES = ("config/default", "config/base", "helm", "helm-all-options")
+
+# Every optional branch of the chart switched on, so its templates are validated too.
+ALL_OPTIONS = (
+    "image.pullSecrets={regcred}",
+    "azure.subscriptionId=00000000-0000-0000-0000-000000000000",
+    "azure.resourceGroup=rg",
+    "azure.clusterName=aks",
+    "azure.location=westus3",
+    "azure.clientId=11111111-1111-1111-1111-111111111111",
+    "azure.tenantId=22222222-2222-2222-2222-222222222222",
+    "metrics.serviceMonitor.labels.release=prometheus",
+    "workspace.extraArgs={--workers=10}",
+    "provisioner.extraArgs={--gc-interval=300}",
+    "provisioner.replicas=2",
+    "provisioner.cloud=kwok",
+    "workspace.replicas=3",
+    "logLevel=debug",
+    "logFormat=console",
+)
 
 
 def render(source: str) -> list[dict[str, Any]]:
     if source == "helm":
         return render_helm()
+    if source == "helm-all-options":
+        return render_helm(*(a for opt in ALL_OPTIONS for a in ("--set", opt)))
     return render_kustomize(Path(__file__).resolve().parents[3] / source)
 
 
