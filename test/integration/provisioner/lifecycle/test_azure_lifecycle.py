@@ -293,3 +293,29 @@ async def test_spec_change_retries_a_failed_launch_at_once(azure: AzureEnv, api_
 
         await eventually(second_put, 15, "a new PUT for the changed spec")
         assert azure.arm.requests_for("PUT", name)[1].body["properties"]["vmSize"] == "Standard_NC6s_v3"
+
+
+async def test_node_lost_after_ready_relaunches_the_pool(azure: AzureEnv, api_client: ApiClient) -> None:
+    """The Node vanishes after the Machine was Ready: Ready drops, and once the registration timeout has
+    passed since launch the pool is deleted and created again, and the new Node is linked."""
+    machines = Machines(api_client)
+    name = fresh_name()
+    options = LifecycleOptions(registration_timeout=3.0, termination_poll=0.2)
+    async with running_provisioner(azure.cluster, azure.cloud, azure.run, options=options):
+        await machines.create(machine_manifest(name, azure.run))
+        node = await wait_node(api_client, name)
+        await mark_node_ready(api_client, node)
+        await machines.wait_condition(name, "Ready", "True")
+
+        await CoreV1Api(api_client).delete_node(node)
+
+        async def relaunched() -> bool:
+            return len(azure.arm.requests_for("PUT", name)) == 2
+
+        await eventually(relaunched, 30, "the pool to be created again")
+        assert len(azure.arm.requests_for("DELETE", name)) == 1
+        new_node = await wait_node(api_client, name)
+        m = await machines.wait_condition(name, "MachineRegistered", "True")
+        assert m["status"]["nodeName"] == new_node
+        await mark_node_ready(api_client, new_node)
+        await machines.wait_condition(name, "Ready", "True")
