@@ -73,5 +73,6 @@ def add_provisioner(
             mgr.client, cloud, interval=gc_interval, grace=gc_grace, cloud_call_wait=options.cloud_call_wait
         )
         mgr.add_runnable("instance-gc", gc.run, needs_leader=True)
-    handle = metrics.track_machines(machines.store.list)
+    # Only the leader reports phases, so summing the gauge over replicas counts each Machine once.
+    handle = metrics.track_machines(lambda: machines.store.list() if mgr.is_leader else [])
     return Provisioner(lifecycle, controller, gc, handle)
