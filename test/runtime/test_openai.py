@@ -355,3 +355,31 @@ def test_chat_template_flag_and_missing_template(
     r = http_post(bare.url + "/chat", json={"messages": MESSAGES})
     assert r.status_code == 400
     assert "no chat template" in r.json()["detail"]
+
+
+async def test_overload_is_503(tiny_model_dir: Path, server_factory: Any) -> None:
+    """Beyond --max_pending_generations, requests are refused at once instead of queueing."""
+    entered, release = threading.Event(), threading.Event()
+    cfg = make_config(tiny_model_dir, max_pending_generations=1)
+    server = server_factory(cfg, load_fn=gated_loader(entered, release))
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as h:
+        busy = asyncio.create_task(
+            h.post(
+                "/chat", json={"prompt": "hi", "generate_kwargs": {"do_sample": False, "max_new_tokens": 5}}
+            )
+        )
+        try:
+            await asyncio.to_thread(lambda: entered.wait(30))
+            r = await h.post("/chat", json={"prompt": "hi"})
+            assert r.status_code == 503
+            assert "server busy" in r.json()["detail"]
+            body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2, "stream": True}
+            r = await h.post("/v1/completions", json=body)
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "5"
+            assert "server busy" in r.json()["error"]["message"]
+        finally:
+            release.set()
+        assert (await busy).status_code == 200
+        r = await h.post("/chat", json={"prompt": "hi", "generate_kwargs": {"max_new_tokens": 2}})
+        assert r.status_code == 200

@@ -60,6 +60,9 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
     max_concurrent_generations: int = 1
+    # Generations admitted at once (running + queued); beyond it requests get 503 so a load balancer or
+    # client retries elsewhere instead of waiting behind minutes of queued work. 0 = unlimited.
+    max_pending_generations: int = 256
     log_level: str = "info"
     # Unknown flags, forwarded to from_pretrained (upstream behaviour).
     extra_model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +89,8 @@ class ServerConfig:
             )
         if self.max_concurrent_generations < 1:
             raise ConfigError("max_concurrent_generations must be at least 1")
+        if self.max_pending_generations < 0:
+            raise ConfigError("max_pending_generations must be 0 (unlimited) or more")
         if not 0 < self.port < 65536 and self.port != 0:
             raise ConfigError(f"invalid port {self.port}")
 
@@ -112,6 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
     # Upstream listens on 5000 + LOCAL_RANK so every accelerate/torchrun worker gets its own port.
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--max_concurrent_generations", type=int, default=1)
+    parser.add_argument("--max_pending_generations", type=int, default=256)
     parser.add_argument("--log_level", default="info")
     return parser
 
@@ -170,6 +176,7 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Server
         host=ns.host,
         port=port,
         max_concurrent_generations=ns.max_concurrent_generations,
+        max_pending_generations=ns.max_pending_generations,
         log_level=ns.log_level,
         extra_model_kwargs=_coerce_extra(rest),
     )

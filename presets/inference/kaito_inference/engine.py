@@ -266,7 +266,7 @@ class Engine:
     Owns the thread pool: :meth:`close` cancels running generations and waits for the threads.
     """
 
-    def __init__(self, loaded: LoadedModel, max_workers: int = 1) -> None:
+    def __init__(self, loaded: LoadedModel, max_workers: int = 1, max_pending: int = 0) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -274,6 +274,7 @@ class Engine:
         self._eos = loaded.eos_token_ids
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate")
         self._controls: set[_Control] = set()
+        self._max_pending = max_pending
         self._closed = False
         # A fast tokenizer resets its truncation/padding state (a mutable borrow in Rust) on the first
         # call; doing it now keeps later concurrent encodes and decodes on different threads read-only.
@@ -399,9 +400,21 @@ class Engine:
 
     # -- async API ---------------------------------------------------------------------------------
 
+    def check_capacity(self) -> None:
+        """Raise :class:`EngineOverloaded` when ``max_pending`` generations are already admitted.
+
+        Streaming handlers call it before sending response headers, so an overloaded stream still gets a
+        proper 503 rather than a 200 with an in-band error.
+        """
+        if self._max_pending and len(self._controls) >= self._max_pending:
+            raise EngineOverloaded(
+                f"server busy: {len(self._controls)} generations already running or queued; retry later"
+            )
+
     def _control(self) -> _Control:
         if self._closed:
             raise GenerationCancelled("server is shutting down")
+        self.check_capacity()
         control = _Control()
         self._controls.add(control)
         return control

@@ -269,7 +269,9 @@ def create_app(
             if on_load_failure is not None:
                 on_load_failure(runtime.error)
             return
-        runtime.engine = Engine(loaded, max_workers=cfg.max_concurrent_generations)
+        runtime.engine = Engine(
+            loaded, max_workers=cfg.max_concurrent_generations, max_pending=cfg.max_pending_generations
+        )
         runtime.state = "ready"
         metrics.model_ready.set(1)
         metrics.model_load_seconds.set(time.perf_counter() - started)
@@ -474,6 +476,8 @@ def create_app(
         base: dict[str, Any],
         include_usage: bool,
     ) -> StreamingResponse:
+        engine.check_capacity()
+
         async def events() -> AsyncIterator[bytes]:
             gauge = metrics.in_progress.labels(endpoint)
             gauge.inc()
