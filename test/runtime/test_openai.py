@@ -211,6 +211,7 @@ def test_prometheus_metrics(base_server: RunningServer) -> None:
         "kaito_inference_time_to_first_token_seconds_bucket",
         "kaito_inference_request_duration_seconds_bucket",
         "kaito_inference_prompt_tokens_total",
+        "kaito_inference_queue_seconds_count",
         "kaito_inference_model_ready 1.0",
     ):
         assert name in text

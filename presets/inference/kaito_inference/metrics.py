@@ -42,6 +42,13 @@ class RuntimeMetrics:
             buckets=_TTFT_BUCKETS,
             registry=self.registry,
         )
+        self.queue_time = Histogram(
+            "kaito_inference_queue_seconds",
+            "Time a generation waited for a free worker.",
+            ["endpoint"],
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
         self.prompt_tokens = Counter(
             "kaito_inference_prompt_tokens_total",
             "Prompt tokens processed.",

@@ -358,6 +358,7 @@ def create_app(
     def record_tokens(endpoint: str, result: GenerationResult, start: float) -> None:
         metrics.prompt_tokens.labels(endpoint).inc(result.prompt_tokens)
         metrics.generation_tokens.labels(endpoint).inc(result.completion_tokens)
+        metrics.queue_time.labels(endpoint).observe(max(0.0, result.started_at - result.queued_at))
         if result.first_token_at is not None:
             metrics.ttft.labels(endpoint).observe(max(0.0, result.first_token_at - start))
 
@@ -498,6 +499,7 @@ def create_app(
                     raise RuntimeError("stream ended without a result")
                 metrics.prompt_tokens.labels(endpoint).inc(result.prompt_tokens)
                 metrics.generation_tokens.labels(endpoint).inc(result.completion_tokens)
+                metrics.queue_time.labels(endpoint).observe(max(0.0, result.started_at - result.queued_at))
                 yield _sse(chunk("", result.sequences[0].finish_reason))
                 if include_usage:
                     yield _sse(
