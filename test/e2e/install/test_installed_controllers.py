@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from hack.localcluster import free_port
 from test.e2e.install.conftest import WEBHOOK_CONFIG_NAMES, Installed
 from test.integration.install.helpers import NAMESPACE, REPO
 from test.waiting import eventually
@@ -219,3 +220,64 @@ def admission_review(port: int, ca: bytes, namespace: str, workspace: dict[str, 
     with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
         result: dict[str, Any] = json.loads(r.read())
     return result
+
+
+def point_webhooks_at(inst: Installed, port: int) -> None:
+    """Re-point both webhook configurations at 127.0.0.1:<port> (paths unchanged)."""
+    for kind, name, path in (
+        ("validatingwebhookconfiguration", WEBHOOK_CONFIG_NAMES[0], "/validate/workspace.kaito.sh"),
+        ("mutatingwebhookconfiguration", WEBHOOK_CONFIG_NAMES[1], "/mutate/workspace.kaito.sh"),
+    ):
+        patch = [
+            {
+                "op": "replace",
+                "path": "/webhooks/0/clientConfig/url",
+                "value": f"https://127.0.0.1:{port}{path}",
+            }
+        ]
+        inst.cluster.kubectl("patch", kind, name, "--type=json", "-p", json.dumps(patch))
+
+
+async def test_deletion_completes_while_the_webhook_is_unreachable(installed: Installed) -> None:
+    """config/'s matchConditions exempt the controller's own writes: with both webhooks failing closed and
+    unreachable, users cannot write Workspaces, yet a deleted Workspace still loses its finalizer."""
+    inst = installed
+    doc = yaml.safe_load(SAMPLE.read_text())
+    doc["metadata"]["name"] = "delete-without-webhook"
+    doc["resource"]["labelSelector"] = {"matchLabels": {"apps": "delete-without-webhook"}}
+    inst.cluster.kubectl("apply", "-n", inst.namespace, "-f", "-", input=yaml.safe_dump(doc))
+
+    def has_finalizer() -> bool:
+        ws = kget(inst, "workspace", "delete-without-webhook", "-n", inst.namespace)
+        return "workspace.finalizer.kaito.sh" in ((ws or {}).get("metadata") or {}).get("finalizers", [])
+
+    await until(inst, has_finalizer, 60, "the controller to add its finalizer")
+    point_webhooks_at(inst, free_port())  # nothing listens there
+    try:
+
+        def users_refused() -> bool:
+            probe = dict(doc, metadata={"name": "refused-while-down"})
+            out = inst.cluster.kubectl(
+                "create",
+                "-n",
+                inst.namespace,
+                "--dry-run=server",
+                "-f",
+                "-",
+                input=yaml.safe_dump(probe),
+                check=False,
+            )
+            return out.returncode != 0 and "failed calling webhook" in out.stderr
+
+        await until(inst, users_refused, 30, "user writes to fail closed against the dead webhook")
+        inst.cluster.kubectl(
+            "delete", "workspace", "delete-without-webhook", "-n", inst.namespace, "--wait=false"
+        )
+
+        def gone() -> bool:
+            return kget(inst, "workspace", "delete-without-webhook", "-n", inst.namespace) is None
+
+        await until(inst, gone, 90, "the Workspace to be deleted with the webhook down")
+        assert not machines(inst, "delete-without-webhook")
+    finally:
+        point_webhooks_at(inst, inst.webhook_port)
