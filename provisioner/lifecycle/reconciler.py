@@ -257,6 +257,8 @@ class MachineLifecycle:
         try:
             instance = await self.cloud.create(machine)
             if instance.state is InstanceState.FAILED:
+                if instance.failure is not None:
+                    raise instance.failure  # classified by the provider (e.g. QuotaExceeded)
                 raise InstanceFailed(
                     f"the {self.cloud.name} instance {instance.name} is in state {instance.detail or 'Failed'}; "
                     "creating it again",
@@ -445,8 +447,13 @@ class MachineLifecycle:
         else:
             if instance.state is not InstanceState.FAILED:
                 return False
-            reason = LAUNCH_FAILED_REASON
-            message = f"the instance of machine {name} is in state {instance.detail or 'Failed'}"
+            failure = instance.failure
+            reason = failure.reason if failure is not None else LAUNCH_FAILED_REASON
+            message = (
+                failure.message
+                if failure is not None
+                else f"the instance of machine {name} is in state {instance.detail or 'Failed'}"
+            )
         log.warning("instance lost before its node registered; relaunching", machine=name, reason=reason)
         work.transition(cond.LAUNCHED, cond.FALSE, reason, f"{message}; launching it again", self._clock())
         work.after(0.05)
