@@ -159,6 +159,10 @@ def _parse_time(value: Any) -> float | None:
         return None
 
 
+class ChildConflict(Exception):
+    """A child's name is taken by an object the workspace does not own."""
+
+
 # ----------------------------------------------------------------------------------------- reconciler
 
 
@@ -512,7 +516,10 @@ class WorkspaceReconciler:
                     f"not found in namespace {ns}",
                 )
         # Independent objects (the pods wait for the ConfigMap by themselves): one round trip, not three.
-        await asyncio.gather(*(self._apply(obj) for obj in wl.objects()))
+        try:
+            await asyncio.gather(*(self._apply(obj) for obj in wl.objects()))
+        except ChildConflict as e:
+            return st.StepOutcome(st.Phase.FAILED, "ChildConflict", str(e))
         workload_cache = self.deployments if wl.kind == "Deployment" else self.statefulsets
         current = workload_cache.store.get_by_name(str(ws.metadata.name), ns)
         replicas = ws.resource.count
@@ -566,7 +573,17 @@ class WorkspaceReconciler:
             except ApiError as e:
                 if not e.already_exists:
                     raise
-                return False  # the cache is behind our own earlier create; its event will follow
+            # Either the cache is behind our own earlier create (its event will follow), or someone
+            # else's object has the name: never take that one over.
+            existing = await self.client.get_or_none(res, name, ns)
+            owner_uid = desired["metadata"]["ownerReferences"][0]["uid"]
+            refs = ((existing or {}).get("metadata") or {}).get("ownerReferences") or []
+            if existing is not None and not any(r.get("uid") == owner_uid for r in refs):
+                raise ChildConflict(
+                    f"{kind} {ns}/{name} already exists and does not belong to this workspace; "
+                    "delete or rename it"
+                )
+            return False
         have = ((current.get("metadata") or {}).get("annotations") or {}).get(mf.ANNOTATION_SPEC_HASH)
         if have == want:
             return False

@@ -21,7 +21,7 @@ from hack.localcluster import LocalCluster
 from kaito.machine import MACHINES, machine_name
 from kaito.presets.registry import default_registry
 from kaito.presets.skus import default_sku_catalog
-from kaito.runtime.kube import DEPLOYMENTS, EVENTS, NODES, KubeClient
+from kaito.runtime.kube import DEPLOYMENTS, EVENTS, NODES, SERVICES, KubeClient
 from kaito.runtime.manager import Manager, ManagerOptions
 from kaito.runtime.metrics import REST_CLIENT_REQUESTS
 from kaito.workspace.reconciler import WORKSPACES, ReconcilerOptions, WorkspaceReconciler, register
@@ -326,3 +326,30 @@ async def test_deletion_completes_when_a_machine_is_stuck(machines: Env) -> None
     stuck = [e for e in events if e["reason"] == "MachineDeletionStuck"]
     assert stuck and stuck[0]["type"] == "Warning" and mname in stuck[0]["message"]
     await env.client.patch(MACHINES, mname, {"metadata": {"finalizers": None}})
+
+
+async def test_name_taken_by_a_foreign_object_is_reported_not_taken_over(byo: Env) -> None:
+    """A Service of the workspace's name that the workspace does not own is left alone and reported."""
+    labels = {"apps": f"taken-{byo.namespace[-6:]}"}
+    node = f"taken-{byo.namespace[-6:]}"
+    await make_node(byo.client, node, labels)
+    foreign = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "taken"},
+        "spec": {"ports": [{"port": 8080}], "selector": {"app": "mine"}},
+    }
+    await byo.client.create(SERVICES, foreign, byo.namespace)
+    await byo.client.create(WORKSPACES, phi3("taken", labels), byo.namespace)
+
+    async def conflict() -> Any:
+        ws = await byo.ws("taken")
+        return ws if ((ws or {}).get("status") or {}).get("reason") == "ChildConflict" else None
+
+    ws = await eventually(conflict, 20, "state reason ChildConflict")
+    assert ws["status"]["state"] == "NotReady"
+    c = await byo.condition("taken", "InferenceReady")
+    assert c is not None and c["status"] == "False" and "does not belong to this workspace" in c["message"]
+    svc = await byo.client.get(SERVICES, "taken", byo.namespace)
+    assert svc["spec"]["ports"][0]["port"] == 8080 and "ownerReferences" not in svc["metadata"]
+    await byo.client.delete(NODES, node)
