@@ -143,10 +143,15 @@ async def test_failover_after_kill_9_and_release_on_sigterm(
         leader = by_id[leader_id]
         standby = next(r for r in rs if r is not leader)
 
-        # Both replicas serve probes and are ready (caches synced), leader or not.
+        # Both replicas serve probes and become ready (caches synced), leader or not. The standby syncs on
+        # its own schedule, so readiness is awaited rather than sampled once.
         for r in rs:
             assert await r.probe(http, "/healthz") == 200
-            assert await r.probe(http, "/readyz") == 200
+
+            async def ready(r: Replica = r) -> bool:
+                return await r.probe(http, "/readyz") == 200
+
+            await eventually(ready, 30, f"{r.identity} /readyz to answer 200")
 
         lease = await get_lease(kube, namespace)
         assert lease is not None
