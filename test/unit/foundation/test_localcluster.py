@@ -49,3 +49,9 @@ def test_pki_has_loopback_serving_cert(tmp_path: Path) -> None:
     assert "127.0.0.1" in {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
     assert "kubernetes.default.svc" in sans.get_values_for_type(x509.DNSName)
     assert (tmp_path / "sa.key").stat().st_mode & 0o077 == 0
+
+
+def test_free_port_avoids_the_ephemeral_range() -> None:
+    low, _ = localcluster._ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert all(10000 <= p < max(low, 10001) for p in ports)
