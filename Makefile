@@ -5,7 +5,7 @@ VENV := .venv
 RUNTIME_VENV := .venv-runtime
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint unit integration e2e test-runtime binaries sysdeps venv runtime-venv crds clean
+.PHONY: demo test lint lint-runtime unit integration e2e test-runtime binaries sysdeps venv runtime-venv crds clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,11 +48,17 @@ $(RUNTIME_VENV)/.installed: $(wildcard presets/requirements*.txt)
 
 runtime-venv: $(RUNTIME_VENV)/.installed
 
-test-runtime:
-	@if [ -f presets/requirements-test.txt ]; then \
-	  $(MAKE) --no-print-directory runtime-venv && \
-	  $(RUNTIME_VENV)/bin/python -m pytest test/runtime -p no:cacheprovider; \
-	else echo "no model runtime yet (presets/requirements-test.txt missing)"; fi
+# mypy --strict over the runtime's packages, resolved against the runtime venv (torch, transformers).
+RUNTIME_MYPY = $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
+	--python-executable $(CURDIR)/$(RUNTIME_VENV)/bin/python --strict
+
+lint-runtime: venv runtime-venv
+	cd presets/inference && $(RUNTIME_MYPY) kaito_inference inference_api.py
+	cd presets/tuning && $(RUNTIME_MYPY) kaito_tuning fine_tuning.py
+	$(RUNTIME_MYPY) -p presets.oci
+
+test-runtime: lint-runtime
+	$(RUNTIME_VENV)/bin/python -m pytest test/runtime -p no:cacheprovider
 
 # Everything: lint + types, then unit, integration (real apiserver) and e2e (full local cluster) suites,
 # then the model runtime's suite.
