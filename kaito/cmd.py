@@ -76,7 +76,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--namespace", default=None, help="watch one namespace only (default: all)")
     p.add_argument("--leader-elect", action="store_true", help="Lease leader election (for 2+ replicas)")
     p.add_argument("--leader-election-namespace", default=env.get("SYSTEM_NAMESPACE", "kaito-system"))
-    p.add_argument("--leader-election-id", default="kaito-workspace")
+    p.add_argument("--leader-election-id", default="kaito-workspace", help="name of the Lease")
+    p.add_argument("--leader-election-identity", default=None, help="default: hostname_uuid")
+    p.add_argument("--leader-election-lease-duration", type=float, default=15.0)
+    p.add_argument("--leader-election-renew-deadline", type=float, default=10.0)
+    p.add_argument("--leader-election-retry-period", type=float, default=2.0)
     p.add_argument("--metrics-bind-address", default=":8080")
     p.add_argument("--health-probe-bind-address", default=":8081")
     p.add_argument("--webhook", dest="webhook", action="store_true", default=True)
@@ -103,19 +107,22 @@ async def amain(argv: Sequence[str] | None = None) -> int:
     client = KubeClient(api)
     metrics_host, metrics_port = _hostport(args.metrics_bind_address)
     probe_host, probe_port = _hostport(args.health_probe_bind_address)
-    mgr = Manager(
-        client,
-        ManagerOptions(
-            name="kaito-workspace",
-            leader_election=args.leader_elect,
-            lease_name=args.leader_election_id,
-            lease_namespace=args.leader_election_namespace,
-            metrics_host=metrics_host,
-            metrics_port=metrics_port,
-            probe_host=probe_host,
-            probe_port=probe_port,
-        ),
+    mopts = ManagerOptions(
+        name="kaito-workspace",
+        leader_election=args.leader_elect,
+        lease_name=args.leader_election_id,
+        lease_namespace=args.leader_election_namespace,
+        lease_duration=args.leader_election_lease_duration,
+        renew_deadline=args.leader_election_renew_deadline,
+        retry_period=args.leader_election_retry_period,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        probe_host=probe_host,
+        probe_port=probe_port,
     )
+    if args.leader_election_identity:
+        mopts.identity = args.leader_election_identity
+    mgr = Manager(client, mopts)
     registry = default_registry()
     skus = default_sku_catalog()
     options = ReconcilerOptions(

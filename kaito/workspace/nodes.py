@@ -1,7 +1,9 @@
 """Choosing the worker nodes of a workspace (pure; upstream §3.4 with its order made explicit).
 
 A node qualifies when it carries every ``labelSelector.matchLabels`` pair, is not being deleted, is
-``Ready``, and either is named in ``preferredNodes`` or has the requested instance type. Qualifying
+``Ready``, was not provisioned for another workspace (the Machine labels a provisioner copies onto its
+node say for whom), and either is named in ``preferredNodes`` or has the requested instance type (a
+preferred node skips the last two checks: the user chose it). Qualifying
 nodes are ordered: preferred first, then the current ``status.workerNodes`` (so a running workload does
 not hop nodes), then nodes a provisioner created (label ``kaito.sh/machine-type``), then by name.
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kaito.api.machine import LABEL_INSTANCE_TYPE, LABEL_MACHINE_TYPE
+from kaito.api.workspace import LABEL_WORKSPACE_NAME, LABEL_WORKSPACE_NAMESPACE
 
 Obj = Mapping[str, Any]
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -63,18 +66,34 @@ class Qualification:
     why: str = ""
 
 
+def provisioned_for(node: Obj) -> tuple[str, str] | None:
+    """``(namespace, name)`` of the workspace whose Machine created this node (its copied labels)."""
+    labels = node_labels(node)
+    ws, ns = labels.get(LABEL_WORKSPACE_NAME), labels.get(LABEL_WORKSPACE_NAMESPACE)
+    return (ns, ws) if ws and ns else None
+
+
 def qualify(
-    node: Obj, match_labels: Mapping[str, str], instance_type: str, preferred: Iterable[str]
+    node: Obj,
+    match_labels: Mapping[str, str],
+    instance_type: str,
+    preferred: Iterable[str],
+    owner: tuple[str, str] | None = None,
 ) -> Qualification:
-    """Classify one node (see the module docstring)."""
+    """Classify one node (see the module docstring). ``owner`` is the ``(namespace, name)`` of the
+    workspace asking: a node provisioned for another workspace is not usable unless preferred."""
     name = node_name(node)
+    pref = set(preferred)
     if not matches_labels(node, match_labels):
         return Qualification(name, False, "labels do not match")
+    other = provisioned_for(node)
+    if owner is not None and other is not None and other != owner and name not in pref:
+        return Qualification(name, False, f"provisioned for workspace {other[0]}/{other[1]}")
     if (node.get("metadata") or {}).get("deletionTimestamp"):
         return Qualification(name, False, "being deleted")
     if not node_ready(node):
         return Qualification(name, False, "not Ready")
-    if name not in set(preferred) and node_labels(node).get(LABEL_INSTANCE_TYPE) != instance_type:
+    if name not in pref and node_labels(node).get(LABEL_INSTANCE_TYPE) != instance_type:
         return Qualification(name, False, f"instance type is not {instance_type}")
     return Qualification(name, True)
 
@@ -85,11 +104,12 @@ def qualifying_nodes(
     instance_type: str,
     preferred: Sequence[str] = (),
     current: Sequence[str] = (),
+    owner: tuple[str, str] | None = None,
 ) -> list[Obj]:
     """Usable nodes in selection order (see the module docstring)."""
     pref = set(preferred)
     cur = set(current)
-    usable = [n for n in nodes if qualify(n, match_labels, instance_type, pref).usable]
+    usable = [n for n in nodes if qualify(n, match_labels, instance_type, pref, owner).usable]
 
     def order(n: Obj) -> tuple[int, int, int, str]:
         name = node_name(n)
@@ -110,6 +130,7 @@ def select_nodes(
     count: int,
     preferred: Sequence[str] = (),
     current: Sequence[str] = (),
+    owner: tuple[str, str] | None = None,
 ) -> list[Obj]:
     """The first ``count`` qualifying nodes (fewer when not enough qualify)."""
-    return qualifying_nodes(nodes, match_labels, instance_type, preferred, current)[:count]
+    return qualifying_nodes(nodes, match_labels, instance_type, preferred, current, owner)[:count]

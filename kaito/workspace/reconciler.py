@@ -369,7 +369,7 @@ class WorkspaceReconciler:
                 [],
             )
         candidates = self._candidate_nodes(labels)
-        qualifying = nd.qualifying_nodes(candidates, labels, itype, preferred, current)
+        qualifying = nd.qualifying_nodes(candidates, labels, itype, preferred, current, owner=(ns, name))
         selected = qualifying[:count]
         workers = [nd.node_name(n) for n in selected]
         gpus = [nd.node_gpus(n) for n in selected]
@@ -432,7 +432,10 @@ class WorkspaceReconciler:
     ) -> st.StepOutcome:
         count = ws.resource.count
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        unusable = [q for q in (nd.qualify(n, labels, itype, preferred) for n in candidates) if not q.usable]
+        owner = (str(ws.metadata.namespace), str(ws.metadata.name))
+        unusable = [
+            q for q in (nd.qualify(n, labels, itype, preferred, owner) for n in candidates) if not q.usable
+        ]
         detail = "; ".join(f"{q.name}: {q.why}" for q in sorted(unusable, key=lambda q: q.name)[:10])
         missing_pref = [p for p in preferred if self.nodes.store.get(p) is None]
         msg = (

@@ -139,3 +139,15 @@ def test_machine_observation() -> None:
     deleting = with_conditions()
     deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     assert enc.observe(deleting).phase == RequestPhase.DELETING
+
+
+def test_nodes_provisioned_for_another_workspace_are_skipped() -> None:
+    mine = node("mine", **{"kaito.sh/workspace": "a", "kaito.sh/workspacenamespace": "ns"})
+    theirs = node("theirs", **{"kaito.sh/workspace": "b", "kaito.sh/workspacenamespace": "ns"})
+    shared = node("shared")
+    got = nd.qualifying_nodes([mine, theirs, shared], SEL, "Standard_NC6s_v3", owner=("ns", "a"))
+    assert names(got) == ["mine", "shared"]
+    q = nd.qualify(theirs, SEL, "Standard_NC6s_v3", [], ("ns", "a"))
+    assert not q.usable and q.why == "provisioned for workspace ns/b"
+    # Naming it in preferredNodes is an explicit choice that wins.
+    assert "theirs" in names(nd.qualifying_nodes([theirs], SEL, "x", preferred=["theirs"], owner=("ns", "a")))
