@@ -189,9 +189,27 @@ async def bare_run(n: int, concurrency: int, timeout: float) -> float:
 
             await bounded(n, concurrency, create)
             await wait_count("bare: deployments ready", lambda: count_ready_deployments(client), n, timeout)
-            return time.monotonic() - t0
+            elapsed = time.monotonic() - t0
+            print(f"  bare: apiserver writes by resource: {apiserver_writes(cluster)}", file=sys.stderr)
+            return elapsed
     finally:
         cluster.stop()
+
+
+def apiserver_writes(cluster: LocalCluster) -> dict[str, float]:
+    """Mutating requests the apiserver served, by resource (everyone's: controllers, kwok, the script)."""
+    _, text = cluster.request("GET", "/metrics", timeout=30)
+    out: dict[str, float] = {}
+    for line in str(text).splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if labels.get("verb") in ("POST", "PUT", "PATCH", "DELETE", "CREATE", "UPDATE", "APPLY"):
+            key = (
+                f"{labels.get('resource')}{'/' + labels['subresource'] if labels.get('subresource') else ''}"
+            )
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def scrape(port: int) -> str:
@@ -319,6 +337,7 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
             )
             t_all = time.monotonic() - t0
             cpu_all = cpu_seconds(proc.pid)
+            print(f"  operator: apiserver writes by resource: {apiserver_writes(cluster)}", file=sys.stderr)
             await asyncio.sleep(5)  # let the last events settle before measuring idle
             lat = await latency_samples(client, args.latency_samples, n)
             await wait_count("operator: workspaces ready", lambda: count_ready_workspaces(client), total, 120)
