@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hack.localcluster import LocalCluster
-from test.integration.install.helpers import CONFIG, crd_files, servicemonitor_crd
+from test.integration.install.helpers import CONFIG, crd_files, servicemonitor_crd, tools_dir
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Build helm/kubeconform (hack/build-tools.sh, minutes when the cache is cold) at collection time,
+    where no per-test timeout applies, instead of inside whichever test happens to need them first."""
+    if any(HERE in Path(str(item.path)).resolve().parents for item in items):
+        tools_dir()
 
 
 @pytest.fixture(scope="module")
