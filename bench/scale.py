@@ -148,7 +148,12 @@ async def count_ready_deployments(client: KubeClient) -> int:
     return sum(1 for d in items if int((d.get("status") or {}).get("readyReplicas") or 0) >= 1)
 
 
+DEPLOYMENTS_SEEN: list[tuple[float, int]] = []
+
+
 async def count_ready_workspaces(client: KubeClient) -> int:
+    # Also note how many Deployments exist: shows whether the controller or the pipeline after it lags.
+    DEPLOYMENTS_SEEN.append((time.monotonic(), len(await client.list_all(DEPLOYMENTS, NS))))
     items = await client.list_all(WORKSPACES, NS)
     return sum(
         1
@@ -336,6 +341,8 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 "operator: workspaces ready", lambda: count_ready_workspaces(client), n, args.timeout
             )
             t_all = time.monotonic() - t0
+            all_created = next((t - t0 for t, c in DEPLOYMENTS_SEEN if c >= n), None)
+            print(f"  operator: all {n} Deployments existed after {all_created} s", file=sys.stderr)
             cpu_all = cpu_seconds(proc.pid)
             print(f"  operator: apiserver writes by resource: {apiserver_writes(cluster)}", file=sys.stderr)
             await asyncio.sleep(5)  # let the last events settle before measuring idle

@@ -9,7 +9,9 @@ only when missing.
 
 Steps (upstream §3.2 without its blocking waits):
 
-1. the finalizer ``workspace.finalizer.kaito.sh``; a deleting workspace goes to :meth:`_finalize`;
+1. a deleting workspace goes to :meth:`_finalize`; the finalizer ``workspace.finalizer.kaito.sh`` is
+   added right before the first Machine is created (namespaced children need none: they carry
+   ownerReferences);
 2. resources: qualifying nodes, Machines for the missing ones (``machine`` mode; ``byo`` never creates
    any and says which nodes are missing), ``status.workerNodes``;
 3. inference: Services, ConfigMap, Deployment or StatefulSet (created, or updated when the hash moved);
@@ -227,24 +229,34 @@ class WorkspaceReconciler:
                 return await self._finalize(key, raw)
             finally:
                 ev.RECONCILE_STEP.labels("finalize").observe(time.monotonic() - t0)
-        if FINALIZER not in (ws.metadata.finalizers or []):
-            raw = await self._add_finalizer(raw)
         if ws.inference is None:
-            return DONE  # tuning: the tuning controller owns the Job and its status
+            # Tuning: the tuning controller owns the Job and its status; the finalizer makes sure any
+            # Machines labelled for the workspace are deleted with it.
+            await self._ensure_finalizer(ws)
+            return DONE
         return await self._reconcile_inference(key, raw, ws)
 
     # ------------------------------------------------------------------------------------ finalizer
 
-    async def _add_finalizer(self, raw: Obj) -> Obj:
-        meta = raw["metadata"]
-        finalizers = [*(meta.get("finalizers") or []), FINALIZER]
-        patched = await self.client.patch(
+    async def _ensure_finalizer(self, ws: Workspace) -> None:
+        """Add ``workspace.finalizer.kaito.sh`` unless present (before the first Machine exists).
+
+        Only cluster-scoped Machines need it: namespaced children carry ownerReferences and go with the
+        workspace through garbage collection, so a workspace that never needed a Machine (existing
+        nodes, ``byo``) carries no finalizer, costs no extra write and is deleted at once. The patch is
+        conditional on the resourceVersion, so a workspace deleted meanwhile gets no Machine.
+        """
+        finalizers = list(ws.metadata.finalizers or [])
+        if FINALIZER in finalizers:
+            return
+        finalizers.append(FINALIZER)
+        await self.client.patch(
             WORKSPACES,
-            meta["name"],
-            {"metadata": {"finalizers": finalizers, "resourceVersion": meta.get("resourceVersion")}},
-            meta["namespace"],
+            str(ws.metadata.name),
+            {"metadata": {"finalizers": finalizers, "resourceVersion": ws.metadata.resource_version}},
+            ws.metadata.namespace,
         )
-        return patched
+        ws.metadata.finalizers = finalizers  # our parsed copy, not the cache
 
     async def _finalize(self, key: str, raw: Obj) -> Result:
         """Delete the workspace's Machines, then drop the finalizer (children go by ownerReference).
@@ -389,6 +401,7 @@ class WorkspaceReconciler:
             mname = self.encoding.name_for(ns, name, slot)
             if mname in by_name:
                 continue
+            await self._ensure_finalizer(ws)
             req = await self._create_machine(ws, slot, itype, labels, storage)
             by_name[req.name] = req
         if len(selected) >= count:

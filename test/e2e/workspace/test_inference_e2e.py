@@ -70,6 +70,7 @@ async def test_phi3_sample_becomes_ready_and_cleans_up(operator: Operator) -> No
         "WorkspaceReady": "True",
     }
     assert ws["status"]["state"] == "Ready"
+    assert ws["metadata"]["finalizers"] == ["workspace.finalizer.kaito.sh"]  # it owns a Machine
     assert ws["status"]["observedGeneration"] == ws["metadata"]["generation"]
     (machine,) = machines_of(op, "workspace-phi-3-mini")
     assert machine["metadata"]["name"] == machine_name(op.namespace, "workspace-phi-3-mini", 0)
