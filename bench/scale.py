@@ -113,19 +113,8 @@ async def retrying(fn: Callable[[], Awaitable[Any]], tries: int = 20) -> Any:
     return None
 
 
-class BenchCluster(LocalCluster):
-    """The full local cluster with room for thousands of ClusterIPs (the launcher's /24 holds 254)."""
-
-    def _apiserver_args(self, port: int) -> list[str]:
-        args = super()._apiserver_args(port)
-        return [
-            "--service-cluster-ip-range=10.128.0.0/16" if a.startswith("--service-cluster-ip-range=") else a
-            for a in args
-        ]
-
-
 def start_cluster(n: int) -> LocalCluster:
-    cluster = BenchCluster(profile="full")
+    cluster = LocalCluster(profile="full")
     cluster.start(timeout=120)
     for crd in ("kaito.sh_workspaces.yaml", "karpenter.sh_machines.yaml"):
         cluster.kubectl("apply", "--server-side", "-f", str(REPO / "config" / "crd" / crd))
