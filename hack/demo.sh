@@ -5,7 +5,7 @@
 # Installs the CRDs, starts the workspace controller (with its admission webhook on https://127.0.0.1)
 # and the gpu-provisioner (kwok cloud) as processes, applies the seed's phi-3 Workspace, waits until
 # WORKSPACEREADY is True, shows what was created, deletes the workspace (its Machine and Node go too)
-# and stops both processes. Logs: $DEMO_LOG_DIR (default: a temp dir, printed at the end).
+# and stops both processes. Logs: $DEMO_LOG_DIR (default: a temp dir, removed after a successful run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +16,7 @@ SAMPLE=config/samples/kaito_workspace_phi_3.yaml
 WS=workspace-phi-3-mini
 PIDS=()
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_port() { "$PY" -c 'from hack.localcluster import free_port; print(free_port())'; }
 
 cleanup() {
   local rc=$?
@@ -27,8 +27,12 @@ cleanup() {
   if [ "$rc" -ne 0 ]; then
     echo "== demo failed (exit $rc); last controller and provisioner log lines:" >&2
     tail -n 20 "$LOG_DIR"/*.log >&2 || true
+    echo "== logs in $LOG_DIR"
+  elif [ -n "${DEMO_LOG_DIR:-}" ]; then
+    echo "== logs in $LOG_DIR"
+  else
+    rm -rf "$LOG_DIR"  # a successful run leaves nothing behind; set DEMO_LOG_DIR to keep the logs
   fi
-  echo "== logs in $LOG_DIR"
 }
 trap cleanup EXIT
 
