@@ -7,9 +7,7 @@ Messages are truncated to 1 KiB and never include secret values (they are built 
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -18,53 +16,21 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kaito.api.conditions import WorkspaceState
+from kaito.runtime import events as runtime_events
 from kaito.runtime import metrics as runtime_metrics
-from kaito.runtime.kube import EVENTS, ApiError, KubeClient
+from kaito.runtime.kube import KubeClient
 
 log = structlog.get_logger("kaito.workspace.events")
 
 Obj = dict[str, Any]
 COMPONENT = "kaito-workspace-controller"
-MAX_MESSAGE = 1024
 
 
-class EventRecorder:
-    """Posts core/v1 Events about an object."""
+class EventRecorder(runtime_events.EventRecorder):
+    """Events about Workspaces, reported by the workspace controller."""
 
     def __init__(self, client: KubeClient, component: str = COMPONENT) -> None:
-        self.client = client
-        self.component = component
-
-    async def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
-        """Record one Event on ``obj`` (best-effort)."""
-        meta = obj.get("metadata") or {}
-        ns = meta.get("namespace") or "default"
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body: Obj = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{meta.get('name')}.{secrets.token_hex(8)}", "namespace": ns},
-            "involvedObject": {
-                "apiVersion": obj.get("apiVersion"),
-                "kind": obj.get("kind"),
-                "name": meta.get("name"),
-                "namespace": meta.get("namespace"),
-                "uid": meta.get("uid"),
-                "resourceVersion": meta.get("resourceVersion"),
-            },
-            "type": type_,
-            "reason": reason,
-            "message": message[:MAX_MESSAGE],
-            "source": {"component": self.component},
-            "reportingComponent": self.component,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        try:
-            await self.client.create(EVENTS, body, ns)
-        except (ApiError, OSError, TimeoutError) as e:
-            log.warning("could not record event", reason=reason, error=str(e))
+        super().__init__(client, component, api_version="kaito.sh/v1alpha1", kind="Workspace")
 
 
 # ------------------------------------------------------------------------------------------ metrics
