@@ -1,0 +1,208 @@
+"""Tuning builders: the Job's shape (presets/tuning/README.md), the default ConfigMaps, Job -> outcome."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kaito.api.workspace import Workspace
+from kaito.presets.registry import PresetRegistry
+from kaito.presets.skus import SkuCatalog
+from kaito.workspace import manifests as mf
+from kaito.workspace import status as st
+from kaito.workspace import tuning as tn
+
+SAMPLES = Path(__file__).resolve().parents[3] / "config" / "samples"
+DOLLY = (
+    "https://huggingface.co/datasets/philschmid/dolly-15k-oai-style/resolve/main/data/"
+    "train-00000-of-00001-54e3756291ca09c6.parquet?download=true"
+)
+
+
+@pytest.fixture(scope="module")
+def registry() -> PresetRegistry:
+    return PresetRegistry.load()
+
+
+@pytest.fixture(scope="module")
+def skus() -> SkuCatalog:
+    return SkuCatalog.load()
+
+
+def workspace(tuning: dict[str, Any] | None = None, **meta: Any) -> Workspace:
+    base = yaml.safe_load((SAMPLES / "kaito_workspace_tuning_phi_3.yaml").read_text())
+    if tuning:
+        base["tuning"] = {**base["tuning"], **tuning}
+    base["metadata"] = {**base["metadata"], "namespace": "ns1", "uid": "uid-1", **meta}
+    return Workspace.model_validate(base)
+
+
+def job_for(ws: Workspace, registry: PresetRegistry, skus: SkuCatalog, **kw: Any) -> dict[str, Any]:
+    assert ws.tuning is not None
+    return tn.build_job(
+        ws,
+        registry.get(ws.tuning.preset.name),
+        mf.ManifestOptions(registry="example.io/kaito"),
+        sku=skus.get(ws.resource.instance_type),
+        nodes=kw.pop("nodes", ["node-a"]),
+        **kw,
+    )
+
+
+def test_seed_job_matches_readme(registry: PresetRegistry, skus: SkuCatalog) -> None:
+    ws = workspace()
+    job = job_for(ws, registry, skus)
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    meta = job["metadata"]
+    assert meta["name"] == "workspace-phi-3-mini" and meta["namespace"] == "ns1"
+    assert meta["labels"] == {"kaito.sh/workspace": "workspace-phi-3-mini"}
+    ref = meta["ownerReferences"][0]
+    assert ref["kind"] == "Workspace" and ref["uid"] == "uid-1" and ref["controller"] is True
+    assert mf.ANNOTATION_SPEC_HASH in meta["annotations"]
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 0
+    assert spec["template"]["metadata"]["labels"] == {"kaito.sh/workspace": "workspace-phi-3-mini"}
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["imagePullSecrets"] == [{"name": "ACR_REGISTRY_SECRET_HERE"}]
+    assert {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"} in pod["tolerations"]
+    exprs = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ][0]["matchExpressions"]
+    assert {"key": "app", "operator": "In", "values": ["phi-3-adapter"]} in exprs
+    assert {"key": "kubernetes.io/hostname", "operator": "In", "values": ["node-a"]} in exprs
+
+    (init,) = pod["initContainers"]
+    assert init["name"] == "data-downloader"
+    assert init["command"] == ["python3", "-m", "kaito_tuning.download", "--dest", "/mnt/data"]
+    assert init["env"] == [{"name": "DATA_URLS", "value": DOLLY}]
+    assert init["volumeMounts"] == [{"name": "data-volume", "mountPath": "/mnt/data"}]
+
+    (main,) = pod["containers"]
+    assert main["name"] == "workspace-phi-3-mini"
+    assert main["image"] == init["image"] and main["image"].startswith("example.io/kaito/")
+    assert main["workingDir"] == "/workspace/tfs"
+    assert main["command"][:2] == ["/bin/sh", "-c"]
+    script = main["command"][2]
+    assert script.startswith("python3 /workspace/tfs/fine_tuning.py && python3 -m kaito_oci push ")
+    assert "--docker-config /tmp/.docker/config" in script
+    assert "--file adapter_config.json --file adapter_model.safetensors" in script
+    assert "--annotation sh.kaito.model.name=phi-3-mini-4k-instruct" in script
+    assert script.endswith("/mnt/results ACR_REPO_HERE.azurecr.io/IMAGE_NAME_HERE:0.0.1")
+    assert {"name": "DEFAULT_TARGET_MODULES", "value": tn.PHI3_TARGET_MODULES} in main["env"]
+    assert {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"} in main["env"]
+    gpus = str(skus.get("Standard_NC6s_v3").gpu_count)  # type: ignore[union-attr]
+    assert main["resources"] == {"requests": {"nvidia.com/gpu": gpus}, "limits": {"nvidia.com/gpu": gpus}}
+    assert main["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert main["volumeMounts"] == [
+        {"name": "config-volume", "mountPath": "/mnt/config"},
+        {"name": "data-volume", "mountPath": "/mnt/data"},
+        {"name": "results-volume", "mountPath": "/mnt/results"},
+        {"name": "docker-config", "mountPath": "/tmp/.docker/config", "readOnly": True},
+    ]
+    assert pod["volumes"] == [
+        {"name": "config-volume", "configMap": {"name": "qlora-params-template"}},
+        {"name": "data-volume", "emptyDir": {}},
+        {"name": "results-volume", "emptyDir": {}},
+        {
+            "name": "docker-config",
+            "secret": {
+                "secretName": "ACR_REGISTRY_SECRET_HERE",
+                "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
+            },
+        },
+    ]
+
+
+def test_image_input_uses_extractor_with_pull_secrets(registry: PresetRegistry, skus: SkuCatalog) -> None:
+    ws = workspace({"input": {"image": "reg.io/data:1", "imagePullSecrets": ["in-a", "in-b"]}})
+    pod = job_for(ws, registry, skus)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["name"] == "data-extractor"
+    assert init["command"] == [
+        "python3",
+        "-m",
+        "kaito_oci",
+        "pull",
+        "--docker-config",
+        "/tmp/.docker/input-0",
+        "--docker-config",
+        "/tmp/.docker/input-1",
+        "reg.io/data:1",
+        "/mnt/data",
+    ]
+    names = [v["name"] for v in pod["volumes"]]
+    assert names[-2:] == ["input-docker-config-0", "input-docker-config-1"]
+    assert pod["volumes"][-1]["secret"]["secretName"] == "in-b"
+
+
+def test_config_selection_and_defaults(registry: PresetRegistry, skus: SkuCatalog) -> None:
+    qlora = workspace()
+    assert tn.config_name(qlora) == "qlora-params-template"
+    cm = tn.build_default_config(qlora)
+    assert cm is not None
+    assert cm["metadata"]["name"] == "qlora-params-template" and cm["metadata"]["namespace"] == "ns1"
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    parsed = yaml.safe_load(cm["data"]["training_config.yaml"])["training_config"]
+    assert parsed["QuantizationConfig"]["load_in_4bit"] is True
+    assert parsed["TrainingArguments"]["output_dir"] == "/mnt/results"
+
+    lora = workspace({"method": "LoRA"})
+    lcm = tn.build_default_config(lora)
+    assert lcm is not None and lcm["metadata"]["name"] == "lora-params-template"
+    lparsed = yaml.safe_load(lcm["data"]["training_config.yaml"])["training_config"]
+    assert lparsed["QuantizationConfig"] == {"load_in_4bit": False}
+    assert lparsed["LoraConfig"] == parsed["LoraConfig"]
+
+    own = workspace({"config": "my-params"})
+    assert tn.build_default_config(own) is None
+    vol = job_for(own, registry, skus)["spec"]["template"]["spec"]["volumes"][0]
+    assert vol == {"name": "config-volume", "configMap": {"name": "my-params"}}
+
+
+def test_backoff_limit_annotation(registry: PresetRegistry, skus: SkuCatalog) -> None:
+    ws = workspace(annotations={tn.ANNOTATION_BACKOFF_LIMIT: "2"})
+    assert job_for(ws, registry, skus)["spec"]["backoffLimit"] == 2
+    bad = workspace(annotations={tn.ANNOTATION_BACKOFF_LIMIT: "-1"})
+    with pytest.raises(mf.ManifestError) as err:
+        job_for(bad, registry, skus)
+    assert err.value.reason == "InvalidAnnotation"
+
+
+def test_multi_gpu_uses_accelerate(registry: PresetRegistry) -> None:
+    ws = workspace()
+    cmd = tn.trainer_command(ws, "phi-3-mini-4k-instruct", 4)
+    assert cmd[2].startswith("accelerate launch --num_processes=4 /workspace/tfs/fine_tuning.py && ")
+
+
+def test_job_outcome() -> None:
+    running = {"metadata": {"name": "j"}, "status": {"active": 1}}
+    assert tn.job_outcome(running).phase == st.Phase.PENDING
+    done = {"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    assert tn.job_outcome(done).phase == st.Phase.READY
+    failed = {
+        "metadata": {"name": "j"},
+        "status": {
+            "conditions": [
+                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "limit"}
+            ]
+        },
+    }
+    pod = {
+        "metadata": {"name": "j-abc"},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "j",
+                    "state": {"terminated": {"exitCode": 3, "message": "error: dataset: no files"}},
+                }
+            ]
+        },
+    }
+    out = tn.job_outcome(failed, [pod])
+    assert out.phase == st.Phase.FAILED
+    assert out.reason == "BackoffLimitExceeded"
+    assert "limit" in out.message and "container j exited 3: error: dataset: no files" in out.message
