@@ -18,8 +18,10 @@ Steps (upstream §3.2 without its blocking waits):
 4. status: conditions, ``state`` with a typed reason from what Pods and Machines report, Events on
    transitions -- written only when it changed.
 
-Tuning workspaces only get the finalizer and the deletion path here (which removes any Machines
-labelled for them); their nodes, Job and status belong to the tuning controller.
+Tuning workspaces (:mod:`kaito.workspace.tuning`) share steps 1-2, then get the training ConfigMap
+(the method's default template, copied into the namespace when absent) and the Job, created once and
+never re-created or updated: a finished Job is the workspace's result. Status comes from the Job:
+JobStarted, WorkspaceSucceeded (mirrored by WorkspaceReady), state Running/Succeeded/Failed.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from kaito.runtime.informer import Informer
 from kaito.runtime.kube import (
     CONFIGMAPS,
     DEPLOYMENTS,
+    JOBS,
     NODES,
     PODS,
     SERVICES,
@@ -67,6 +70,7 @@ from kaito.workspace import events as ev
 from kaito.workspace import manifests as mf
 from kaito.workspace import nodes as nd
 from kaito.workspace import status as st
+from kaito.workspace import tuning as tn
 
 log = structlog.get_logger("kaito.workspace")
 
@@ -188,6 +192,7 @@ class WorkspaceReconciler:
         options: ReconcilerOptions | None = None,
         encoding: NodeRequestEncoding | None = None,
         recorder: ev.EventRecorder | None = None,
+        jobs: Informer | None = None,
     ) -> None:
         self.client = client
         self.workspaces = workspaces
@@ -198,6 +203,7 @@ class WorkspaceReconciler:
         self.services = services
         self.configmaps = configmaps
         self.pods = pods
+        self.jobs = jobs
         self.registry = registry
         self.skus = skus
         self.options = options or ReconcilerOptions()
@@ -229,9 +235,9 @@ class WorkspaceReconciler:
                 return await self._finalize(key, raw)
             finally:
                 ev.RECONCILE_STEP.labels("finalize").observe(time.monotonic() - t0)
+        if ws.tuning is not None:
+            return await self._reconcile_tuning(key, raw, ws)
         if ws.inference is None:
-            # Tuning: the tuning controller owns the Job and its status; the finalizer makes sure any
-            # Machines labelled for the workspace are deleted with it.
             await self._ensure_finalizer(ws)
             return DONE
         return await self._reconcile_inference(key, raw, ws)
@@ -347,6 +353,91 @@ class WorkspaceReconciler:
         ):
             return DONE
         return Result(requeue_after=self.options.not_ready_requeue)
+
+    # --------------------------------------------------------------------------------------- tuning
+
+    async def _reconcile_tuning(self, key: str, raw: Obj, ws: Workspace) -> Result:
+        assert ws.tuning is not None
+        ns, name = str(ws.metadata.namespace), str(ws.metadata.name)
+        obs = st.Observation(
+            generation=int(ws.metadata.generation or 0),
+            machines=self.options.provisioning == "machine",
+            tuning_mode=True,
+        )
+        try:
+            preset = self.registry.get(ws.tuning.preset.name)
+        except UnknownPresetError as e:
+            obs.spec_error = st.StepOutcome(st.Phase.FAILED, "UnknownPreset", str(e))
+            await self._write_status(key, raw, obs)
+            return DONE
+        job = self.jobs.store.get_by_name(name, ns) if self.jobs is not None else None
+        if job is None:
+            # Nodes are only needed to place the Job: once it exists (running or finished) nothing is
+            # provisioned again, so a finished workspace never gets new Machines or a second Job.
+            resource, workers, worker_gpus = await self._ensure_resources(key, ws, preset, obs)
+            obs.resource = resource
+            if resource.phase == st.Phase.READY:
+                obs.worker_nodes = workers
+                try:
+                    job = await self._ensure_job(ws, preset, workers, worker_gpus)
+                except mf.ManifestError as e:
+                    obs.spec_error = st.StepOutcome(st.Phase.FAILED, e.reason, e.message)
+                except ChildConflict as e:
+                    obs.spec_error = st.StepOutcome(st.Phase.FAILED, "ChildConflict", str(e))
+        if job is not None:
+            pods = self.pods.store.by_index(POD_WS_INDEX, key)
+            obs.tuning = tn.job_outcome(job, pods)
+        await self._write_status(key, raw, obs)
+        if obs.tuning is not None and obs.tuning.phase != st.Phase.PENDING:
+            return DONE  # finished: the Job is the result and is never re-created
+        if obs.spec_error is not None and obs.spec_error.reason != "ConfigMapNotFound":
+            return DONE  # nothing to retry until the spec changes (which re-enqueues)
+        # A user ConfigMap created later carries no label we watch: look again after a while.
+        return Result(requeue_after=self.options.not_ready_requeue)
+
+    async def _ensure_job(
+        self, ws: Workspace, preset: Preset, workers: list[str], worker_gpus: list[int]
+    ) -> Obj:
+        """Training ConfigMap, then the Job (adopted when it already exists and is ours)."""
+        assert ws.tuning is not None
+        ns, name = str(ws.metadata.namespace), str(ws.metadata.name)
+        sku = self.skus.get(ws.resource.instance_type)
+        desired = tn.build_job(
+            ws, preset, self.options.manifests, sku=sku, nodes=workers, node_gpus=worker_gpus
+        )
+        cm_name = tn.config_name(ws)
+        cm = await self.client.get_or_none(CONFIGMAPS, cm_name, ns)
+        default_cm = tn.build_default_config(ws)
+        if cm is None and default_cm is not None:
+            try:
+                await self.client.create(CONFIGMAPS, default_cm, ns)
+                ev.CHILD_WRITES.labels("ConfigMap", "create").inc()
+                log.info("child created", kind="ConfigMap", child=cm_name)
+            except ApiError as e:
+                if not e.already_exists:
+                    raise
+        elif cm is None or tn.TRAINING_CONFIG_KEY not in (cm.get("data") or {}):
+            raise mf.ManifestError(
+                "ConfigMapNotFound",
+                f"tuning.config: ConfigMap {cm_name} with key {tn.TRAINING_CONFIG_KEY} "
+                f"not found in namespace {ns}",
+            )
+        try:
+            created = await self.client.create(JOBS, desired, ns)
+            ev.CHILD_WRITES.labels("Job", "create").inc()
+            log.info("child created", kind="Job", child=name)
+            return created
+        except ApiError as e:
+            if not e.already_exists:
+                raise
+        # The cache is behind our own earlier create, or someone else's Job has the name.
+        existing = await self.client.get_or_none(JOBS, name, ns)
+        refs = ((existing or {}).get("metadata") or {}).get("ownerReferences") or []
+        if existing is None or not any(r.get("uid") == ws.metadata.uid for r in refs):
+            raise ChildConflict(
+                f"Job {ns}/{name} already exists and does not belong to this workspace; delete or rename it"
+            )
+        return existing
 
     # ------------------------------------------------------------------------------------ resources
 
@@ -694,6 +785,7 @@ def register(
         res: mgr.informer(res, namespace=namespace, label_selector=CHILD_SELECTOR)
         for res in (DEPLOYMENTS, STATEFULSETS, SERVICES, CONFIGMAPS)
     }
+    jobs = mgr.informer(JOBS, namespace=namespace, label_selector=CHILD_SELECTOR)
     pods = mgr.informer(
         PODS, namespace=namespace, label_selector=CHILD_SELECTOR, indexers={POD_WS_INDEX: _pod_ws_key}
     )
@@ -710,12 +802,14 @@ def register(
         registry=registry,
         skus=skus,
         options=options,
+        jobs=jobs,
     )
     ctrl = mgr.add_controller("workspace", rec.reconcile, workers=workers)
     ctrl.watch(workspaces, predicate=workspace_predicate)
     owner = owner_mapper(WORKSPACES.kind, WORKSPACES.group)
     for inf in children.values():
         ctrl.watch(inf, owner)
+    ctrl.watch(jobs, owner)
     ctrl.watch(pods, label_mapper(LABEL_WORKSPACE_NAME))
     ctrl.watch(machine_inf, label_mapper(LABEL_WORKSPACE_NAME, LABEL_WORKSPACE_NAMESPACE))
 

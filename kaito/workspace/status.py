@@ -54,6 +54,10 @@ class Observation:
     machines_pending: int = 0
     spec_error: StepOutcome | None = None  # the spec cannot be served (terminal until it changes)
     deleting: bool = False
+    # Tuning workspaces: ``tuning_mode`` switches to Job conditions; ``tuning`` is the Job's outcome
+    # (None while no Job exists; PENDING means it runs).
+    tuning_mode: bool = False
+    tuning: StepOutcome | None = None
     extra_messages: list[str] = field(default_factory=list)
 
 
@@ -72,7 +76,8 @@ def desired_conditions(obs: Observation) -> list[tuple[str, str, str, str]]:
         return out
     if obs.spec_error is not None:
         msg = obs.spec_error.message
-        out.append(_cond(T.INFERENCE_READY, "False", R.INFERENCE_STATUS_FAILED, msg))
+        if not obs.tuning_mode:
+            out.append(_cond(T.INFERENCE_READY, "False", R.INFERENCE_STATUS_FAILED, msg))
         out.append(_cond(T.WORKSPACE_SUCCEEDED, "False", R.WORKSPACE_FAILED, msg))
         out.append(_cond(T.WORKSPACE_READY, "False", R.WORKSPACE_FAILED, msg))
         return out
@@ -99,6 +104,8 @@ def desired_conditions(obs: Observation) -> list[tuple[str, str, str, str]]:
             out.append(_cond(T.RESOURCE_READY, "Unknown", R.CREATE_MACHINE_PENDING, res.message))
             if obs.machines:
                 out.append(_cond(T.MACHINE_READY, "Unknown", R.CREATE_MACHINE_PENDING, res.message))
+    if obs.tuning_mode:
+        return out + _tuning_conditions(obs)
     inf = obs.inference
     if inf is not None:
         if inf.phase == Phase.READY:
@@ -137,12 +144,57 @@ def desired_conditions(obs: Observation) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def _tuning_conditions(obs: Observation) -> list[tuple[str, str, str, str]]:
+    """JobStarted, and WorkspaceSucceeded mirrored by WorkspaceReady, from resources and the Job."""
+    out: list[tuple[str, str, str, str]] = []
+    res, job = obs.resource, obs.tuning
+    if job is not None:
+        out.append(_cond(T.JOB_STARTED, "True", R.TUNING_JOB_STARTED, "tuning job has started"))
+    elif res is not None and res.phase == Phase.FAILED:
+        out.append(_cond(T.JOB_STARTED, "False", R.TUNING_JOB_FAILED, res.message))
+    else:
+        out.append(_cond(T.JOB_STARTED, "Unknown", "JobPending", "waiting for GPU nodes"))
+    if job is not None and job.phase == Phase.READY:
+        status, reason, msg = "True", R.WORKSPACE_SUCCEEDED, job.message or "workspace succeeds"
+    elif job is not None and job.phase == Phase.FAILED:
+        status, reason, msg = "False", R.WORKSPACE_FAILED, job.message
+    elif res is not None and res.phase == Phase.FAILED:
+        status, reason, msg = "False", R.WORKSPACE_FAILED, res.message
+    else:
+        step = job if job is not None else res
+        status, reason = "False", R.WORKSPACE_PENDING
+        msg = step.message if step is not None and step.message else PENDING_MSG
+    out.append(_cond(T.WORKSPACE_SUCCEEDED, status, reason, msg))
+    out.append(_cond(T.WORKSPACE_READY, status, reason, msg))
+    return out
+
+
+def _tuning_state(obs: Observation) -> tuple[str, str]:
+    res, job = obs.resource, obs.tuning
+    if job is not None:
+        if job.phase == Phase.READY:
+            return WorkspaceState.SUCCEEDED, StateReason.SUCCEEDED
+        if job.phase == Phase.FAILED:
+            return WorkspaceState.FAILED, job.reason or StateReason.JOB_FAILED
+        return WorkspaceState.RUNNING, job.reason or "Running"
+    if res is not None and res.phase == Phase.FAILED:
+        return WorkspaceState.FAILED, res.reason or StateReason.PROVISIONING_FAILED
+    return WorkspaceState.PENDING, (
+        res.reason if res is not None and res.reason else StateReason.PROVISIONING
+    )
+
+
 def desired_state(obs: Observation) -> tuple[str, str]:
-    """``(status.state, status.reason)``: never Ready unless resources and inference both are."""
+    """``(status.state, status.reason)``: never Ready unless resources and inference both are.
+
+    Tuning: Pending until the Job exists, then Running, Succeeded or Failed (with the Job's reason).
+    """
     if obs.deleting:
         return WorkspaceState.DELETING, StateReason.DELETING
     if obs.spec_error is not None:
         return WorkspaceState.FAILED, obs.spec_error.reason or "InvalidSpec"
+    if obs.tuning_mode:
+        return _tuning_state(obs)
     res, inf = obs.resource, obs.inference
     if res is not None and res.phase == Phase.FAILED:
         return WorkspaceState.NOT_READY, res.reason or StateReason.PROVISIONING_FAILED

@@ -21,7 +21,7 @@ from hack.localcluster import LocalCluster
 from kaito.machine import MACHINES, machine_name
 from kaito.presets.registry import default_registry
 from kaito.presets.skus import default_sku_catalog
-from kaito.runtime.kube import DEPLOYMENTS, EVENTS, NODES, SERVICES, KubeClient
+from kaito.runtime.kube import CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, NODES, SERVICES, KubeClient
 from kaito.runtime.manager import Manager, ManagerOptions
 from kaito.runtime.metrics import REST_CLIENT_REQUESTS
 from kaito.workspace.reconciler import WORKSPACES, ReconcilerOptions, WorkspaceReconciler, register
@@ -353,4 +353,134 @@ async def test_name_taken_by_a_foreign_object_is_reported_not_taken_over(byo: En
     assert c is not None and c["status"] == "False" and "does not belong to this workspace" in c["message"]
     svc = await byo.client.get(SERVICES, "taken", byo.namespace)
     assert svc["spec"]["ports"][0]["port"] == 8080 and "ownerReferences" not in svc["metadata"]
+    await byo.client.delete(NODES, node)
+
+
+def tuning_ws(name: str, labels: dict[str, str], **tuning: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kaito.sh/v1alpha1",
+        "kind": "Workspace",
+        "metadata": {"name": name},
+        "resource": {"instanceType": "Standard_NC6s_v3", "labelSelector": {"matchLabels": labels}},
+        "tuning": {
+            "preset": {"name": "phi-3-mini-4k-instruct"},
+            "method": "qlora",
+            "input": {"urls": ["https://example.com/data/train.parquet"]},
+            "output": {"image": "registry.example/adapter:0.1", "imagePushSecret": "push-secret"},
+            **tuning,
+        },
+    }
+
+
+async def _job_status(env: Env, name: str, done: str, reason: str = "", message: str = "") -> None:
+    """Play the Job controller: the terminal conditions the apiserver accepts for a finished Job."""
+    now = "2026-01-01T00:00:00Z"
+    interim = "SuccessCriteriaMet" if done == "Complete" else "FailureTarget"
+    conds = [
+        {
+            "type": interim,
+            "status": "True",
+            "reason": reason or interim,
+            "message": message,
+            "lastProbeTime": now,
+            "lastTransitionTime": now,
+        },
+        {
+            "type": done,
+            "status": "True",
+            "reason": reason or done,
+            "message": message,
+            "lastProbeTime": now,
+            "lastTransitionTime": now,
+        },
+    ]
+    status: dict[str, Any] = {"conditions": conds, "startTime": now}
+    if done == "Complete":
+        status |= {"completionTime": now, "succeeded": 1}
+    else:
+        status |= {"failed": 1}
+    await env.client.merge_patch_status(JOBS, name, status, env.namespace)
+
+
+async def test_tuning_workspace_gets_job_and_reports_its_result(byo: Env) -> None:
+    """A tuning workspace on a ready node: default ConfigMap + Job; Job Complete -> Succeeded."""
+    labels = {"apps": f"tune-{byo.namespace[-6:]}"}
+    node = f"tune-{byo.namespace[-6:]}"
+    await make_node(byo.client, node, labels)
+    await byo.client.create(WORKSPACES, tuning_ws("tune", labels), byo.namespace)
+    job = await eventually(lambda: byo.client.get_or_none(JOBS, "tune", byo.namespace), 20, "the Job")
+    assert job is not None
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "Workspace"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["configMap"]["name"] == "qlora-params-template"
+    cm = await byo.client.get_or_none(CONFIGMAPS, "qlora-params-template", byo.namespace)
+    assert cm is not None and "training_config.yaml" in cm["data"]
+
+    async def running() -> Any:
+        ws = await byo.ws("tune")
+        st = (ws or {}).get("status") or {}
+        return st if st.get("state") == "Running" else None
+
+    await eventually(running, 20, "state Running")
+    started = await byo.condition("tune", "JobStarted")
+    assert started is not None and started["status"] == "True"
+
+    await _job_status(byo, "tune", "Complete")
+
+    async def succeeded() -> Any:
+        ws = await byo.ws("tune")
+        st = (ws or {}).get("status") or {}
+        return st if st.get("state") == "Succeeded" else None
+
+    await eventually(succeeded, 20, "state Succeeded")
+    for type_ in ("WorkspaceSucceeded", "WorkspaceReady"):
+        c = await byo.condition("tune", type_)
+        assert c is not None and c["status"] == "True", c
+    # A finished Job is the result: reconciling again neither replaces nor re-creates it.
+    uid = job["metadata"]["uid"]
+    await byo.rec.reconcile(f"{byo.namespace}/tune")
+    again = await byo.client.get_or_none(JOBS, "tune", byo.namespace)
+    assert again is not None and again["metadata"]["uid"] == uid
+    await byo.client.delete(NODES, node)
+
+
+async def test_tuning_job_failure_is_reported_with_reason(byo: Env) -> None:
+    """Job Failed (BackoffLimitExceeded) -> state Failed, WorkspaceSucceeded False with the reason."""
+    labels = {"apps": f"tfail-{byo.namespace[-6:]}"}
+    node = f"tfail-{byo.namespace[-6:]}"
+    await make_node(byo.client, node, labels)
+    await byo.client.create(WORKSPACES, tuning_ws("tfail", labels, method="lora"), byo.namespace)
+    await eventually(lambda: byo.client.get_or_none(JOBS, "tfail", byo.namespace), 20, "the Job")
+    await _job_status(
+        byo, "tfail", "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+    )
+
+    async def failed() -> Any:
+        ws = await byo.ws("tfail")
+        st = (ws or {}).get("status") or {}
+        return st if st.get("state") == "Failed" else None
+
+    st = await eventually(failed, 20, "state Failed")
+    assert st["reason"] == "BackoffLimitExceeded"
+    c = await byo.condition("tfail", "WorkspaceSucceeded")
+    assert c is not None and c["status"] == "False" and "BackoffLimitExceeded" in c["message"]
+    await byo.client.delete(NODES, node)
+
+
+async def test_tuning_missing_user_config_is_reported(byo: Env) -> None:
+    """tuning.config naming a ConfigMap that does not exist: no Job, a Failed state that names it."""
+    labels = {"apps": f"tcfg-{byo.namespace[-6:]}"}
+    node = f"tcfg-{byo.namespace[-6:]}"
+    await make_node(byo.client, node, labels)
+    await byo.client.create(WORKSPACES, tuning_ws("tcfg", labels, config="nope"), byo.namespace)
+
+    async def failed() -> Any:
+        ws = await byo.ws("tcfg")
+        st = (ws or {}).get("status") or {}
+        return st if st.get("state") == "Failed" else None
+
+    st = await eventually(failed, 20, "state Failed")
+    assert st["reason"] == "ConfigMapNotFound"
+    assert await byo.client.get_or_none(JOBS, "tcfg", byo.namespace) is None
     await byo.client.delete(NODES, node)
