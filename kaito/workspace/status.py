@@ -161,8 +161,10 @@ def _tuning_conditions(obs: Observation) -> list[tuple[str, str, str, str]]:
     elif res is not None and res.phase == Phase.FAILED:
         status, reason, msg = "False", R.WORKSPACE_FAILED, res.message
     else:
+        # Unknown, not False, until the Job finishes: the outcome is open, and the flip to True or
+        # False is then a transition with its own Event.
         step = job if job is not None else res
-        status, reason = "False", R.WORKSPACE_PENDING
+        status, reason = "Unknown", R.WORKSPACE_PENDING
         msg = step.message if step is not None and step.message else PENDING_MSG
     out.append(_cond(T.WORKSPACE_SUCCEEDED, status, reason, msg))
     out.append(_cond(T.WORKSPACE_READY, status, reason, msg))

@@ -65,5 +65,56 @@ async def test_tuning_sample_job_succeeds(operator: Operator) -> None:
     assert conds["ResourceReady"] == "True"
     done = kget(op, "job", NAME, "-n", op.namespace)
     assert done["metadata"]["uid"] == j["metadata"]["uid"]  # the same Job, never re-created
-    events = kget(op, "events", "-n", op.namespace, "--field-selector", f"involvedObject.name={NAME}")
-    assert any("WorkspaceSucceeded=True" in (e.get("message") or "") for e in events["items"])
+
+    async def announced() -> bool:
+        out = kget(op, "events", "-n", op.namespace, "--field-selector", f"involvedObject.name={NAME}")
+        return any(
+            "WorkspaceSucceeded=True" in (e.get("message") or "") for e in (out or {}).get("items") or []
+        )
+
+    # The Event is sent beside the status write, so it may land a moment after the status.
+    await eventually(announced, 30, "an Event announcing WorkspaceSucceeded=True", interval=0.3)
+
+
+async def test_tuning_job_failure_is_reported(operator: Operator) -> None:
+    """A dataset URL kwok fails (stage pod-simulate-job-failure): Job Failed -> state Failed, reason and
+    the downloader's termination message on WorkspaceSucceeded."""
+    op = operator
+    create_push_secret(op)
+
+    def failing(doc: dict[str, Any]) -> None:
+        doc["tuning"]["output"]["imagePushSecret"] = PUSH_SECRET
+        doc["tuning"]["input"]["urls"] = ["https://kwok.kaito.sh/simulate/fail.parquet"]
+
+    apply_sample(op, "kaito_workspace_tuning_phi_3.yaml", failing)
+    ws = await wait_condition_reason(op, "workspaceFailed")
+    assert ws["status"]["state"] == "Failed"
+    assert ws["status"]["reason"] == "BackoffLimitExceeded"
+    msg = next(c["message"] for c in ws["status"]["conditions"] if c["type"] == "WorkspaceSucceeded")
+    assert "BackoffLimitExceeded" in msg
+    assert "container data-downloader exited 1: error: download failed" in msg
+    assert conditions(ws)["WorkspaceReady"] == "False"
+
+    async def warning() -> Any:
+        out = kget(op, "events", "-n", op.namespace, "--field-selector", f"involvedObject.name={NAME}")
+        return [
+            e
+            for e in (out or {}).get("items") or []
+            if e["type"] == "Warning" and "BackoffLimitExceeded" in (e.get("message") or "")
+        ]
+
+    await eventually(warning, 30, "a Warning Event naming BackoffLimitExceeded", interval=0.3)
+
+
+async def wait_condition_reason(op: Operator, reason: str, timeout: float = 120) -> Any:
+    """The workspace once its WorkspaceSucceeded condition carries ``reason``."""
+
+    async def check() -> Any:
+        ws = kget(op, "workspace", NAME, "-n", op.namespace)
+        assert all(p.healthy() for p in op.procs), op.dump()
+        for c in ((ws or {}).get("status") or {}).get("conditions") or []:
+            if c["type"] == "WorkspaceSucceeded" and c["reason"] == reason:
+                return ws
+        return None
+
+    return await eventually(check, timeout, f"{NAME} WorkspaceSucceeded reason {reason}", interval=0.3)

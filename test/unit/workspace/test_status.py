@@ -138,3 +138,55 @@ def test_one_event_per_status_write() -> None:
     assert (kind, reason) == ("Normal", "workspaceReady")
     assert message.startswith("WorkspaceReady=True") and "InferenceReady=True" in message
     assert st.summarise([]) is None
+
+
+def test_tuning_states_follow_the_job() -> None:
+    """Tuning: Pending before the Job, Running, then Succeeded or Failed with the Job's reason; no
+    InferenceReady; WorkspaceReady mirrors WorkspaceSucceeded; each flip is a transition."""
+    now = "2026-01-01T00:00:00Z"
+    pending = st.desired_status(
+        None,
+        st.Observation(
+            generation=1, tuning_mode=True, resource=st.StepOutcome(st.Phase.PENDING, "Provisioning", "m")
+        ),
+        now=now,
+    )
+    assert (pending["state"], pending["reason"]) == ("Pending", "Provisioning")
+    assert cond(pending, "JobStarted")["status"] == "Unknown"
+    assert all(c["type"] != "InferenceReady" for c in pending["conditions"])
+
+    running_job = st.StepOutcome(st.Phase.PENDING, "Running", "tuning job j is running")
+    running = st.desired_status(
+        pending, st.Observation(generation=1, tuning_mode=True, resource=READY, tuning=running_job), now=now
+    )
+    assert running["state"] == "Running"
+    assert cond(running, "JobStarted")["status"] == "True"
+    assert cond(running, "WorkspaceSucceeded")["status"] == "Unknown"
+    assert [t.type for t in st.transitions(pending, running)] == ["ResourceReady", "JobStarted"]
+
+    done = st.desired_status(
+        running,
+        st.Observation(generation=1, tuning_mode=True, tuning=st.StepOutcome(st.Phase.READY, "Succeeded")),
+        now=now,
+    )
+    assert (done["state"], done["reason"]) == ("Succeeded", "Succeeded")
+    assert cond(done, "WorkspaceSucceeded")["status"] == cond(done, "WorkspaceReady")["status"] == "True"
+    assert cond(done, "ResourceReady")["status"] == "True"  # kept from before: resources not re-checked
+
+    failed_job = st.StepOutcome(st.Phase.FAILED, "BackoffLimitExceeded", "tuning job j failed: x")
+    failed = st.desired_status(
+        running, st.Observation(generation=1, tuning_mode=True, tuning=failed_job), now=now
+    )
+    assert (failed["state"], failed["reason"]) == ("Failed", "BackoffLimitExceeded")
+    ws_ok = cond(failed, "WorkspaceSucceeded")
+    assert ws_ok["status"] == "False" and ws_ok["reason"] == "workspaceFailed"
+    assert ws_ok["message"] == "tuning job j failed: x"
+    summary = st.summarise(st.transitions(running, failed))
+    assert summary is not None
+    assert summary[0] == "Warning" and summary[1] == "workspaceFailed"
+    assert "WorkspaceReady=False: tuning job j failed: x" in summary[2]
+    assert st.summarise(st.transitions(running, done)) == (
+        "Normal",
+        "workspaceSucceeded",
+        "WorkspaceReady=True: workspace succeeds; WorkspaceSucceeded=True: workspace succeeds",
+    )
