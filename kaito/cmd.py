@@ -73,6 +73,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--adapter-puller-image", default=DEFAULT_ORAS_IMAGE, help="oras image of adapter init containers"
     )
+    p.add_argument(
+        "--enable-tuning",
+        action="store_true",
+        default=env.get("KAITO_ENABLE_TUNING", "").lower() in ("1", "true", "yes"),
+        help="run tuning workspaces as Jobs (needs batch/jobs get, list, watch, create)",
+    )
     p.add_argument("--namespace", default=None, help="watch one namespace only (default: all)")
     p.add_argument("--leader-elect", action="store_true", help="Lease leader election (for 2+ replicas)")
     p.add_argument("--leader-election-namespace", default=env.get("SYSTEM_NAMESPACE", "kaito-system"))
@@ -133,6 +139,7 @@ async def amain(argv: Sequence[str] | None = None) -> int:
             oras_image=args.adapter_puller_image,
         ),
         machine_deletion_timeout=args.machine_deletion_timeout,
+        tuning=args.enable_tuning,
     )
     register(
         mgr,

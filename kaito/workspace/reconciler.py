@@ -97,6 +97,9 @@ class ReconcilerOptions:
     machine_deletion_timeout: float = 300.0
     not_ready_requeue: float = 60.0
     deletion_requeue: float = 5.0
+    # Tuning Jobs need batch/jobs permissions the installed RBAC does not grant yet: off by default,
+    # tuning workspaces then only get the finalizer and the deletion path.
+    tuning: bool = False
 
 
 # ------------------------------------------------------------------------------------ index helpers
@@ -235,9 +238,11 @@ class WorkspaceReconciler:
                 return await self._finalize(key, raw)
             finally:
                 ev.RECONCILE_STEP.labels("finalize").observe(time.monotonic() - t0)
-        if ws.tuning is not None:
+        if ws.tuning is not None and self.jobs is not None:
             return await self._reconcile_tuning(key, raw, ws)
         if ws.inference is None:
+            # Tuning with Jobs disabled: the finalizer makes sure any Machines labelled for the
+            # workspace are deleted with it.
             await self._ensure_finalizer(ws)
             return DONE
         return await self._reconcile_inference(key, raw, ws)
@@ -785,7 +790,7 @@ def register(
         res: mgr.informer(res, namespace=namespace, label_selector=CHILD_SELECTOR)
         for res in (DEPLOYMENTS, STATEFULSETS, SERVICES, CONFIGMAPS)
     }
-    jobs = mgr.informer(JOBS, namespace=namespace, label_selector=CHILD_SELECTOR)
+    jobs = mgr.informer(JOBS, namespace=namespace, label_selector=CHILD_SELECTOR) if options.tuning else None
     pods = mgr.informer(
         PODS, namespace=namespace, label_selector=CHILD_SELECTOR, indexers={POD_WS_INDEX: _pod_ws_key}
     )
@@ -809,7 +814,8 @@ def register(
     owner = owner_mapper(WORKSPACES.kind, WORKSPACES.group)
     for inf in children.values():
         ctrl.watch(inf, owner)
-    ctrl.watch(jobs, owner)
+    if jobs is not None:
+        ctrl.watch(jobs, owner)
     ctrl.watch(pods, label_mapper(LABEL_WORKSPACE_NAME))
     ctrl.watch(machine_inf, label_mapper(LABEL_WORKSPACE_NAME, LABEL_WORKSPACE_NAMESPACE))
 

@@ -261,7 +261,7 @@ async def operator(
     op = Operator(crds, namespace, tmp_path)
     op.install_webhooks()
     try:
-        ctrl = op.start_controller()
+        ctrl = op.start_controller("--enable-tuning")  # the test runs as admin: Jobs are allowed
         prov = op.start_provisioner()
         await op.ready(ctrl)
         await op.ready(prov)

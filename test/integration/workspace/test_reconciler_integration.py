@@ -93,7 +93,7 @@ async def run_operator(
 
 @pytest.fixture
 async def byo(crds: LocalCluster, api_client: ApiClient, namespace: str) -> AsyncIterator[Env]:
-    async for env in run_operator(api_client, namespace, ReconcilerOptions(provisioning="byo")):
+    async for env in run_operator(api_client, namespace, ReconcilerOptions(provisioning="byo", tuning=True)):
         yield env
 
 
