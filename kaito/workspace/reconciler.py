@@ -362,6 +362,7 @@ class WorkspaceReconciler:
     # --------------------------------------------------------------------------------------- tuning
 
     async def _reconcile_tuning(self, key: str, raw: Obj, ws: Workspace) -> Result:
+        """Nodes (until the Job exists), training ConfigMap and Job, then status read from the Job."""
         assert ws.tuning is not None
         ns, name = str(ws.metadata.namespace), str(ws.metadata.name)
         obs = st.Observation(
@@ -493,6 +494,8 @@ class WorkspaceReconciler:
         needed = max(0, count - len(external))
         by_name = {r.name: r for r in requests}
         storage = preset.disk_storage if preset is not None else "0"
+        if ws.tuning is not None and preset is not None and preset.tuning is not None:
+            storage = preset.tuning.disk_storage  # the tuning Job's own disk requirement
         for slot in range(needed):
             mname = self.encoding.name_for(ns, name, slot)
             if mname in by_name:
