@@ -172,6 +172,7 @@ def start_controller(cluster: LocalCluster, replica: str, webhook_port: int, tmp
             "-m",
             "kaito",
             "--leader-elect",
+            "--enable-tuning",
             "--metrics-bind-address",
             f"127.0.0.1:{metrics}",
             "--health-probe-bind-address",

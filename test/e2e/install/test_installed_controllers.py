@@ -26,6 +26,7 @@ from test.integration.install.helpers import NAMESPACE, REPO
 from test.waiting import eventually
 
 SAMPLE = REPO / "config" / "samples" / "kaito_workspace_phi_3.yaml"
+TUNING_SAMPLE = REPO / "config" / "samples" / "kaito_workspace_tuning_phi_3.yaml"
 # A JWT (header {"alg":...) in base64url always starts like this: no log line may carry one.
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}")
 
@@ -281,3 +282,39 @@ async def test_deletion_completes_while_the_webhook_is_unreachable(installed: In
         assert not machines(inst, "delete-without-webhook")
     finally:
         point_webhooks_at(inst, inst.webhook_port)
+
+
+async def test_tuning_sample_runs_its_job_under_least_privilege(installed: Installed) -> None:
+    """The seed's QLoRA manifest (with --enable-tuning, as deployed): Machine -> node -> training ConfigMap
+    -> Job -> WorkspaceSucceeded, then deleted, all with the ServiceAccount's Job and ConfigMap rules."""
+    inst = installed
+    doc = yaml.safe_load(TUNING_SAMPLE.read_text())
+    name = doc["metadata"]["name"] = "install-tuning"
+    # The sample's placeholder is no valid object name; the Secret itself is only mounted by the pod.
+    doc["tuning"]["output"]["imagePushSecret"] = "acr-push-secret"
+    inst.cluster.kubectl("apply", "-n", inst.namespace, "-f", "-", input=yaml.safe_dump(doc))
+
+    def succeeded() -> Any:
+        ws = kget(inst, "workspace", name, "-n", inst.namespace)
+        return ws if conditions(ws).get("WorkspaceSucceeded") == "True" else None
+
+    ws = await until(inst, succeeded, 150, f"{name} WorkspaceSucceeded=True")
+    assert conditions(ws)["JobStarted"] == "True"
+    job = kget(inst, "job", name, "-n", inst.namespace)
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "Workspace"
+    assert kget(inst, "configmap", "qlora-params-template", "-n", inst.namespace) is not None
+    workers = ws["status"].get("workerNodes") or []
+
+    inst.cluster.kubectl("delete", "workspace", name, "-n", inst.namespace, "--wait=false")
+
+    def gone() -> bool:
+        return (
+            kget(inst, "workspace", name, "-n", inst.namespace) is None
+            and not machines(inst, name)
+            and all(kget(inst, "node", n) is None for n in workers)
+        )
+
+    await until(inst, gone, 120, f"{name}, its Machine and its Node to be deleted")
+    for p in inst.procs.values():
+        refused = refused_calls(p.log())
+        assert not refused, f"{p.name} was refused API calls:\n" + "\n".join(refused[:10])
