@@ -168,6 +168,13 @@ def _parse_time(value: Any) -> float | None:
         return None
 
 
+def _tuning_finished(raw: Obj) -> bool:
+    """Whether the status reports a tuning Job that started and ended (Succeeded or Failed)."""
+    status = raw.get("status") or {}
+    started = st.condition_status(status, "JobStarted") == "True"
+    return started and status.get("state") in ("Succeeded", "Failed")
+
+
 class ChildConflict(Exception):
     """A child's name is taken by an object the workspace does not own."""
 
@@ -377,6 +384,10 @@ class WorkspaceReconciler:
             await self._write_status(key, raw, obs)
             return DONE
         job = self.jobs.store.get_by_name(name, ns) if self.jobs is not None else None
+        if job is None and _tuning_finished(raw):
+            # The Job finished and was removed since (by hand, or a TTL): its result stays the
+            # workspace's; running it again would cost GPU hours nobody asked for.
+            return DONE
         if job is None:
             # Nodes are only needed to place the Job: once it exists (running or finished) nothing is
             # provisioned again, so a finished workspace never gets new Machines or a second Job.

@@ -442,6 +442,19 @@ async def test_tuning_workspace_gets_job_and_reports_its_result(byo: Env) -> Non
     await byo.rec.reconcile(f"{byo.namespace}/tune")
     again = await byo.client.get_or_none(JOBS, "tune", byo.namespace)
     assert again is not None and again["metadata"]["uid"] == uid
+    # Nor does removing the finished Job bring a second run.
+    await byo.client.delete(JOBS, "tune", byo.namespace)
+    await eventually(
+        lambda: asyncio.sleep(
+            0, byo.rec.jobs is not None and byo.rec.jobs.store.get_by_name("tune", byo.namespace) is None
+        ),
+        20,
+        "the Job gone from the cache",
+    )
+    await byo.rec.reconcile(f"{byo.namespace}/tune")
+    assert await byo.client.get_or_none(JOBS, "tune", byo.namespace) is None
+    ws = await byo.ws("tune")
+    assert ws is not None and ws["status"]["state"] == "Succeeded"
     await byo.client.delete(NODES, node)
 
 
