@@ -15,10 +15,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd and kwok, built from Go modules
-# once and cached in ~/.cache/kaito-py (see hack/build-binaries.sh).
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd and kwok, plus helm and kubeconform
+# for the install tests, built from Go modules once and cached in ~/.cache/kaito-py (hack/build-*.sh).
 binaries:
 	@bash hack/build-binaries.sh >/dev/null
+	@bash hack/build-tools.sh >/dev/null
 
 # Debian packages used as real peers by some tests (an OCI registry, promtool).
 sysdeps:
