@@ -28,7 +28,7 @@ from kaito.presets.skus import CLOUDS, default_sku_catalog
 from kaito.runtime.kube import CONFIGMAPS, KubeClient, load_api_client
 from kaito.runtime.logging import configure_logging
 from kaito.runtime.manager import LeaderElectionLost, Manager, ManagerOptions
-from kaito.workspace.manifests import DEFAULT_ORAS_IMAGE, ManifestOptions
+from kaito.workspace.manifests import ManifestOptions
 from kaito.workspace.reconciler import PROVISIONING_MODES, ReconcilerOptions, register
 
 log = structlog.get_logger("kaito.cmd")
@@ -69,9 +69,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=[r.value for r in RuntimeName],
         default=env.get("KAITO_DEFAULT_RUNTIME", RuntimeName.TRANSFORMERS.value),
         help="runtime when a workspace has no kaito.sh/runtime annotation",
-    )
-    p.add_argument(
-        "--adapter-puller-image", default=DEFAULT_ORAS_IMAGE, help="oras image of adapter init containers"
     )
     p.add_argument(
         "--enable-tuning",
@@ -136,7 +133,6 @@ async def amain(argv: Sequence[str] | None = None) -> int:
         manifests=ManifestOptions(
             registry=args.image_registry,
             default_runtime=RuntimeName(args.default_runtime),
-            oras_image=args.adapter_puller_image,
         ),
         machine_deletion_timeout=args.machine_deletion_timeout,
         tuning=args.enable_tuning,

@@ -12,7 +12,7 @@ Shapes follow upstream KAITO v0.3/v0.4 (reference §5) with these deliberate dif
   preferred nodes change) instead of upstream's ``0/1``;
 * pods are pinned to the selected worker nodes (``kubernetes.io/hostname In status.workerNodes``) on top
   of the ``matchLabels`` affinity, so a change of ``preferredNodes`` actually moves the workload;
-* adapters are pulled as OCI artifacts with ``oras pull`` (what the tuning Job pushes) instead of
+* adapters are pulled as OCI artifacts with ``kaito_oci pull`` (what the tuning Job pushes) instead of
   copying ``/data`` out of a container image; StatefulSets get adapters too;
 * the inference config is a ConfigMap owned by the workspace (``<ws>-inference-params``) when the user
   names none, instead of an unowned copy of a template from the release namespace.
@@ -58,7 +58,7 @@ INFERENCE_CONFIG_KEY = "inference_config.yaml"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 STATEFULSET_POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
 
-DEFAULT_ORAS_IMAGE = "ghcr.io/oras-project/oras:v1.2.0"
+RUNTIME_WORKDIR = "/workspace/tfs"  # where the preset image keeps the runtime and kaito_oci
 
 # upstream chart's inference-params.yaml (v0.4.1), the defaults the vLLM runtime reads.
 DEFAULT_INFERENCE_CONFIG: dict[str, Any] = {
@@ -73,7 +73,6 @@ class ManifestOptions:
 
     registry: str = DEFAULT_REGISTRY
     default_runtime: RuntimeName = RuntimeName.TRANSFORMERS
-    oras_image: str = DEFAULT_ORAS_IMAGE
     # Probes: the model can take many minutes to load; liveness must not kill it meanwhile.
     liveness_initial_delay: int = 600
     readiness_initial_delay: int = 30
@@ -307,20 +306,23 @@ def adapters_of(ws: Workspace) -> list[AdapterSpec]:
     ]
 
 
-def adapter_init_containers(ws: Workspace, options: ManifestOptions) -> tuple[list[Obj], list[Obj]]:
-    """One ``oras pull`` init container per adapter into ``/mnt/adapter/<name>``, plus extra volumes.
+def adapter_init_containers(ws: Workspace, image: str) -> tuple[list[Obj], list[Obj]]:
+    """One init container per adapter pulling its OCI artifact into ``/mnt/adapter/<name>``, plus volumes.
 
-    Pull secrets of an adapter are mounted as its registry config (``--registry-config``).
+    The pull runs ``kaito_oci`` from the preset image (``image``): it reads the artifact our tuning Job
+    pushes (one tar+gzip layer without a file title, which the oras CLI would skip) and upstream's shapes.
+    An adapter's pull secret is projected as the docker ``config.json`` the client reads.
     """
     containers: list[Obj] = []
     volumes: list[Obj] = []
     for adapter in adapters_of(ws):
         src = adapter.source
         assert src is not None and src.name and src.image
-        args = ["pull", src.image, "--output", f"{ADAPTER_DIR}/{src.name}"]
+        args: list[str] = []
         mounts: list[Obj] = [{"name": "adapter-volume", "mountPath": ADAPTER_DIR}]
         if src.image_pull_secrets:
             vol = f"adapter-auth-{src.name}"[:63].rstrip("-.")
+            path = f"/tmp/.docker/adapter-{src.name}"
             volumes.append(
                 {
                     "name": vol,
@@ -330,14 +332,23 @@ def adapter_init_containers(ws: Workspace, options: ManifestOptions) -> tuple[li
                     },
                 }
             )
-            mounts.append({"name": vol, "mountPath": f"/etc/oras/{src.name}", "readOnly": True})
-            args += ["--registry-config", f"/etc/oras/{src.name}/config.json"]
+            mounts.append({"name": vol, "mountPath": path, "readOnly": True})
+            args += ["--docker-config", path]
         containers.append(
             {
                 "name": src.name,
-                "image": options.oras_image,
+                "image": image,
                 "imagePullPolicy": "IfNotPresent",
-                "args": args,
+                "workingDir": RUNTIME_WORKDIR,
+                "command": [
+                    "python3",
+                    "-m",
+                    "kaito_oci",
+                    "pull",
+                    *args,
+                    src.image,
+                    f"{ADAPTER_DIR}/{src.name}",
+                ],
                 "volumeMounts": mounts,
             }
         )
@@ -436,7 +447,7 @@ def _pod_spec(
     runtime = runtime_of(ws, preset, options)
     image, pull_secrets = image_of(ws, preset, options)
     adapters = adapters_of(ws) if with_adapters else []
-    init_containers, adapter_volumes = adapter_init_containers(ws, options) if adapters else ([], [])
+    init_containers, adapter_volumes = adapter_init_containers(ws, image) if adapters else ([], [])
     mounts: list[Obj] = [{"name": "config-volume", "mountPath": CONFIG_DIR, "readOnly": True}]
     volumes: list[Obj] = [{"name": "config-volume", "configMap": {"name": inference_config_name(ws)}}]
     if gpus > 1 or ws.resource.count > 1:

@@ -123,7 +123,7 @@ async def test_phi3_sample_becomes_ready_and_cleans_up(operator: Operator) -> No
 
 
 async def test_adapters_sample_init_containers_and_strengths(operator: Operator) -> None:
-    """The seed's adapter manifest: one oras init container per adapter, strength as env; changing the
+    """The seed's adapter manifest: one kaito_oci pull init container per adapter, strength as env; changing the
     adapters rolls the Deployment (surge) while the workspace stays ready."""
     op = operator
 
@@ -144,10 +144,9 @@ async def test_adapters_sample_init_containers_and_strengths(operator: Operator)
     pod = dep["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     assert init["name"] == "phi-3-adapter"
-    assert init["args"][:4] == [
+    assert init["command"][-3:] == [
         "pull",
         "ACR_REPO_HERE.azurecr.io/ADAPTER_HERE:0.0.1",
-        "--output",
         "/mnt/adapter/phi-3-adapter",
     ]
     assert pod["containers"][0]["env"] == [{"name": "phi-3-adapter", "value": "1.0"}]

@@ -150,13 +150,13 @@ def test_adapters_init_containers_and_strengths(registry: PresetRegistry, skus: 
     pod = build(ws, registry, skus).workload["spec"]["template"]["spec"]
     inits = pod["initContainers"]
     assert [c["name"] for c in inits] == ["phi-3-adapter", "second"]
-    assert inits[0]["args"][:4] == [
-        "pull",
-        "ACR_REPO_HERE.azurecr.io/ADAPTER_HERE:0.0.1",
-        "--output",
-        "/mnt/adapter/phi-3-adapter",
-    ]
-    assert "--registry-config" in inits[1]["args"]
+    # kaito_oci from the preset image reads what the tuning Job pushes (the oras CLI would skip it).
+    assert inits[0]["image"] == pod["containers"][0]["image"]
+    assert inits[0]["command"] == [
+        "python3", "-m", "kaito_oci", "pull",
+        "ACR_REPO_HERE.azurecr.io/ADAPTER_HERE:0.0.1", "/mnt/adapter/phi-3-adapter",
+    ]  # fmt: skip
+    assert inits[1]["command"][4:6] == ["--docker-config", "/tmp/.docker/adapter-second"]
     env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
     assert env == {"phi-3-adapter": "1.0", "second": "1.0"}  # omitted strength defaults to 1.0
     assert {"name": "adapter-volume", "mountPath": "/mnt/adapter"} in pod["containers"][0]["volumeMounts"]
