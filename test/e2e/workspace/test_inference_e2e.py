@@ -212,7 +212,16 @@ async def test_crashlooping_pods_show_reason(operator: Operator) -> None:
         }
 
     apply_sample(op, "kaito_workspace_phi_3.yaml", template)
-    ws = await wait_condition(op, "crashy", "InferenceReady", "False")
+    await wait_condition(op, "crashy", "InferenceReady", "False")
+
+    # The pod may first be Pending (Unschedulable) while its fresh node still carries the not-ready
+    # taint; the reason must settle on what the container reports.
+    async def crashlooping() -> dict[str, Any] | None:
+        ws: dict[str, Any] = kget(op, "workspace", "crashy", "-n", op.namespace) or {}
+        return ws if (ws.get("status") or {}).get("reason") == "CrashLoopBackOff" else None
+
+    ws = await eventually(crashlooping, 30, "the workspace reason to become CrashLoopBackOff")
+    assert conditions(ws)["InferenceReady"] == "False"
     assert conditions(ws)["ResourceReady"] == "True"
     assert conditions(ws)["WorkspaceReady"] == "False"
     assert (ws["status"]["state"], ws["status"]["reason"]) == ("NotReady", "CrashLoopBackOff")
