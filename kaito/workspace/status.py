@@ -281,7 +281,7 @@ def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) 
 
 @dataclass(frozen=True)
 class Transition:
-    """A condition whose status changed (or that appeared): one Event."""
+    """A condition whose status or reason changed (or that appeared): one Event."""
 
     type: str
     old: str | None
@@ -296,12 +296,16 @@ class Transition:
 
 
 def transitions(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> list[Transition]:
-    """Conditions whose status differs between ``current`` and ``desired``."""
+    """Conditions whose status or reason differs between ``current`` and ``desired``.
+
+    A new reason under the same status is news to the user (Unschedulable, then CrashLoopBackOff), so it
+    gets an Event too; an unchanged reconcile still yields none.
+    """
     before = {c.get("type"): c for c in (current or {}).get("conditions") or []}
     out: list[Transition] = []
     for c in desired.get("conditions") or []:
         old = before.get(c["type"])
-        if old is None or old.get("status") != c["status"]:
+        if old is None or old.get("status") != c["status"] or old.get("reason") != c["reason"]:
             out.append(
                 Transition(
                     c["type"],
