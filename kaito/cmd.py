@@ -30,6 +30,7 @@ from kaito.runtime.logging import configure_logging
 from kaito.runtime.manager import LeaderElectionLost, Manager, ManagerOptions
 from kaito.workspace.manifests import ManifestOptions
 from kaito.workspace.reconciler import PROVISIONING_MODES, ReconcilerOptions, register
+from kaito.workspace.tuning import default_templates
 
 log = structlog.get_logger("kaito.cmd")
 
@@ -128,6 +129,9 @@ async def amain(argv: Sequence[str] | None = None) -> int:
     mgr = Manager(client, mopts)
     registry = default_registry()
     skus = default_sku_catalog()
+    # Read now: a controller image without its default tuning templates stops here, not at the first
+    # tuning workspace.
+    default_templates()
     options = ReconcilerOptions(
         provisioning=args.provisioning,
         manifests=ManifestOptions(

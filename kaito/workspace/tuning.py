@@ -11,11 +11,16 @@ training run is rarely fixed by running it again, and every retry costs GPU hour
 
 from __future__ import annotations
 
+import functools
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from kaito.api.workspace import Workspace
+from kaito.presets.catalog import CatalogError, catalog_dir
 from kaito.presets.registry import Preset
 from kaito.presets.skus import GPUSku
 from kaito.workspace import manifests as mf
@@ -25,51 +30,51 @@ Obj = dict[str, Any]
 
 ANNOTATION_BACKOFF_LIMIT = "kaito.sh/tuning-backoff-limit"
 TRAINING_CONFIG_KEY = "training_config.yaml"
-LORA_CONFIG_NAME = "lora-params-template"
-QLORA_CONFIG_NAME = "qlora-params-template"
 DATA_DIR = "/mnt/data"
 RESULTS_DIR = "/mnt/results"
 DOCKER_CONFIG_DIR = "/tmp/.docker/config"
 WORKDIR = "/workspace/tfs"
 PHI3_TARGET_MODULES = "k_proj,q_proj,v_proj,o_proj,gate_proj,down_proj,up_proj"
 
-# Upstream chart's default templates (v0.4.0, reference §4.3); identical except QuantizationConfig.
-_TEMPLATE_HEAD = """\
-training_config:
-  ModelConfig:
-    torch_dtype: "bfloat16"
-    local_files_only: true
-    device_map: "auto"
+# Upstream's default ConfigMaps (chart charts/kaito/workspace/templates/{lora,qlora}-params.yaml), one
+# file each under presets/tuning/templates, the one copy the controller and the runtime tests read. The
+# container image ships them in the catalog (Dockerfile.controller: $KAITO_CATALOG_DIR/tuning/templates).
+TEMPLATES_SUBDIR = Path("tuning") / "templates"
+TEMPLATE_FILES = {"lora": "lora-params.yaml", "qlora": "qlora-params.yaml"}
 
-  QuantizationConfig:
-"""
-_TEMPLATE_TAIL = """
-  LoraConfig:
-    r: 8
-    lora_alpha: 8
-    lora_dropout: 0.0
 
-  TrainingArguments:
-    output_dir: "/mnt/results"
-    ddp_find_unused_parameters: false
-    save_strategy: "epoch"
-    per_device_train_batch_size: 1
+@functools.cache
+def default_templates() -> dict[str, tuple[str, str]]:
+    """Method -> (ConfigMap name, ``training_config.yaml`` text) of the default templates.
 
-  DataCollator:
-    mlm: true
+    Read once from the catalog (:func:`kaito.presets.catalog.catalog_dir`); the controller calls it at
+    start-up so that a missing or malformed file stops it there, not at the first tuning workspace.
+    """
+    directory = catalog_dir() / TEMPLATES_SUBDIR
+    out: dict[str, tuple[str, str]] = {}
+    for method, file in TEMPLATE_FILES.items():
+        path = directory / file
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise CatalogError(f"default tuning template {path}: {e}") from e
+        meta = doc.get("metadata") if isinstance(doc, dict) else None
+        data = doc.get("data") if isinstance(doc, dict) else None
+        name = meta.get("name") if isinstance(meta, dict) else None
+        text = data.get(TRAINING_CONFIG_KEY) if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name or not isinstance(text, str):
+            raise CatalogError(
+                f"default tuning template {path}: expected a ConfigMap with metadata.name and "
+                f"data.{TRAINING_CONFIG_KEY}"
+            )
+        out[method] = (name, text)
+    return out
 
-  DatasetConfig:
-    shuffle_dataset: true
-    train_test_split: 1
-"""
-LORA_TEMPLATE = _TEMPLATE_HEAD + "    load_in_4bit: false\n" + _TEMPLATE_TAIL
-QLORA_TEMPLATE = (
-    _TEMPLATE_HEAD
-    + '    load_in_4bit: true\n    bnb_4bit_quant_type: "nf4"\n'
-    + '    bnb_4bit_compute_dtype: "bfloat16"\n    bnb_4bit_use_double_quant: true\n'
-    + _TEMPLATE_TAIL
-)
-DEFAULT_TEMPLATES = {"lora": (LORA_CONFIG_NAME, LORA_TEMPLATE), "qlora": (QLORA_CONFIG_NAME, QLORA_TEMPLATE)}
+
+def _default_template(ws: Workspace) -> tuple[str, str]:
+    # Any method the webhook let through that is not qlora trains without quantization (lora).
+    templates = default_templates()
+    return templates.get(method_of(ws), templates["lora"])
 
 
 def method_of(ws: Workspace) -> str:
@@ -83,7 +88,7 @@ def config_name(ws: Workspace) -> str:
     assert ws.tuning is not None
     if ws.tuning.config:
         return ws.tuning.config
-    return DEFAULT_TEMPLATES.get(method_of(ws), DEFAULT_TEMPLATES["lora"])[0]
+    return _default_template(ws)[0]
 
 
 def build_default_config(ws: Workspace) -> Obj | None:
@@ -95,7 +100,7 @@ def build_default_config(ws: Workspace) -> Obj | None:
     assert ws.tuning is not None
     if ws.tuning.config:
         return None
-    name, text = DEFAULT_TEMPLATES.get(method_of(ws), DEFAULT_TEMPLATES["lora"])
+    name, text = _default_template(ws)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

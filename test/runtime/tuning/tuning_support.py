@@ -7,66 +7,21 @@ from typing import Any
 
 import yaml
 
-# Upstream's default ConfigMaps (chart lora-params.yaml / qlora-params.yaml, v0.4).
-LORA_TEMPLATE = """\
-training_config:
-  ModelConfig:
-    torch_dtype: "bfloat16"
-    local_files_only: true
-    device_map: "auto"
+# Upstream's default ConfigMaps (chart lora-params.yaml / qlora-params.yaml, v0.4): the same files the
+# controller writes into a workspace's namespace (this venv cannot import the operator package).
+TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "presets" / "tuning" / "templates"
 
-  QuantizationConfig:
-    load_in_4bit: false
 
-  LoraConfig:
-    r: 8
-    lora_alpha: 8
-    lora_dropout: 0.0
+def default_template(method: str) -> str:
+    """``training_config.yaml`` of the default ConfigMap for ``method`` (``lora`` or ``qlora``)."""
+    doc = yaml.safe_load((TEMPLATES_DIR / f"{method}-params.yaml").read_text())
+    text = doc["data"]["training_config.yaml"]
+    assert isinstance(text, str)
+    return text
 
-  TrainingArguments:
-    output_dir: "/mnt/results"
-    ddp_find_unused_parameters: false
-    save_strategy: "epoch"
-    per_device_train_batch_size: 1
 
-  DataCollator:
-    mlm: true
-
-  DatasetConfig:
-    shuffle_dataset: true
-    train_test_split: 1
-"""
-QLORA_TEMPLATE = """\
-training_config:
-  ModelConfig:
-    torch_dtype: "bfloat16"
-    local_files_only: true
-    device_map: "auto"
-
-  QuantizationConfig:
-    load_in_4bit: true
-    bnb_4bit_quant_type: "nf4"
-    bnb_4bit_compute_dtype: "bfloat16"
-    bnb_4bit_use_double_quant: true
-
-  LoraConfig:
-    r: 8
-    lora_alpha: 8
-    lora_dropout: 0.0
-
-  TrainingArguments:
-    output_dir: "/mnt/results"
-    ddp_find_unused_parameters: false
-    save_strategy: "epoch"
-    per_device_train_batch_size: 1
-
-  DataCollator:
-    mlm: true
-
-  DatasetConfig:
-    shuffle_dataset: true
-    train_test_split: 1
-"""
+LORA_TEMPLATE = default_template("lora")
+QLORA_TEMPLATE = default_template("qlora")
 
 QUESTIONS = [
     ("What schedules pods?", "Kubernetes schedules pods onto nodes."),

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,13 +16,16 @@ import pytest
 import yaml
 
 from kaito.api.workspace import Workspace
+from kaito.presets.catalog import ENV_CATALOG_DIR, CatalogError
 from kaito.presets.registry import PresetRegistry
 from kaito.presets.skus import SkuCatalog
 from kaito.workspace import manifests as mf
 from kaito.workspace import status as st
 from kaito.workspace import tuning as tn
 
-SAMPLES = Path(__file__).resolve().parents[3] / "config" / "samples"
+REPO = Path(__file__).resolve().parents[3]
+SAMPLES = REPO / "config" / "samples"
+TEMPLATES = REPO / "presets" / "tuning" / "templates"
 DOLLY = (
     "https://huggingface.co/datasets/philschmid/dolly-15k-oai-style/resolve/main/data/"
     "train-00000-of-00001-54e3756291ca09c6.parquet?download=true"
@@ -206,3 +216,97 @@ def test_job_outcome() -> None:
     assert out.phase == st.Phase.FAILED
     assert out.reason == "BackoffLimitExceeded"
     assert "limit" in out.message and "container j exited 3: error: dataset: no files" in out.message
+
+
+def _template_file(method: str) -> tuple[str, str]:
+    doc = yaml.safe_load((TEMPLATES / f"{method}-params.yaml").read_text())
+    return doc["metadata"]["name"], doc["data"]["training_config.yaml"]
+
+
+def test_default_configmaps_are_the_files_under_presets_tuning_templates() -> None:
+    """The controller's default ConfigMaps carry the files' text byte for byte (the runtime tests read them too)."""
+    for method, ws in (("qlora", workspace()), ("lora", workspace({"method": "lora"}))):
+        name, text = _template_file(method)
+        cm = tn.build_default_config(ws)
+        assert cm is not None
+        assert cm["metadata"]["name"] == name == f"{method}-params-template"
+        assert cm["data"] == {"training_config.yaml": text}
+    # Upstream's chart files differ only in QuantizationConfig.
+    lora = yaml.safe_load(_template_file("lora")[1])["training_config"]
+    qlora = yaml.safe_load(_template_file("qlora")[1])["training_config"]
+    assert {k: v for k, v in lora.items() if k != "QuantizationConfig"} == {
+        k: v for k, v in qlora.items() if k != "QuantizationConfig"
+    }
+
+
+@pytest.fixture
+def uncached_templates() -> Iterator[None]:
+    tn.default_templates.cache_clear()
+    yield
+    tn.default_templates.cache_clear()
+
+
+@pytest.mark.usefixtures("uncached_templates")
+def test_malformed_template_file_is_a_catalog_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for part in ("models", "skus"):
+        (tmp_path / part).mkdir()
+    monkeypatch.setenv(ENV_CATALOG_DIR, str(tmp_path))
+    with pytest.raises(CatalogError, match=r"lora-params\.yaml"):
+        tn.default_templates()
+    directory = tmp_path / "tuning" / "templates"
+    directory.mkdir(parents=True)
+    for file in ("lora-params.yaml", "qlora-params.yaml"):
+        (directory / file).write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {}\n")
+    with pytest.raises(CatalogError, match=r"data\.training_config\.yaml"):
+        tn.default_templates()
+
+
+def _image_catalog_copies() -> list[tuple[str, str]]:
+    """(source, path under the catalog) of the controller image's ``COPY presets/... $KAITO_CATALOG_DIR/...``."""
+    text = (REPO / "Dockerfile.controller").read_text()
+    (catalog,) = re.findall(r"KAITO_CATALOG_DIR=(\S+)", text)
+    final = text[text.rindex("\nFROM ") :]
+    copies = re.findall(r"^COPY (presets/\S+) (\S+)$", final, flags=re.M)
+    return [(src, dest.removeprefix(catalog).strip("/")) for src, dest in copies if dest.startswith(catalog)]
+
+
+def test_installed_package_finds_the_templates_where_the_image_puts_them(tmp_path: Path) -> None:
+    """An installed ``kaito`` (no source checkout around it) reads the templates from the image's catalog.
+
+    The wheel carries only the Python packages; Dockerfile.controller copies the catalogs, templates
+    included, to $KAITO_CATALOG_DIR. This lays out a site-packages and a catalog the same way and runs
+    the lookup in a fresh interpreter; without the catalog it must fail loudly, not find the checkout.
+    """
+    site = tmp_path / "site-packages"
+    shutil.copytree(REPO / "kaito", site / "kaito", ignore=shutil.ignore_patterns("__pycache__"))
+    catalog = tmp_path / "catalog"
+    copies = _image_catalog_copies()
+    assert ("presets/tuning/templates/", "tuning/templates") in copies, copies
+    for src, dest in copies:
+        shutil.copytree(REPO / src, catalog / dest)
+    script = (
+        "import json, kaito; from kaito.workspace import tuning as tn; "
+        "print(json.dumps({'file': kaito.__file__, 'templates': tn.default_templates()}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), ENV_CATALOG_DIR: str(catalog)}
+
+    def lookup(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", script],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    found = lookup(env)
+    assert found.returncode == 0, found.stderr
+    out = json.loads(found.stdout)
+    assert Path(out["file"]).is_relative_to(site), out["file"]
+    assert out["templates"] == {m: list(_template_file(m)) for m in ("lora", "qlora")}
+
+    del env[ENV_CATALOG_DIR]
+    missing = lookup(env)
+    assert missing.returncode != 0 and "CatalogError" in missing.stderr, missing.stderr
