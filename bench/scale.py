@@ -27,12 +27,13 @@ import ctypes
 import json
 import os
 import re
+import shlex
 import signal
 import statistics
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ from hack.localcluster import LocalCluster, free_port
 from kaito.api.workspace import Workspace
 from kaito.presets.registry import default_registry
 from kaito.presets.skus import default_sku_catalog
-from kaito.runtime.kube import CONFIGMAPS, DEPLOYMENTS, NAMESPACES, SERVICES, KubeClient
+from kaito.runtime.informer import Informer
+from kaito.runtime.kube import CONFIGMAPS, DEPLOYMENTS, NAMESPACES, SERVICES, KubeClient, Resource
 from kaito.workspace import manifests as mf
 from kaito.workspace.reconciler import WORKSPACES
 
@@ -132,26 +134,69 @@ def start_cluster(n: int) -> LocalCluster:
     return cluster
 
 
-async def count_ready_deployments(client: KubeClient) -> int:
-    items = await client.list_all(DEPLOYMENTS, NS)
-    return sum(1 for d in items if int((d.get("status") or {}).get("readyReplicas") or 0) >= 1)
+# Progress is read from informers (one LIST, then a watch), never by polling LISTs: a LIST of 1,000
+# objects every 250 ms costs the apiserver more than the work being measured, and costs the operator
+# run (which would need two) more than the bare run.
+
+
+async def count_ready_deployments(deployments: Informer) -> int:
+    return sum(
+        1 for d in deployments.store.list() if int((d.get("status") or {}).get("readyReplicas") or 0) >= 1
+    )
 
 
 DEPLOYMENTS_SEEN: list[tuple[float, int]] = []
 
 
-async def count_ready_workspaces(client: KubeClient) -> int:
+async def count_ready_workspaces(workspaces: Informer, deployments: Informer) -> int:
     # Also note how many Deployments exist: shows whether the controller or the pipeline after it lags.
-    DEPLOYMENTS_SEEN.append((time.monotonic(), len(await client.list_all(DEPLOYMENTS, NS))))
-    items = await client.list_all(WORKSPACES, NS)
+    DEPLOYMENTS_SEEN.append((time.monotonic(), len(deployments.store.list())))
     return sum(
         1
-        for w in items
+        for w in workspaces.store.list()
         if any(
             c.get("type") == "WorkspaceReady" and c.get("status") == "True"
             for c in (w.get("status") or {}).get("conditions") or []
         )
     )
+
+
+@contextlib.asynccontextmanager
+async def informers(client: KubeClient, *resources: Resource) -> AsyncIterator[list[Informer]]:
+    """Synced informers on ``resources`` in the bench namespace, stopped on exit."""
+    infs = [Informer(client, res, namespace=NS) for res in resources]
+    for inf in infs:
+        inf.start()
+    try:
+        for inf in infs:
+            if not await inf.wait_for_sync(60):
+                raise TimeoutError(f"informer on {inf.resource} did not sync")
+        yield infs
+    finally:
+        for inf in infs:
+            await inf.stop()
+
+
+def apiserver_profile(cluster: LocalCluster, seconds: int, path: str) -> None:
+    """Save the apiserver's CPU profile over the next ``seconds`` (pprof, read with ``go tool pprof``)."""
+    req = urllib.request.Request(f"{cluster.server}/debug/pprof/profile?seconds={seconds}")
+    req.add_header("Authorization", f"Bearer {cluster.token}")
+    with urllib.request.urlopen(req, context=cluster._ssl_context(), timeout=seconds + 60) as r:
+        Path(path).write_bytes(r.read())
+
+
+def component_cpu(cluster: LocalCluster) -> dict[str, float]:
+    """CPU seconds (user + system) each cluster process has used so far."""
+    out: dict[str, float] = {}
+    for name, comp in cluster.components.items():
+        if comp.proc is not None and comp.proc.poll() is None:
+            out[name] = cpu_seconds(comp.proc.pid)
+    out["bench"] = cpu_seconds(os.getpid())
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before.get(k, 0.0), 1) for k in after}
 
 
 async def wait_count(what: str, fn: Callable[[], Awaitable[int]], n: int, timeout: float) -> None:
@@ -169,25 +214,60 @@ async def wait_count(what: str, fn: Callable[[], Awaitable[int]], n: int, timeou
         await asyncio.sleep(0.25)
 
 
-async def bare_run(n: int, concurrency: int, timeout: float) -> float:
+async def bare_run(n: int, args: argparse.Namespace) -> float:
+    concurrency, timeout = args.concurrency, args.timeout
     cluster = start_cluster(n)
     try:
         async with ApiClient(cluster.client_configuration()) as api:
             client = KubeClient(api)
             children = [bare_children(i) for i in range(n)]
-            t0 = time.monotonic()
+            async with informers(client, DEPLOYMENTS) as (deployments,):
+                cpu0 = component_cpu(cluster)
+                profiling = (
+                    asyncio.create_task(
+                        asyncio.to_thread(
+                            apiserver_profile,
+                            cluster,
+                            args.apiserver_profile_seconds,
+                            f"{args.apiserver_profile}.bare",
+                        )
+                    )
+                    if args.apiserver_profile
+                    else None
+                )
+                t0 = time.monotonic()
 
-            async def create(i: int) -> None:
-                for res, obj in children[i]:
-                    await retrying(lambda res=res, obj=obj: client.create(res, obj, NS))
+                async def create(i: int) -> None:
+                    for res, obj in children[i]:
+                        await retrying(lambda res=res, obj=obj: client.create(res, obj, NS))
 
-            await bounded(n, concurrency, create)
-            await wait_count("bare: deployments ready", lambda: count_ready_deployments(client), n, timeout)
-            elapsed = time.monotonic() - t0
+                await bounded(n, concurrency, create)
+                print(f"  bare: all created after {time.monotonic() - t0:.2f} s", file=sys.stderr)
+                await wait_count(
+                    "bare: deployments ready", lambda: count_ready_deployments(deployments), n, timeout
+                )
+                elapsed = time.monotonic() - t0
+                cpu = cpu_delta(cpu0, component_cpu(cluster))
+                if profiling is not None:
+                    await profiling
+            print(f"  bare: CPU seconds by process: {cpu}", file=sys.stderr)
             print(f"  bare: apiserver writes by resource: {apiserver_writes(cluster)}", file=sys.stderr)
+            print(f"  bare: watch events by resource: {apiserver_watch_events(cluster)}", file=sys.stderr)
             return elapsed
     finally:
         cluster.stop()
+
+
+def apiserver_watch_events(cluster: LocalCluster) -> dict[str, float]:
+    """Watch events the apiserver sent, by resource (to every watcher: controllers, kwok, the script)."""
+    _, text = cluster.request("GET", "/metrics", timeout=30)
+    out: dict[str, float] = {}
+    for line in str(text).splitlines():
+        if line.startswith("apiserver_watch_events_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+            key = labels.get("resource", "?")
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def apiserver_writes(cluster: LocalCluster) -> dict[str, float]:
@@ -288,6 +368,7 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
     log = open(Path(args.log_dir) / "bench-controller.log", "wb")  # noqa: SIM115, ASYNC230
     proc = await asyncio.create_subprocess_exec(
         *[
+            *shlex.split(args.controller_wrapper),
             sys.executable,
             "-m",
             "kaito",
@@ -322,21 +403,56 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
                     break
                 except OSError:
                     await asyncio.sleep(0.2)
-            t0 = time.monotonic()
-            await bounded(
-                n, args.concurrency, lambda i: retrying(lambda: client.create(WORKSPACES, workspace(i), NS))
-            )
-            await wait_count(
-                "operator: workspaces ready", lambda: count_ready_workspaces(client), n, args.timeout
-            )
-            t_all = time.monotonic() - t0
-            all_created = next((t - t0 for t, c in DEPLOYMENTS_SEEN if c >= n), None)
-            print(f"  operator: all {n} Deployments existed after {all_created} s", file=sys.stderr)
-            cpu_all = cpu_seconds(proc.pid)
-            print(f"  operator: apiserver writes by resource: {apiserver_writes(cluster)}", file=sys.stderr)
-            await asyncio.sleep(5)  # let the last events settle before measuring idle
-            lat = await latency_samples(client, args.latency_samples, n)
-            await wait_count("operator: workspaces ready", lambda: count_ready_workspaces(client), total, 120)
+            async with informers(client, WORKSPACES, DEPLOYMENTS) as (wss, deployments):
+                cpu0 = {**component_cpu(cluster), "controller": cpu_seconds(proc.pid)}
+                profiling = (
+                    asyncio.create_task(
+                        asyncio.to_thread(
+                            apiserver_profile,
+                            cluster,
+                            args.apiserver_profile_seconds,
+                            f"{args.apiserver_profile}.operator",
+                        )
+                    )
+                    if args.apiserver_profile
+                    else None
+                )
+                t0 = time.monotonic()
+                await bounded(
+                    n,
+                    args.concurrency,
+                    lambda i: retrying(lambda: client.create(WORKSPACES, workspace(i), NS)),
+                )
+                print(f"  operator: all created after {time.monotonic() - t0:.2f} s", file=sys.stderr)
+                await wait_count(
+                    "operator: workspaces ready",
+                    lambda: count_ready_workspaces(wss, deployments),
+                    n,
+                    args.timeout,
+                )
+                t_all = time.monotonic() - t0
+                cpu_all = cpu_seconds(proc.pid)
+                cpu = cpu_delta(cpu0, {**component_cpu(cluster), "controller": cpu_all})
+                if profiling is not None:
+                    await profiling
+                all_created = next((t - t0 for t, c in DEPLOYMENTS_SEEN if c >= n), None)
+                print(f"  operator: all {n} Deployments existed after {all_created} s", file=sys.stderr)
+                print(f"  operator: CPU seconds by process: {cpu}", file=sys.stderr)
+                print(
+                    f"  operator: apiserver writes by resource: {apiserver_writes(cluster)}", file=sys.stderr
+                )
+                print(
+                    f"  operator: watch events by resource: {apiserver_watch_events(cluster)}",
+                    file=sys.stderr,
+                )
+                await asyncio.sleep(5)  # let the last events settle before measuring idle
+                lat = await latency_samples(client, args.latency_samples, n)
+                await wait_count(
+                    "operator: workspaces ready",
+                    lambda: count_ready_workspaces(wss, deployments),
+                    total,
+                    120,
+                )
             await asyncio.sleep(5)
             w0 = writes(scrape(metrics_port))
             await asyncio.sleep(args.idle_seconds)
@@ -349,7 +465,7 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 "operator_all_ready_s": round(t_all, 2),
                 "idle_writes_per_min": round((w1 - w0) * 60 / args.idle_seconds, 2),
                 "controller_rss_mb": round(rss, 1),
-                "controller_cpu_s_until_all_ready": round(cpu_all, 2),
+                "controller_cpu_s_until_all_ready": round(cpu["controller"], 2),
                 "create_to_deployment_ms_p50": round(statistics.median(lat_ms), 1) if lat_ms else None,
                 "create_to_deployment_ms_p99": round(lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))], 1)
                 if lat_ms
@@ -358,7 +474,7 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
             }
     finally:
         if proc.returncode is None:
-            proc.terminate()
+            proc.send_signal(signal.SIGINT)  # a wrapper (py-spy) writes its output on SIGINT
         try:
             await asyncio.wait_for(proc.wait(), 30)
         except TimeoutError:
@@ -383,11 +499,20 @@ async def amain() -> int:
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--log-dir", default="/tmp")
     p.add_argument("--controller-log-level", default="warning")
+    p.add_argument(
+        "--controller-wrapper",
+        default="",
+        help="command prefix for the controller process, e.g. 'py-spy record -f raw -o /tmp/c.txt --'",
+    )
+    p.add_argument(
+        "--apiserver-profile", default="", help="save apiserver CPU profiles to PATH.bare/.operator"
+    )
+    p.add_argument("--apiserver-profile-seconds", type=int, default=25)
     p.add_argument("--skip-bare", action="store_true", help="only the operator run (ratio not computed)")
     args = p.parse_args()
     _ = NAMESPACES  # the bench namespace is created by kubectl in start_cluster
     print(f"bare run: {args.n} workspaces' children", file=sys.stderr)
-    t_bare = 0.0 if args.skip_bare else await bare_run(args.n, args.concurrency, args.timeout)
+    t_bare = 0.0 if args.skip_bare else await bare_run(args.n, args)
     print(f"operator run: {args.n} workspaces", file=sys.stderr)
     result = await operator_run(args.n, args)
     result = {

@@ -486,7 +486,7 @@ class LocalCluster:
             "--max-requests-inflight=0",
             "--max-mutating-requests-inflight=0",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
-            "--profiling=false",
+            "--profiling=true",  # /debug/pprof for bench diagnosis (admin only)
             "--v=1",
         ]
         if self.profile == "apiserver":

@@ -82,20 +82,36 @@ def qualify(
 ) -> Qualification:
     """Classify one node (see the module docstring). ``owner`` is the ``(namespace, name)`` of the
     workspace asking: a node provisioned for another workspace is not usable unless preferred."""
-    name = node_name(node)
-    pref = set(preferred)
-    if not matches_labels(node, match_labels):
-        return Qualification(name, False, "labels do not match")
-    other = provisioned_for(node)
-    if owner is not None and other is not None and other != owner and name not in pref:
-        return Qualification(name, False, f"provisioned for workspace {other[0]}/{other[1]}")
-    if (node.get("metadata") or {}).get("deletionTimestamp"):
-        return Qualification(name, False, "being deleted")
+    why = _unusable(node, match_labels, instance_type, frozenset(preferred), owner)
+    return Qualification(node_name(node), why is None, why or "")
+
+
+def _unusable(
+    node: Obj,
+    match_labels: Mapping[str, str],
+    instance_type: str,
+    preferred: frozenset[str],
+    owner: tuple[str, str] | None,
+) -> str | None:
+    """Why ``node`` is not usable, or None when it is (the hot path: every candidate, every reconcile)."""
+    meta = node.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    for k, v in match_labels.items():
+        if labels.get(k) != v:
+            return "labels do not match"
+    name = meta.get("name", "")
+    preferred_node = name in preferred
+    if owner is not None and not preferred_node:
+        ws, ns = labels.get(LABEL_WORKSPACE_NAME), labels.get(LABEL_WORKSPACE_NAMESPACE)
+        if ws and ns and (ns, ws) != owner:
+            return f"provisioned for workspace {ns}/{ws}"
+    if meta.get("deletionTimestamp"):
+        return "being deleted"
     if not node_ready(node):
-        return Qualification(name, False, "not Ready")
-    if name not in pref and node_labels(node).get(LABEL_INSTANCE_TYPE) != instance_type:
-        return Qualification(name, False, f"instance type is not {instance_type}")
-    return Qualification(name, True)
+        return "not Ready"
+    if not preferred_node and labels.get(LABEL_INSTANCE_TYPE) != instance_type:
+        return f"instance type is not {instance_type}"
+    return None
 
 
 def qualifying_nodes(
@@ -107,9 +123,9 @@ def qualifying_nodes(
     owner: tuple[str, str] | None = None,
 ) -> list[Obj]:
     """Usable nodes in selection order (see the module docstring)."""
-    pref = set(preferred)
-    cur = set(current)
-    usable = [n for n in nodes if qualify(n, match_labels, instance_type, pref, owner).usable]
+    pref = frozenset(preferred)
+    cur = frozenset(current)
+    usable = [n for n in nodes if _unusable(n, match_labels, instance_type, pref, owner) is None]
 
     def order(n: Obj) -> tuple[int, int, int, str]:
         name = node_name(n)

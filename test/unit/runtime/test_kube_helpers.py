@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from kubernetes_asyncio.client import Configuration
 
 from kaito.runtime.informer import Backoff
 from kaito.runtime.kube import (
@@ -11,6 +12,7 @@ from kaito.runtime.kube import (
     NODES,
     ApiError,
     Resource,
+    api_client_for,
     object_key,
     owner_reference,
     split_key,
@@ -82,3 +84,22 @@ def test_leader_election_config_rules() -> None:
         LeaderElectionConfig("l", "ns", renew_deadline=2.4, retry_period=2).validate()
     a, b = LeaderElectionConfig("l", "ns"), LeaderElectionConfig("l", "ns")
     assert a.identity != b.identity and "_" in a.identity
+
+
+async def test_api_client_resolves_the_proxy_once_and_skips_per_request_env_lookups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.example")
+    for var in ("https_proxy", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+    cfg = Configuration(host="https://apiserver.example:6443")
+    async with api_client_for(cfg) as api:
+        assert cfg.proxy == "http://proxy.example:3128"
+        assert api.rest_client.pool_manager.trust_env is False
+
+    bypassed = Configuration(host="https://internal.example:6443")
+    async with api_client_for(bypassed) as api:
+        assert not bypassed.proxy
+        assert api.rest_client.pool_manager.trust_env is False
