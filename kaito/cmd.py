@@ -7,7 +7,8 @@ with its self-managed certificate (served on every replica, leader or not)::
     kaito-controller --kubeconfig ~/.kube/config --provisioning machine --workers 5 \\
         --webhook-port 9443 --webhook-ip 127.0.0.1     # local: the apiserver calls https://127.0.0.1
 
-Exit status: 0 after SIGTERM/SIGINT, 1 when leadership was lost (restart as a standby), 2 for bad flags.
+Exit status: 0 after SIGTERM/SIGINT, 1 when leadership was lost (restart as a standby) or the caches did
+not sync, 2 for bad flags.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from kaito.presets.registry import DEFAULT_REGISTRY, default_registry
 from kaito.presets.skus import CLOUDS, default_sku_catalog
 from kaito.runtime.kube import CONFIGMAPS, KubeClient, load_api_client
 from kaito.runtime.logging import configure_logging
-from kaito.runtime.manager import LeaderElectionLost, Manager, ManagerOptions
+from kaito.runtime.manager import Manager, ManagerOptions
 from kaito.workspace.manifests import ManifestOptions
 from kaito.workspace.reconciler import PROVISIONING_MODES, ReconcilerOptions, register
 from kaito.workspace.tuning import default_templates
@@ -127,6 +128,18 @@ async def amain(argv: Sequence[str] | None = None) -> int:
     if args.leader_election_identity:
         mopts.identity = args.leader_election_identity
     mgr = Manager(client, mopts)
+    mgr.close_on_exit(api.close)
+    try:
+        await _setup(mgr, client, api, args)
+    except BaseException:
+        # A failed start-up still closes the API client (and the webhook's temp dir).
+        await mgr.close()
+        raise
+    return await mgr.run_main()
+
+
+async def _setup(mgr: Manager, client: KubeClient, api: object, args: argparse.Namespace) -> None:
+    """Register the workspace controller and, unless ``--no-webhook``, the webhook on ``mgr``."""
     registry = default_registry()
     skus = default_sku_catalog()
     # Read now: a controller image without its default tuning templates stops here, not at the first
@@ -150,22 +163,13 @@ async def amain(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         namespace=args.namespace,
     )
-    tmp: tempfile.TemporaryDirectory[str] | None = None
     if args.webhook:
-        tmp = tempfile.TemporaryDirectory(prefix="kaito-webhook-") if args.webhook_cert_dir is None else None
-        cert_dir = Path(args.webhook_cert_dir or (tmp.name if tmp else "."))
-        await _setup_webhook(mgr, client, api, args, cert_dir)
-    mgr.install_signal_handlers()
-    try:
-        await mgr.run()
-    except LeaderElectionLost as e:
-        log.error("exiting: leadership lost", error=str(e))
-        return 1
-    finally:
-        await api.close()
-        if tmp is not None:
-            tmp.cleanup()
-    return 0
+        cert_dir = args.webhook_cert_dir
+        if cert_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="kaito-webhook-")
+            mgr.close_on_exit(tmp.cleanup)
+            cert_dir = tmp.name
+        await _setup_webhook(mgr, client, api, args, Path(cert_dir))
 
 
 async def _setup_webhook(

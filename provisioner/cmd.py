@@ -13,7 +13,8 @@ Azure: ``ARM_SUBSCRIPTION_ID``, ``ARM_RESOURCE_GROUP``, ``AZURE_CLUSTER_NAME``, 
 the optional ``ARM_*`` overrides (see :meth:`provisioner.cloud.azure.AzureConfig.from_env`).
 
 Exit status: 0 after SIGTERM/SIGINT (in-flight reconciles finish, the Lease is released), 1 when
-leadership was lost or the cloud provider could not be configured, 2 for bad flags.
+leadership was lost, the caches did not sync or the cloud provider could not be configured, 2 for bad
+flags.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import structlog
 
 from kaito.runtime.kube import KubeClient, load_api_client
 from kaito.runtime.logging import configure_logging
-from kaito.runtime.manager import CacheSyncTimeout, LeaderElectionLost, Manager, ManagerOptions
+from kaito.runtime.manager import Manager, ManagerOptions
 from provisioner.cloud.factory import PROVIDERS, open_provider
 from provisioner.lifecycle.reconciler import LifecycleOptions
 from provisioner.lifecycle.setup import add_provisioner
@@ -144,69 +145,59 @@ async def amain(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # no kubeconfig / service account: say so instead of a traceback
         log.error("cannot load the Kubernetes client configuration", kubeconfig=args.kubeconfig, error=str(e))
         return 1
+    opts = ManagerOptions(
+        name="gpu-provisioner",
+        leader_election=args.leader_elect,
+        lease_name=args.leader_election_name,
+        lease_namespace=args.leader_election_namespace,
+        metrics_host=args.bind_address,
+        metrics_port=args.metrics_port if args.metrics_port >= 0 else None,
+        probe_host=args.bind_address,
+        probe_port=args.probe_port if args.probe_port >= 0 else None,
+    )
+    if args.identity:
+        opts.identity = args.identity
+    mgr = Manager(KubeClient(api), opts)
+    mgr.close_on_exit(api.close)
     try:
-        client = KubeClient(api)
         try:
             cloud = await open_provider(
                 args.cloud, api_client=api, gpu_count=gpu_count, kwok_delay=args.kwok_node_delay
             )
         except ValueError as e:  # ConfigError is a ValueError: a missing/malformed Azure variable
             log.error("cannot configure the cloud provider", cloud=args.cloud, error=str(e))
+            await mgr.close()
             return 1
-        try:
-            opts = ManagerOptions(
-                name="gpu-provisioner",
-                leader_election=args.leader_elect,
-                lease_name=args.leader_election_name,
-                lease_namespace=args.leader_election_namespace,
-                metrics_host=args.bind_address,
-                metrics_port=args.metrics_port if args.metrics_port >= 0 else None,
-                probe_host=args.bind_address,
-                probe_port=args.probe_port if args.probe_port >= 0 else None,
-            )
-            if args.identity:
-                opts.identity = args.identity
-            mgr = Manager(client, opts)
-            # Keep the result referenced: it holds the handle that reports kaito_machine_phase.
-            provisioner = add_provisioner(
-                mgr,
-                cloud,
-                gpu_count=gpu_count,
-                options=LifecycleOptions(
-                    registration_timeout=args.registration_timeout, drain_timeout=args.drain_timeout
-                ),
-                workers=args.workers,
-                machine_selector=args.machine_selector,
-                gc_interval=args.gc_interval if args.gc_interval > 0 else None,
-                gc_grace=args.gc_grace,
-            )
-            mgr.install_signal_handlers()
-            log.info(
-                "gpu-provisioner starting",
-                cloud=args.cloud,
-                leader_elect=args.leader_elect,
-                workers=args.workers,
-                machine_selector=args.machine_selector,
-            )
-            try:
-                await mgr.run()
-            except LeaderElectionLost as e:
-                log.error("exiting: leadership lost", error=str(e))
-                return 1
-            except CacheSyncTimeout as e:
-                log.error(
-                    "exiting: caches did not sync; is the Machine CRD (machines.karpenter.sh) installed "
-                    "and may this identity list/watch Machines and Nodes?",
-                    error=str(e),
-                )
-                return 1
-            finally:
-                del provisioner
-        finally:
-            await cloud.close()
-    finally:
-        await api.close()
-    return 0
+        mgr.close_on_exit(cloud.close)
+        # Keep the result referenced: it holds the handle that reports kaito_machine_phase.
+        provisioner = add_provisioner(
+            mgr,
+            cloud,
+            gpu_count=gpu_count,
+            options=LifecycleOptions(
+                registration_timeout=args.registration_timeout, drain_timeout=args.drain_timeout
+            ),
+            workers=args.workers,
+            machine_selector=args.machine_selector,
+            gc_interval=args.gc_interval if args.gc_interval > 0 else None,
+            gc_grace=args.gc_grace,
+        )
+    except BaseException:
+        await mgr.close()
+        raise
+    log.info(
+        "gpu-provisioner starting",
+        cloud=args.cloud,
+        leader_elect=args.leader_elect,
+        workers=args.workers,
+        machine_selector=args.machine_selector,
+    )
+    code = await mgr.run_main(
+        cache_sync_hint="is the Machine CRD (machines.karpenter.sh) installed "
+        "and may this identity list/watch Machines and Nodes?"
+    )
+    del provisioner
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

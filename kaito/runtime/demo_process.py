@@ -23,7 +23,7 @@ import structlog
 from kaito.runtime.controller import DONE, Result
 from kaito.runtime.kube import CONFIGMAPS, KubeClient, load_api_client, split_key
 from kaito.runtime.logging import configure_logging
-from kaito.runtime.manager import LeaderElectionLost, Manager, ManagerOptions
+from kaito.runtime.manager import Manager, ManagerOptions
 
 ANNOTATION = "kaito.sh/reconciled-by"
 LABEL_SELECTOR = "kaito.sh/demo=true"
@@ -71,6 +71,7 @@ async def amain(argv: Sequence[str] | None = None) -> int:
     if args.identity:
         opts.identity = args.identity
     mgr = Manager(client, opts)
+    mgr.close_on_exit(api.close)
     configmaps = mgr.informer(CONFIGMAPS, namespace=args.namespace, label_selector=LABEL_SELECTOR)
 
     async def reconcile(key: str) -> Result:
@@ -94,15 +95,7 @@ async def amain(argv: Sequence[str] | None = None) -> int:
         namespace=args.namespace,
         label_selector=LABEL_SELECTOR,
     )
-    mgr.install_signal_handlers()
-    try:
-        await mgr.run()
-    except LeaderElectionLost as e:
-        log.error("exiting: leadership lost", error=str(e))
-        return 1
-    finally:
-        await api.close()
-    return 0
+    return await mgr.run_main()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,9 @@ Lifecycle of :meth:`Manager.run` (controller-runtime's, simplified):
    runnables that need leadership;
 4. run until stopped (SIGTERM/SIGINT or :meth:`stop`) or until leadership is lost.
 
+An entry point hands the manager what it must close on the way out (:meth:`close_on_exit`) and returns
+:meth:`run_main`'s exit status: 0 after a stop, 1 when leadership was lost or the caches never synced.
+
 On a stop: stop taking work, let in-flight reconciles finish (bounded by ``graceful_shutdown_timeout``),
 release the Lease, stop informers and servers. On a loss of leadership: cancel every reconcile at
 once (no graceful period -- another replica may already be leading) and raise
@@ -23,14 +26,15 @@ Example::
                               owns=[DEPLOYMENTS, SERVICES],
                               watches=[(MACHINES, label_mapper("kaito.sh/workspace",
                                                                "kaito.sh/workspacenamespace"))])
-    mgr.install_signal_handlers()
-    await mgr.run()
+    mgr.close_on_exit(api_client.close)
+    return await mgr.run_main()      # the process's exit status
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +109,7 @@ class Manager:
         self.probe_server: HttpServer | None = None
         self.metrics_server: HttpServer | None = None
         self._log = log.bind(manager=self.options.name)
+        self._closers: list[Callable[[], object]] = []
         self.probes.add_ready_check("informers-synced", lambda: self._synced)
         if self.options.leader_election:
             if not self.options.lease_name:
@@ -240,6 +245,53 @@ class Manager:
     def _on_signal(self, sig: signal.Signals) -> None:
         self._log.info("signal received; shutting down", signal=sig.name)
         self.stop()
+
+    def close_on_exit(self, close: Callable[[], object]) -> None:
+        """Have :meth:`close` (and so :meth:`run_main`) call ``close()`` once the manager has stopped.
+
+        Closers run last registered first (register the API client before what uses it); an
+        awaitable result is awaited, so both ``api_client.close`` and ``tempdir.cleanup`` fit.
+        """
+        self._closers.append(close)
+
+    async def close(self) -> None:
+        """Call every :meth:`close_on_exit` closer once, newest first; a failing one does not stop the rest."""
+        while self._closers:
+            close = self._closers.pop()
+            try:
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                self._log.exception("closing failed", closer=getattr(close, "__qualname__", repr(close)))
+
+    async def run_main(self, *, cache_sync_hint: str = "") -> int:
+        """An entry point's tail: run until SIGTERM/SIGINT or lost leadership, close, return the exit status.
+
+        Installs the signal handlers, runs :meth:`run` and always calls :meth:`close`. The status is 0
+        after a stop, 1 when leadership was lost (``exiting: leadership lost``; the process restarts as
+        a standby, as controller-runtime's) and 1 when the caches did not sync in time (``exiting:
+        caches did not sync``, followed by ``cache_sync_hint`` when given: what to check).
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            self.install_signal_handlers()
+            await self.run()
+        except LeaderElectionLost as e:
+            self._log.error("exiting: leadership lost", error=str(e))
+            return 1
+        except CacheSyncTimeout as e:
+            event = "exiting: caches did not sync" + (f"; {cache_sync_hint}" if cache_sync_hint else "")
+            self._log.error(event, error=str(e))
+            return 1
+        finally:
+            try:
+                await self.close()
+            finally:
+                # Until here a signal still means "stop" (not an abrupt exit) while things close.
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+        return 0
 
     async def run(self) -> None:
         """Run until stopped (returns) or until leadership is lost (raises LeaderElectionLost)."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
+import structlog
 from kubernetes_asyncio.client import ApiClient, Configuration
 
 from kaito.runtime.controller import Result
@@ -94,3 +97,57 @@ def test_registration_rules(kube: KubeClient) -> None:
     assert mgr.informer(CONFIGMAPS, namespace="x") is not mgr.informers[0]
     with pytest.raises(ValueError, match="lease_name"):
         Manager(kube, ManagerOptions(leader_election=True))
+
+
+async def test_run_main_stops_on_sigterm_closes_newest_first_and_returns_0(kube: KubeClient) -> None:
+    mgr = Manager(kube, options())
+    closed: list[str] = []
+
+    async def close_api() -> None:
+        closed.append("api")
+
+    def broken_close() -> None:
+        closed.append("broken")
+        raise OSError("already gone")
+
+    mgr.close_on_exit(close_api)
+    mgr.close_on_exit(broken_close)
+    mgr.close_on_exit(lambda: closed.append("tempdir"))
+    task = asyncio.create_task(mgr.run_main())
+    async with asyncio.timeout(5):
+        await mgr.elected.wait()
+    assert closed == []
+    # The real signal: run_main installed the handler that turns it into a graceful stop.
+    os.kill(os.getpid(), signal.SIGTERM)
+    async with asyncio.timeout(5):
+        assert await task == 0
+    # A failing closer does not keep the ones registered before it from running.
+    assert closed == ["tempdir", "broken", "api"]
+    loop = asyncio.get_running_loop()
+    assert not loop.remove_signal_handler(signal.SIGTERM), "run_main left its SIGTERM handler behind"
+    await mgr.close()
+    assert closed == ["tempdir", "broken", "api"], "closers run once"
+
+
+async def test_run_main_returns_1_with_the_hint_when_caches_do_not_sync() -> None:
+    # The informer's apiserver (127.0.0.1:9) refuses connections: it can never sync.
+    api = ApiClient(Configuration(host="http://127.0.0.1:9"))
+    with structlog.testing.capture_logs() as logs:
+        mgr = Manager(
+            KubeClient(api),
+            ManagerOptions(name="unsynced", metrics_port=None, probe_port=None, cache_sync_timeout=0.3),
+        )
+        mgr.informer(CONFIGMAPS)
+        closed = asyncio.Event()
+
+        async def close() -> None:
+            closed.set()
+
+        mgr.close_on_exit(api.close)
+        mgr.close_on_exit(close)
+        async with asyncio.timeout(10):
+            code = await mgr.run_main(cache_sync_hint="is the CRD installed?")
+    assert code == 1 and closed.is_set()
+    (exiting,) = [e for e in logs if e["event"].startswith("exiting")]
+    assert exiting["event"] == "exiting: caches did not sync; is the CRD installed?"
+    assert exiting["log_level"] == "error" and "configmaps" in exiting["error"]
