@@ -206,15 +206,8 @@ async def _setup_webhook(
     await certs.ensure()
     server = WebhookServer(validator, host=args.webhook_host, port=args.webhook_port, cert_dir=cert_dir)
     certs.on_change = server.reload_certificates
-
-    async def serve() -> None:
-        await server.start()
-        try:
-            await certs.run()
-        finally:
-            await server.stop()
-
-    mgr.add_runnable("webhook", serve, needs_leader=False)
+    # /readyz stays 500 until the webhook accepts connections.
+    server.add_to_manager(mgr, alongside=certs.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Probe and metrics HTTP servers (aiohttp on the event loop; no threads).
 
 ``/healthz`` answers 200 while every health check passes (the loop is alive to answer at all);
-``/readyz`` answers 200 once every readiness check passes (the Manager adds "informers synced").
+``/readyz`` answers 200 once every readiness check passes (the Manager adds "informers synced"; the
+admission webhook adds "webhook", true while it listens, see ``WebhookServer.add_to_manager``).
 Neither is gated on leadership: every replica serves them. ``/metrics`` renders the default registry.
 Checks are plain callables returning ``True`` when fine; ``?verbose`` lists each one.
 """

@@ -1,7 +1,9 @@
 """The admission webhook HTTPS server (AdmissionReview v1), served by every controller replica.
 
 Paths: ``/validate/workspace.kaito.sh`` (validating, upstream's path) and ``/mutate/workspace.kaito.sh``
-(defaulting); ``/healthz`` answers 200 once the server is listening.
+(defaulting); ``/healthz`` answers 200 once the server is listening. :func:`add_to_manager` runs it
+for a :class:`~kaito.runtime.manager.Manager`'s lifetime and makes the manager's ``/readyz`` wait for
+it: a replica is not put behind the webhook Service (nor reported ready) before it accepts connections.
 
 A malformed request never takes the server down: bodies that are not an AdmissionReview get HTTP 400
 with a JSON error; a review whose object cannot be read is denied with a message naming the field;
@@ -17,7 +19,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -27,6 +29,9 @@ from pydantic import ValidationError
 from kaito.api.workspace import GROUP, KIND, Workspace
 from kaito.webhook.defaulting import default_patch
 from kaito.webhook.validation import Result, WorkspaceValidator
+
+if TYPE_CHECKING:
+    from kaito.runtime.manager import Manager
 
 VALIDATE_PATH = "/validate/workspace.kaito.sh"
 MUTATE_PATH = "/mutate/workspace.kaito.sh"
@@ -139,6 +144,11 @@ class WebhookServer:
         self.app.router.add_get(HEALTH_PATH, self._handle_health)
 
     @property
+    def listening(self) -> bool:
+        """True from the moment the socket accepts connections until :meth:`stop`."""
+        return self._site is not None
+
+    @property
     def port(self) -> int:
         """The bound port (the real one when constructed with port 0)."""
         if self._runner is not None:
@@ -166,16 +176,19 @@ class WebhookServer:
             self._ssl = await asyncio.to_thread(self._load_ssl)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self._port, ssl_context=self._ssl, backlog=512)
-        await self._site.start()
+        site = web.TCPSite(self._runner, self.host, self._port, ssl_context=self._ssl, backlog=512)
+        await site.start()
+        # Only now (the socket is bound and listening) does :attr:`listening` turn true.
+        self._site = site
         log.info("webhook server listening", host=self.host, port=self.port, tls=self._ssl is not None)
 
     async def stop(self) -> None:
         """Stop listening and finish in-flight requests."""
+        # Not ready from the first moment of a stop: new connections are about to be refused.
+        self._site = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-            self._site = None
 
     async def __aenter__(self) -> WebhookServer:
         await self.start()
@@ -183,6 +196,28 @@ class WebhookServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def add_to_manager(self, mgr: Manager, *, alongside: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Serve on every replica (not leader-gated) while ``mgr`` runs; ``/readyz`` waits for :attr:`listening`.
+
+        ``alongside`` runs while the server listens and ends with it (the certificate rotation loop);
+        the server stops when the manager cancels the runnable. Without the readiness check, ``/readyz``
+        could report ready (informers synced) before the socket is bound, and the apiserver's calls
+        through a Service that already routes to this pod would be refused.
+        """
+
+        async def serve() -> None:
+            await self.start()
+            try:
+                if alongside is not None:
+                    await alongside()
+                else:
+                    await asyncio.Event().wait()  # until the manager cancels this runnable
+            finally:
+                await self.stop()
+
+        mgr.add_runnable("webhook", serve, needs_leader=False)
+        mgr.add_ready_check("webhook", lambda: self.listening)
 
     # --------------------------------------------------------------------------------------- handlers
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -14,13 +15,18 @@ from typing import Any
 import aiohttp
 import pytest
 from cryptography import x509
+from kubernetes_asyncio.client import ApiClient, Configuration
 from prometheus_client import REGISTRY
 
+from hack.localcluster import free_port
 from kaito.presets.registry import PresetRegistry
 from kaito.presets.skus import SkuCatalog
+from kaito.runtime.kube import KubeClient
+from kaito.runtime.manager import Manager, ManagerOptions
 from kaito.webhook.certs import CertBundle, CertPolicy, plan_bundle, write_cert_dir
 from kaito.webhook.server import MUTATE_PATH, VALIDATE_PATH, WebhookServer
 from kaito.webhook.validation import WorkspaceValidator
+from test.waiting import eventually
 
 WS: dict[str, Any] = {
     "apiVersion": "kaito.sh/v1alpha1",
@@ -242,3 +248,83 @@ async def test_rule_failure_denies_with_500_and_server_keeps_serving(tmp_path: P
             {"webhook": VALIDATE_PATH, "operation": "CREATE", "allowed": "true"},
         )
         assert allowed is not None and allowed >= 1
+
+
+class HeldBackServer(WebhookServer):
+    """A webhook whose start waits for :attr:`go` (a slow TLS load or bind): the informers win the race."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.go = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.go.wait()
+        await super().start()
+
+
+async def test_readyz_is_not_ready_before_the_webhook_listens(tmp_path: Path) -> None:
+    bundle = plan_bundle(None, ["localhost"], ["127.0.0.1"], CertPolicy())
+    assert bundle is not None
+    write_cert_dir(tmp_path, bundle)
+    ctx = ssl.create_default_context(cadata=bundle.ca_bundle.decode())
+    port = free_port()
+    server = HeldBackServer(
+        WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load()),
+        host="127.0.0.1",
+        port=port,
+        cert_dir=tmp_path,
+    )
+    # Never contacted: no informers (synced at once), no leader election.
+    api = ApiClient(Configuration(host="http://127.0.0.1:9"))
+    mgr = Manager(
+        KubeClient(api),
+        ManagerOptions(name="webhook-ready", metrics_port=None, probe_host="127.0.0.1", probe_port=0),
+    )
+    rotating = asyncio.Event()
+
+    async def rotation() -> None:
+        rotating.set()
+        await asyncio.Event().wait()
+
+    server.add_to_manager(mgr, alongside=rotation)
+    task = asyncio.create_task(mgr.run())
+    try:
+        async with asyncio.timeout(5):
+            await mgr.elected.wait()  # caches synced: without the webhook check /readyz said 200 from here
+        assert mgr.probe_server is not None
+        readyz = f"http://127.0.0.1:{mgr.probe_server.port}/readyz"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(readyz + "?verbose") as r:
+                text = await r.text()
+                assert r.status == 500, text
+                assert "[+]informers-synced ok" in text and "[-]webhook failed" in text
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", port)
+
+            server.go.set()
+
+            async def ready() -> bool:
+                async with http.get(readyz) as r:
+                    if r.status != 200:
+                        return False
+                # Reported ready: the webhook answers over TLS right now.
+                async with http.get(f"https://127.0.0.1:{port}/healthz", ssl=ctx) as w:
+                    assert w.status == 200
+                return True
+
+            await eventually(ready, 5, "/readyz 200 once the webhook listens")
+            assert rotating.is_set() and server.listening
+            # A stopping webhook takes the replica out of readiness before it refuses connections.
+            await server.stop()
+            async with http.get(readyz) as r:
+                assert r.status == 500
+        mgr.stop()
+        async with asyncio.timeout(10):
+            await task
+        assert not server.listening
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await api.close()
