@@ -59,6 +59,7 @@ HOSTNAME_LABEL = "kubernetes.io/hostname"
 STATEFULSET_POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
 
 RUNTIME_WORKDIR = "/workspace/tfs"  # where the preset image keeps the runtime and kaito_oci
+KAITO_RUNTIME_MAIN = f"{RUNTIME_WORKDIR}/inference_api.py"  # presets/inference, KAITO's transformers server
 
 # upstream chart's inference-params.yaml (v0.4.1), the defaults the vLLM runtime reads.
 DEFAULT_INFERENCE_CONFIG: dict[str, Any] = {
@@ -284,7 +285,10 @@ def launch_command(
     else:
         launcher = dict(tf.accelerate_params)
     model = dict(tf.model_run_params)
-    model["served_model_name"] = preset.name
+    if tf.inference_main_file == KAITO_RUNTIME_MAIN:
+        # Only KAITO's own server takes --served_model_name (its OpenAI model id). The llama-2 images'
+        # torchrun server parses its flags strictly and would exit on an unknown one.
+        model["served_model_name"] = preset.name
     line = " ".join([tf.base_command, *_render(launcher), tf.inference_main_file, *_render(model)])
     return ["/bin/sh", "-c", line]
 

@@ -206,6 +206,52 @@ def test_distributed_preset_gets_statefulset_and_headless_service(
     assert pod["imagePullSecrets"] == [{"name": "pull"}]
 
 
+def test_llama2_torchrun_lines_carry_only_the_llama2_server_flags(
+    registry: PresetRegistry, skus: SkuCatalog
+) -> None:
+    """The llama-2 images' server parses its flags strictly: no --served_model_name (KAITO's runtime only)."""
+    master = "workspace-phi-3-mini-0.workspace-phi-3-mini-headless.ns1.svc.cluster.local"
+    raw = sample("kaito_workspace_phi_3.yaml")
+    raw["resource"]["count"] = 2
+    raw["resource"]["instanceType"] = "Standard_NC6s_v3"
+    raw["inference"]["preset"] = {
+        "name": "llama-2-13b-chat",
+        "accessMode": "private",
+        "presetOptions": {"image": "my.io/llama-2-13b-chat:1"},
+    }
+    wl = build(workspace(raw), registry, skus, nodes=["n1", "n2"])
+    (container,) = wl.workload["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["/bin/sh", "-c"]
+    # One shell line: the pod's shell computes the node rank from its hostname (<ws>-<ordinal>).
+    assert container["command"][2] == " ".join(
+        [
+            "cd /workspace/llama/llama-2 && torchrun",
+            "--master_addr=" + master,
+            "--master_port=29500",
+            "--max_restarts=3",
+            "--nnodes=2",
+            "--node_rank=$(echo $HOSTNAME | grep -o '[^-]*$')",
+            "--nproc_per_node=1",
+            "--rdzv_backend=c10d",
+            "--rdzv_endpoint=" + master + ":29500",
+            "--rdzv_id=rdzv_id",
+            "inference_api.py",
+            "--max_batch_size=8",
+            "--max_seq_len=512",
+        ]
+    )
+    raw["resource"]["count"] = 1
+    raw["inference"]["preset"]["name"] = "llama-2-7b"
+    one = build(workspace(raw), registry, skus)
+    assert one.kind == "Deployment"
+    line = mf.command_line(one.workload["spec"]["template"]["spec"]["containers"][0])
+    assert line[line.index("inference_api.py") :] == [
+        "inference_api.py",
+        "--max_batch_size=8",
+        "--max_seq_len=512",
+    ]
+
+
 def test_private_preset_without_image_is_an_error(registry: PresetRegistry, skus: SkuCatalog) -> None:
     raw = sample("kaito_workspace_phi_3.yaml")
     raw["inference"]["preset"] = {"name": "llama-2-7b"}
