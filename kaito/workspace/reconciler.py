@@ -451,7 +451,18 @@ class WorkspaceReconciler:
             except ApiError as e:
                 if not e.already_exists:
                     raise
-        elif cm is None or tn.TRAINING_CONFIG_KEY not in (cm.get("data") or {}):
+                # Another workspace created it meanwhile: become an owner of that one below.
+                cm = await self.client.get_or_none(CONFIGMAPS, cm_name, ns)
+        if cm is not None and default_cm is not None:
+            # Shared by the namespace's tuning workspaces: deleting the one that created it must not
+            # take it from the others (a Job retrying its pod needs it mounted).
+            patch = tn.owner_patch(ws, cm)
+            if patch is not None:
+                await self.client.patch(CONFIGMAPS, cm_name, patch, ns)
+                ev.CHILD_WRITES.labels("ConfigMap", "update").inc()
+                log.info("shared ConfigMap owner added", child=cm_name)
+        missing = default_cm is None if cm is None else tn.TRAINING_CONFIG_KEY not in (cm.get("data") or {})
+        if missing:
             raise mf.ManifestError(
                 "ConfigMapNotFound",
                 f"tuning.config: ConfigMap {cm_name} with key {tn.TRAINING_CONFIG_KEY} "

@@ -30,6 +30,8 @@ Obj = dict[str, Any]
 
 ANNOTATION_BACKOFF_LIMIT = "kaito.sh/tuning-backoff-limit"
 TRAINING_CONFIG_KEY = "training_config.yaml"
+# Marks the shared default template ConfigMaps the operator creates (value: the method).
+LABEL_DEFAULT_TEMPLATE = "kaito.sh/default-template"
 DATA_DIR = "/mnt/data"
 RESULTS_DIR = "/mnt/results"
 DOCKER_CONFIG_DIR = "/tmp/.docker/config"
@@ -94,8 +96,9 @@ def config_name(ws: Workspace) -> str:
 def build_default_config(ws: Workspace) -> Obj | None:
     """The default template ConfigMap in the workspace's namespace, or None when ``tuning.config`` is set.
 
-    It is owned by the workspace that created it (a later workspace using the same default finds it and
-    leaves it as it is).
+    One ConfigMap serves every tuning workspace of the namespace using the same method, so no single
+    workspace controls it: each user adds itself as a (non-controller) owner, see :func:`owner_patch`,
+    and garbage collection removes it with the last of them.
     """
     assert ws.tuning is not None
     if ws.tuning.config:
@@ -104,8 +107,40 @@ def build_default_config(ws: Workspace) -> Obj | None:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": mf._meta(ws, name),
+        "metadata": {
+            "name": name,
+            "namespace": ws.metadata.namespace,
+            "labels": {LABEL_DEFAULT_TEMPLATE: method_of(ws)},
+            "ownerReferences": [_shared_owner(ws)],
+        },
         "data": {TRAINING_CONFIG_KEY: text},
+    }
+
+
+def _shared_owner(ws: Workspace) -> Obj:
+    ref = mf.owner_reference(ws)
+    return {**ref, "controller": False, "blockOwnerDeletion": False}
+
+
+def owner_patch(ws: Workspace, cm: Mapping[str, Any]) -> Obj | None:
+    """The merge patch adding ``ws`` to the owners of an existing default template ConfigMap.
+
+    None when ``ws`` already owns it, or when the ConfigMap is not one the operator made (a user's
+    ConfigMap of that name is used as it is and never touched). The patch carries the
+    resourceVersion, so two workspaces adding themselves at once cannot drop each other.
+    """
+    meta = cm.get("metadata") or {}
+    refs = list(meta.get("ownerReferences") or [])
+    ours = LABEL_DEFAULT_TEMPLATE in (meta.get("labels") or {}) or any(
+        r.get("kind") == "Workspace" and str(r.get("apiVersion", "")).startswith("kaito.sh/") for r in refs
+    )
+    if not ours or any(r.get("uid") == ws.metadata.uid for r in refs):
+        return None
+    return {
+        "metadata": {
+            "ownerReferences": [*refs, _shared_owner(ws)],
+            "resourceVersion": meta.get("resourceVersion"),
+        }
     }
 
 

@@ -458,6 +458,28 @@ async def test_tuning_workspace_gets_job_and_reports_its_result(byo: Env) -> Non
     await byo.client.delete(NODES, node)
 
 
+async def test_default_tuning_config_is_owned_by_every_workspace_using_it(byo: Env) -> None:
+    """Two tuning workspaces share one default template ConfigMap; both own it (neither controls it),
+    so garbage collection keeps it until the last of them is deleted."""
+    labels = {"apps": f"share-{byo.namespace[-6:]}"}
+    node = f"share-{byo.namespace[-6:]}"
+    await make_node(byo.client, node, labels)
+    for name in ("share-a", "share-b"):
+        await byo.client.create(WORKSPACES, tuning_ws(name, labels), byo.namespace)
+    for name in ("share-a", "share-b"):
+        await eventually(lambda n=name: byo.client.get_or_none(JOBS, n, byo.namespace), 20, f"Job {name}")
+    uids = {str(((await byo.ws(n)) or {})["metadata"]["uid"]) for n in ("share-a", "share-b")}
+
+    async def owners() -> Any:
+        cm = await byo.client.get_or_none(CONFIGMAPS, "qlora-params-template", byo.namespace)
+        refs = ((cm or {}).get("metadata") or {}).get("ownerReferences") or []
+        return refs if {r["uid"] for r in refs} == uids else None
+
+    refs = await eventually(owners, 20, "both workspaces owning the shared ConfigMap")
+    assert len(refs) == 2 and not any(r.get("controller") for r in refs)
+    await byo.client.delete(NODES, node)
+
+
 async def test_tuning_job_failure_is_reported_with_reason(byo: Env) -> None:
     """Job Failed (BackoffLimitExceeded) -> state Failed, WorkspaceSucceeded False with the reason."""
     labels = {"apps": f"tfail-{byo.namespace[-6:]}"}

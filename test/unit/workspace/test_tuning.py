@@ -155,7 +155,10 @@ def test_config_selection_and_defaults(registry: PresetRegistry, skus: SkuCatalo
     cm = tn.build_default_config(qlora)
     assert cm is not None
     assert cm["metadata"]["name"] == "qlora-params-template" and cm["metadata"]["namespace"] == "ns1"
-    assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    ref = cm["metadata"]["ownerReferences"][0]
+    # Shared by every tuning workspace of the namespace: an owner, never the controller.
+    assert ref["uid"] == "uid-1" and ref["controller"] is False and ref["blockOwnerDeletion"] is False
+    assert cm["metadata"]["labels"] == {tn.LABEL_DEFAULT_TEMPLATE: "qlora"}
     parsed = yaml.safe_load(cm["data"]["training_config.yaml"])["training_config"]
     assert parsed["QuantizationConfig"]["load_in_4bit"] is True
     assert parsed["TrainingArguments"]["output_dir"] == "/mnt/results"
@@ -310,3 +313,34 @@ def test_installed_package_finds_the_templates_where_the_image_puts_them(tmp_pat
     del env[ENV_CATALOG_DIR]
     missing = lookup(env)
     assert missing.returncode != 0 and "CatalogError" in missing.stderr, missing.stderr
+
+
+def test_a_second_workspace_joins_the_owners_of_the_shared_default() -> None:
+    first = workspace()
+    cm = tn.build_default_config(first)
+    assert cm is not None
+    cm["metadata"]["resourceVersion"] = "42"
+    assert tn.owner_patch(first, cm) is None  # already an owner
+
+    second = workspace(uid="uid-2", name="tune-2")
+    patch = tn.owner_patch(second, cm)
+    assert patch is not None
+    refs = patch["metadata"]["ownerReferences"]
+    assert [r["uid"] for r in refs] == ["uid-1", "uid-2"]
+    assert not any(r["controller"] for r in refs)
+    assert patch["metadata"]["resourceVersion"] == "42"  # two joiners at once cannot drop each other
+
+    # A ConfigMap made by an earlier version (controller-owned by its first workspace) is joined too.
+    legacy = {
+        "metadata": {
+            "name": "qlora-params-template",
+            "ownerReferences": [{"apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "uid": "uid-0"}],
+        }
+    }
+    joined = tn.owner_patch(second, legacy)
+    assert joined is not None and [r["uid"] for r in joined["metadata"]["ownerReferences"]] == [
+        "uid-0",
+        "uid-2",
+    ]
+    # A user's ConfigMap of the same name is used as it is, never touched.
+    assert tn.owner_patch(second, {"metadata": {"name": "qlora-params-template"}}) is None
