@@ -273,9 +273,19 @@ def launch_command(
     if tf.torch_run_params:
         launcher = dict(tf.torch_run_params)
         if is_distributed(ws, preset):
+            world = max(preset.world_size, 1)
+            if count < 1 or world % count:
+                # The checkpoint is split into exactly `world` shards, one per torch rank: any other
+                # world size fails to load on every node (upstream rendered it anyway).
+                fits = ", ".join(str(n) for n in range(1, world + 1) if world % n == 0)
+                raise ManifestError(
+                    "UnsupportedNodeCount",
+                    f"preset {preset.name} runs as {world} torch ranks, which {count} nodes cannot share "
+                    f"evenly: set resource.count to one of {fits}",
+                )
             ns = ws.metadata.namespace
             launcher["nnodes"] = str(count)
-            launcher["nproc_per_node"] = str(max(1, preset.world_size // max(count, 1)))
+            launcher["nproc_per_node"] = str(world // count)
             if count > 1:
                 # The pod ordinal is the node rank; rank 0's stable DNS name is the rendezvous point.
                 launcher["node_rank"] = "$(echo $HOSTNAME | grep -o '[^-]*$')"

@@ -252,6 +252,28 @@ def test_llama2_torchrun_lines_carry_only_the_llama2_server_flags(
     ]
 
 
+def test_distributed_preset_on_a_node_count_that_does_not_divide_its_ranks_is_an_error(
+    registry: PresetRegistry, skus: SkuCatalog
+) -> None:
+    """llama-2-70b is 8 shards, one per torch rank: 3 nodes would start 6 or 9 ranks and never load."""
+    raw = sample("kaito_workspace_phi_3.yaml")
+    raw["resource"]["count"] = 3
+    raw["resource"]["instanceType"] = "Standard_NC24s_v3"
+    raw["inference"]["preset"] = {
+        "name": "llama-2-70b",
+        "accessMode": "private",
+        "presetOptions": {"image": "my.io/llama-2-70b:1"},
+    }
+    with pytest.raises(mf.ManifestError) as e:
+        build(workspace(raw), registry, skus, nodes=["n1", "n2", "n3"])
+    assert e.value.reason == "UnsupportedNodeCount"
+    assert "8 torch ranks" in e.value.message and "one of 1, 2, 4, 8" in e.value.message
+    raw["resource"]["count"] = 2
+    wl = build(workspace(raw), registry, skus, nodes=["n1", "n2"])
+    line = wl.workload["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    assert "--nnodes=2 " in line and "--nproc_per_node=4 " in line  # 2 nodes x 4 GPUs = 8 ranks
+
+
 def test_private_preset_without_image_is_an_error(registry: PresetRegistry, skus: SkuCatalog) -> None:
     raw = sample("kaito_workspace_phi_3.yaml")
     raw["inference"]["preset"] = {"name": "llama-2-7b"}
