@@ -464,6 +464,7 @@ def _pod_spec(
     gpus: int,
     nodes: Sequence[str],
     with_adapters: bool,
+    one_per_node: bool = False,
 ) -> Obj:
     runtime = runtime_of(ws, preset, options)
     image, pull_secrets = image_of(ws, preset, options)
@@ -497,8 +498,17 @@ def _pod_spec(
     env = adapter_env(ws) if adapters else []
     if env:
         container["env"] = env
+    affinity = node_affinity(ws.resource.label_selector.as_map(), nodes)
+    if one_per_node:
+        # Each rank is one of status.workerNodes: a preferred node with spare GPUs must not take two
+        # ranks and leave another selected node idle.
+        affinity["podAntiAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": selector_labels(ws)}, "topologyKey": HOSTNAME_LABEL}
+            ]
+        }
     spec: Obj = {
-        "affinity": node_affinity(ws.resource.label_selector.as_map(), nodes),
+        "affinity": affinity,
         "tolerations": inference_tolerations(options),
         "containers": [container],
         "volumes": volumes,
@@ -556,7 +566,9 @@ def build_statefulset(
             "selector": {"matchLabels": selector_labels(ws)},
             "template": {
                 "metadata": {"labels": selector_labels(ws)},
-                "spec": _pod_spec(ws, preset, options, gpus=gpus, nodes=nodes, with_adapters=True),
+                "spec": _pod_spec(
+                    ws, preset, options, gpus=gpus, nodes=nodes, with_adapters=True, one_per_node=True
+                ),
             },
         },
     }

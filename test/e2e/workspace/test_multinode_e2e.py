@@ -153,6 +153,15 @@ async def test_distributed_preset_runs_as_statefulset_on_two_nodes(operator: Ope
     assert spec["replicas"] == 2
     assert spec["podManagementPolicy"] == "Parallel"
     assert spec["serviceName"] == f"{NAME}-headless"
+    anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert anti == [
+        {
+            "labelSelector": {"matchLabels": {"kaito.sh/workspace": NAME}},
+            "topologyKey": "kubernetes.io/hostname",
+        }
+    ]
     assert sts["status"]["readyReplicas"] == 2
 
     # The headless Service gives each rank a stable DNS name; the Service <ws> answers on 80 (and 29500)
@@ -315,12 +324,13 @@ async def test_multinode_adapter_and_preferred_node_changes_roll_the_statefulset
         assert p["spec"]["containers"][0]["env"] == [{"name": adapter, "value": "0.5"}]
     assert sorted(p["spec"]["nodeName"] for p in pods) == sorted(first_workers)
 
-    # 2. Prefer an existing node (1 GPU, right labels): it replaces one of the Machine-made nodes.
+    # 2. Prefer an existing node with the right labels: it replaces one of the Machine-made nodes. It has
+    # room for both ranks (2 GPUs); they must still spread, one per selected node.
     byo = f"byo-{ns[-6:]}"
     op.cluster.create_kwok_node(
         byo,
         labels={"apps": PRESET, "node.kubernetes.io/instance-type": SKU},
-        gpus=1,
+        gpus=2,
         taints=[{"key": "sku", "value": "gpu", "effect": "NoSchedule"}],
     )
     try:

@@ -81,6 +81,7 @@ def test_phi3_deployment_shape(registry: PresetRegistry, skus: SkuCatalog) -> No
         {"key": "apps", "operator": "In", "values": ["phi-3"]},
         {"key": "kubernetes.io/hostname", "operator": "In", "values": ["node-a"]},
     ]
+    assert "podAntiAffinity" not in pod["affinity"]  # replicas of a Deployment may share a big node
     # One GPU: no /dev/shm volume; the inference config is mounted from the owned ConfigMap.
     assert {v["name"] for v in pod["volumes"]} == {"config-volume"}
     assert wl.config_map is not None
@@ -204,6 +205,19 @@ def test_distributed_preset_gets_statefulset_and_headless_service(
     )
     assert pod["containers"][0]["image"] == "my.io/llama-2-13b:1"
     assert pod["imagePullSecrets"] == [{"name": "pull"}]
+    # One rank per selected node, pinned to them.
+    assert pod["affinity"]["podAntiAffinity"] == {
+        "requiredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "labelSelector": {"matchLabels": {"kaito.sh/workspace": "workspace-phi-3-mini"}},
+                "topologyKey": "kubernetes.io/hostname",
+            }
+        ]
+    }
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert {"key": "kubernetes.io/hostname", "operator": "In", "values": ["n1", "n2"]} in terms[
+        "nodeSelectorTerms"
+    ][0]["matchExpressions"]
 
 
 def test_llama2_torchrun_lines_carry_only_the_llama2_server_flags(
