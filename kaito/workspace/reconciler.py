@@ -519,19 +519,40 @@ class WorkspaceReconciler:
             )
         candidates = self._candidate_nodes(labels)
         qualifying = nd.qualifying_nodes(candidates, labels, itype, preferred, current, owner=(ns, name))
-        selected = qualifying[:count]
-        workers = [nd.node_name(n) for n in selected]
-        gpus = [nd.node_gpus(n) for n in selected]
         if self.options.provisioning == "byo":
+            selected = qualifying[:count]
+            workers = [nd.node_name(n) for n in selected]
+            gpus = [nd.node_gpus(n) for n in selected]
             if len(selected) >= count:
                 return st.StepOutcome(st.Phase.READY), workers, gpus
             return self._byo_missing(ws, candidates, labels, itype, preferred, len(selected)), workers, gpus
 
         # machine mode: Machines for the nodes that existing (non-Machine) nodes cannot cover.
         requests = [self.encoding.observe(m) for m in self._machines_of(key)]
-        machine_nodes = {r.node_name for r in requests if r.node_name}
+        # A node our Machine made (its copied labels say so) is never "existing": while its Machine is
+        # being deleted the node lingers Ready for a while and must not stand in for a Machine.
+        own = {nd.node_name(n) for n in qualifying if nd.provisioned_for(n) == (ns, name)}
+        machine_nodes = {r.node_name for r in requests if r.node_name} | own
         external = [n for n in qualifying if nd.node_name(n) not in machine_nodes]
         needed = max(0, count - len(external))
+        wanted_names = {self.encoding.name_for(ns, name, s) for s in range(needed)}
+        # Nodes of Machines beyond the slots still needed (preferredNodes or other existing nodes now
+        # cover them) or already going are chosen last: the workload moves off them and the Machines
+        # are released below.
+        staying = {
+            r.node_name
+            for r in requests
+            if r.node_name and r.name in wanted_names and r.phase != RequestPhase.DELETING
+        }
+        leaving = machine_nodes - staying
+        if leaving:
+            pref = frozenset(preferred)
+            qualifying = sorted(
+                qualifying, key=lambda n: nd.node_name(n) in leaving and nd.node_name(n) not in pref
+            )
+        selected = qualifying[:count]
+        workers = [nd.node_name(n) for n in selected]
+        gpus = [nd.node_gpus(n) for n in selected]
         by_name = {r.name: r for r in requests}
         storage = preset.disk_storage if preset is not None else "0"
         if ws.tuning is not None and preset is not None and preset.tuning is not None:
@@ -544,6 +565,7 @@ class WorkspaceReconciler:
             req = await self._create_machine(ws, slot, itype, labels, storage)
             by_name[req.name] = req
         if len(selected) >= count:
+            await self._release_machines(key, ws, requests, wanted_names, workers)
             return st.StepOutcome(st.Phase.READY), workers, gpus
         wanted = [by_name[self.encoding.name_for(ns, name, s)] for s in range(needed)]
         waiting = [r for r in wanted if r.node_name not in set(workers) or r.phase != RequestPhase.READY]
@@ -572,6 +594,54 @@ class WorkspaceReconciler:
             parts.append(f"{r.name} ({what})")
         msg = f"creating {len(waiting)} machines: " + ", ".join(parts) if parts else "waiting for nodes"
         return st.StepOutcome(st.Phase.PENDING, StateReason.PROVISIONING, msg), workers, gpus
+
+    async def _release_machines(
+        self,
+        key: str,
+        ws: Workspace,
+        requests: Sequence[NodeRequest],
+        wanted_names: set[str],
+        workers: Sequence[str],
+    ) -> None:
+        """Delete Machines the workspace no longer needs, once none of its pods runs on their node.
+
+        A Machine beyond the slots still needed (the user now prefers existing nodes) would otherwise
+        keep an idle GPU node -- and its cloud bill -- until the workspace is deleted. Only a Machine
+        whose node is not selected and carries no pod of the workspace goes, so a rollout moving the
+        pods keeps serving on the old node until it is done (pods are watched: the reconcile that
+        sees the last one leave deletes the Machine).
+        """
+        surplus = [
+            r
+            for r in requests
+            if r.name not in wanted_names and r.phase != RequestPhase.DELETING and r.node_name not in workers
+        ]
+        if not surplus:
+            return
+        busy = {
+            str((p.get("spec") or {}).get("nodeName"))
+            for p in self.pods.store.by_index(POD_WS_INDEX, key)
+            if (p.get("spec") or {}).get("nodeName")
+        }
+        for r in surplus:
+            if r.node_name and r.node_name in busy:
+                continue
+            try:
+                await self.client.delete(self.encoding.resource, r.name)
+            except ApiError as e:
+                if not e.not_found:
+                    raise
+                continue
+            ev.MACHINE_OPS.labels("deleted").inc()
+            log.info("surplus machine deleted", machine=r.name, node=r.node_name)
+            await self.recorder.event(
+                self._ref(ws),
+                "Normal",
+                "MachineDeleted",
+                f"deleted machine {r.name}"
+                + (f" (node {r.node_name})" if r.node_name else "")
+                + ": the selected nodes cover the workspace without it",
+            )
 
     def _byo_missing(
         self,

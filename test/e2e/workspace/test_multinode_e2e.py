@@ -350,6 +350,24 @@ async def test_multinode_adapter_and_preferred_node_changes_roll_the_statefulset
         assert hostnames == {"key": "kubernetes.io/hostname", "operator": "In", "values": sorted(workers)}
         for p in pods:  # the adapter stays
             assert p["spec"]["containers"][0]["env"] == [{"name": adapter, "value": "0.5"}]
+
+        # The Machine whose node the preferred node replaced is released (no idle GPU node is left);
+        # the one still serving (slot 0) stays, and the workspace stays Ready on the same two nodes.
+        (released,) = set(first_workers) - set(workers)
+
+        async def released_only_surplus() -> bool:
+            ms = machines_of(op, NAME)
+            return [m["metadata"]["name"] for m in ms] == [machine_name(ns, NAME, 0)] and (
+                kget(op, "node", released) is None
+            )
+
+        await eventually(released_only_surplus, 60, "the surplus Machine and its node to go")
+        (kept,) = machines_of(op, NAME)
+        assert kept["status"]["nodeName"] in workers
+        ws = kget(op, "workspace", NAME, "-n", ns)
+        assert ws["status"]["workerNodes"] == workers and conditions(ws)["WorkspaceReady"] == "True"
+        sts_now = kget(op, "statefulset", NAME, "-n", ns)
+        assert sts_now["metadata"]["annotations"] == sts["metadata"]["annotations"]  # no further roll
     finally:
         op.cluster.kubectl("delete", "workspace", NAME, "-n", ns, "--wait=false", check=False)
         op.cluster.kubectl("delete", "node", byo, "--ignore-not-found", check=False)

@@ -519,3 +519,77 @@ async def test_tuning_missing_user_config_is_reported(byo: Env) -> None:
     assert st["reason"] == "ConfigMapNotFound"
     assert await byo.client.get_or_none(JOBS, "tcfg", byo.namespace) is None
     await byo.client.delete(NODES, node)
+
+
+async def test_machine_no_longer_needed_is_released_and_its_lingering_node_not_reused(machines: Env) -> None:
+    """preferredNodes now cover the workspace: its Machine is deleted (no idle GPU node left behind), and
+    while the Machine's node lingers Ready during deletion it is neither selected nor a reason to create
+    another Machine."""
+    env = machines
+    suffix = env.namespace[-6:]
+    labels = {"apps": f"surplus-{suffix}"}
+    await env.client.create(WORKSPACES, phi3("surplus", labels), env.namespace)
+    mname = machine_name(env.namespace, "surplus", 0)
+    await eventually(lambda: env.client.get_or_none(MACHINES, mname), 20, "the Machine")
+    # Play the provisioner: a node carrying the Machine's labels, then the Machine Ready and linked. A
+    # finalizer keeps the Machine (and so its node) around once deleted, as a draining provisioner would.
+    made = f"made-{suffix}"
+    await make_node(
+        env.client,
+        made,
+        {**labels, "kaito.sh/workspace": "surplus", "kaito.sh/workspacenamespace": env.namespace},
+    )
+    await env.client.patch(MACHINES, mname, {"metadata": {"finalizers": ["test.kaito.sh/draining"]}})
+    await env.client.merge_patch_status(
+        MACHINES,
+        mname,
+        {
+            "nodeName": made,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Ready", "message": ""}],
+        },
+    )
+
+    async def workers(want: list[str]) -> bool:
+        ws = await env.ws("surplus")
+        return ws is not None and ws["status"].get("workerNodes") == want
+
+    await eventually(lambda: workers([made]), 20, f"status.workerNodes == [{made}]")
+
+    byo = f"byo-{suffix}"
+    await make_node(env.client, byo, labels)
+    await env.client.patch(WORKSPACES, "surplus", {"resource": {"preferredNodes": [byo]}}, env.namespace)
+    await eventually(lambda: workers([byo]), 20, f"status.workerNodes == [{byo}]")
+
+    async def deleting() -> bool:
+        m = await env.client.get_or_none(MACHINES, mname)
+        return m is not None and bool(m["metadata"].get("deletionTimestamp"))
+
+    await eventually(deleting, 20, "the surplus Machine to be deleted")
+    # Reconcile again once the cache shows the Machine deleting while its node lingers Ready: no new
+    # Machine, and the workload stays on the preferred node.
+    key = f"{env.namespace}/surplus"
+
+    async def cached_deleting() -> bool:
+        assert env.rec.machines is not None
+        m = env.rec.machines.store.get(mname)
+        return m is not None and bool(m["metadata"].get("deletionTimestamp"))
+
+    await eventually(cached_deleting, 20, "the informer to see the Machine deleting")
+    await env.rec.reconcile(key)
+    dep = await env.client.get(DEPLOYMENTS, "surplus", env.namespace)
+    exprs = dep["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"][0]["matchExpressions"]
+    assert {"key": "kubernetes.io/hostname", "operator": "In", "values": [byo]} in exprs
+    assert await workers([byo])
+    events = (await env.client.list(EVENTS, env.namespace, field_selector="involvedObject.name=surplus"))[
+        "items"
+    ]
+    assert any(e["reason"] == "MachineDeleted" and mname in e["message"] for e in events)
+    items = (await env.client.list(MACHINES, label_selector=f"kaito.sh/workspacenamespace={env.namespace}"))[
+        "items"
+    ]
+    assert [i["metadata"]["name"] for i in items] == [mname]
+    await env.client.patch(MACHINES, mname, {"metadata": {"finalizers": None}})
+    for n in (made, byo):
+        await env.client.delete(NODES, n)
