@@ -243,6 +243,7 @@ class WorkspaceValidator:
         if inf.preset is not None:
             if preset is not None:
                 self._check_preset_access(result, "inference.preset", ws, preset)
+                self._check_node_count(result, ws, preset)
                 if sku is not None:
                     self._check_fit(result, ws, preset, sku)
         else:
@@ -279,6 +280,18 @@ class WorkspaceValidator:
                 f"preset {preset.name} downloads gated weights at runtime; set it to a Secret (same namespace) "
                 "with key HF_TOKEN",
             )
+
+    def _check_node_count(self, result: Result, ws: Workspace, preset: Preset) -> None:
+        """A distributed preset's checkpoint has one shard per torch rank: ``count`` must divide them."""
+        count, world = ws.resource.count, max(preset.world_size, 1)
+        if not preset.distributed_inference or count < 1 or world % count == 0:
+            return
+        fits = ", ".join(str(n) for n in range(1, world + 1) if world % n == 0)
+        result.error(
+            "resource.count",
+            f"preset {preset.name} runs as {world} torch ranks, which {count} nodes cannot share evenly; "
+            f"use one of {fits}",
+        )
 
     def _check_fit(self, result: Result, ws: Workspace, preset: Preset, sku: GPUSku) -> None:
         problems = check_fit(preset, sku, ws.resource.count)
