@@ -75,3 +75,31 @@ def test_node_predicate_ignores_heartbeats() -> None:
     assert node_predicate(old, node("False", apps="a"))
     assert node_predicate(old, node(apps="b"))
     assert node_predicate(None, old)
+
+
+def test_children_are_cached_without_what_the_reconciler_never_reads() -> None:
+    from kaito.workspace.reconciler import slim_child
+
+    pod = {
+        "kind": "Pod",
+        "metadata": {"name": "p", "managedFields": [{"manager": "x"}], "labels": {"a": "b"}},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}], "volumes": []},
+        "status": {"phase": "Running", "containerStatuses": [{"name": "c", "ready": True}]},
+    }
+    slim = slim_child(pod)
+    assert slim["spec"] == {"nodeName": "n1"}
+    assert slim["status"]["containerStatuses"][0]["ready"] is True
+    assert "managedFields" not in slim["metadata"] and slim["metadata"]["labels"] == {"a": "b"}
+    assert slim_child({"kind": "Pod", "metadata": {}, "spec": {"containers": []}})["spec"] == {}
+
+    dep = {
+        "kind": "Deployment",
+        "metadata": {"annotations": {"kaito.sh/spec-hash": "h"}},
+        "spec": {"replicas": 1, "template": {"spec": {"containers": []}}},
+        "status": {"readyReplicas": 1},
+    }
+    assert slim_child(dep)["spec"] == {"replicas": 1}
+    assert slim_child(dep)["metadata"]["annotations"] == {"kaito.sh/spec-hash": "h"}
+
+    cm = {"kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"k": "v" * 1000}}
+    assert slim_child(cm) == {"kind": "ConfigMap", "metadata": {"name": "c"}}
