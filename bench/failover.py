@@ -600,6 +600,10 @@ class Run:
             self.stuck.append(f"failover {k}: no leader + ready standby within the deadline")
             return False
         slot, leader, standby = state
+        # Land the kill anywhere in the leader's renew cycle, not always right after the standby's start.
+        await asyncio.sleep(self.load.rng.uniform(0, self.args.kill_jitter))
+        if not (leader.alive() and holder(await lease(self.client)) == leader.name):
+            return await self.failover(k)  # the lease moved meanwhile (a crash): find the leader again
         base = await standby.reconciles()
         probe = f"fo-{k:04d}"
         probe_machine = machine_name(NS, probe, 0)
@@ -928,6 +932,12 @@ def main() -> int:
         type=float,
         default=3.0,
         help="delete only workspaces at least this old (0 also deletes ones the controller is just finalizing)",
+    )
+    p.add_argument(
+        "--kill-jitter",
+        type=float,
+        default=1.0,
+        help="random 0..N s wait before each kill (renew-cycle phase)",
     )
     p.add_argument("--warmup", type=float, default=10.0, help="seconds of load before the first kill")
     p.add_argument("--settle-timeout", type=float, default=180.0, help="deadline of each final wait")
