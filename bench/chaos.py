@@ -112,6 +112,19 @@ class Proc:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def mentioning(self, text: str) -> list[str]:
+        """Log lines containing ``text``."""
+        log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return [line for line in log.splitlines() if text in line]
+
+    def backoffs(self) -> list[float]:
+        """Every informer list/watch backoff delay the process logged (its cache is stale meanwhile)."""
+        out = []
+        for line in self.mentioning("backing off"):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                out.append(float(json.loads(line)["delay"]))
+        return out
+
     def problems(self, limit: int = 30) -> list[str]:
         """Log lines at error level or above, and tracebacks (the evidence a report needs)."""
         out = []
@@ -234,7 +247,7 @@ class Phase:
     failures: list[str] = field(default_factory=list)
 
     def fail(self, msg: str) -> None:
-        print(f"  [{self.namespace}] FAIL: {msg}", file=sys.stderr)
+        """Record a failed check (printed by :func:`report`)."""
         self.failures.append(msg)
 
     def counts(self) -> dict[str, int]:
@@ -365,9 +378,18 @@ class Phase:
                 out.append(node)
         return out
 
-    async def check_children(self) -> None:
-        """No duplicates: one Deployment/Service/ConfigMap per workspace, ``count`` Machines, one Node each."""
+    async def check_children(self, ready_names: set[str]) -> None:
+        """No duplicates: one Deployment/Service/ConfigMap per workspace, ``count`` Machines, one Node each.
+
+        Exact counts for the workspaces in ``ready_names``; for the others (not converged) only that
+        nothing exists twice.
+        """
         counts = self.counts()
+
+        def check(what: str, got: int, want: int, ws: str) -> None:
+            if got > want or (got != want and ws in ready_names):
+                self.fail(f"{what}: {got} (want {want})")
+
         for res in (DEPLOYMENTS, SERVICES, CONFIGMAPS):
             items: list[Obj] = await retrying(functools.partial(self.client.list_all, res, self.namespace))
             per: Counter[str] = Counter()
@@ -383,8 +405,7 @@ class Phase:
                     continue
                 per[owner] += 1
             for name in counts:
-                if per[name] != 1:
-                    self.fail(f"workspace {name}: {per[name]} {res.kind}s (want 1)")
+                check(f"workspace {name}: {res.kind}s", per[name], 1, name)
             for name in set(per) - set(counts):
                 self.fail(f"{per[name]} {res.kind}s owned by unknown workspace {name}")
 
@@ -398,8 +419,7 @@ class Phase:
             if expected.get(name) != ws:
                 self.fail(f"unexpected Machine {name} (labelled for workspace {ws})")
         for ws, c in counts.items():
-            if per_ws[ws] != c:
-                self.fail(f"workspace {ws}: {per_ws[ws]} Machines (want {c})")
+            check(f"workspace {ws}: Machines", per_ws[ws], c, ws)
         # Machines that lost their labels would escape the selector: every Machine must be known.
         everything: list[Obj] = await retrying(lambda: self.client.list_all(MACHINES))
         for m in everything:
@@ -411,11 +431,40 @@ class Phase:
         per_pool = Counter(
             str(((n.get("metadata") or {}).get("labels") or {}).get(AGENTPOOL_LABEL)) for n in nodes
         )
-        for name in expected:
-            if per_pool[name] != 1:
-                self.fail(f"Machine {name}: {per_pool[name]} Nodes (want 1)")
+        for name, ws in expected.items():
+            check(f"Machine {name} (workspace {ws}): Nodes", per_pool[name], 1, ws)
         for pool in set(per_pool) - set(expected):
             self.fail(f"{per_pool[pool]} Node(s) for unexpected agent pool {pool}")
+
+    async def explain_not_ready(self) -> None:
+        """Record, for each workspace not ready, its reason, its Machines' state and what the logs say."""
+        items: list[Obj] = await retrying(lambda: self.client.list_all(WORKSPACES, self.namespace))
+        machines = await self.machines()
+        for w in items:
+            if ready(w):
+                continue
+            name = w["metadata"]["name"]
+            ready_cond: Obj = next(
+                (
+                    c
+                    for c in (w.get("status") or {}).get("conditions") or []
+                    if c.get("type") == "WorkspaceReady"
+                ),
+                {},
+            )
+            self.fail(f"workspace {name} not ready: {ready_cond.get('reason')}: {ready_cond.get('message')}")
+            for m in machines:
+                if ((m.get("metadata") or {}).get("labels") or {}).get(LABEL_WORKSPACE_NAME) != name:
+                    continue
+                mname = m["metadata"]["name"]
+                conds = {
+                    c.get("type"): f"{c.get('status')}/{c.get('reason')}"
+                    for c in (m.get("status") or {}).get("conditions") or []
+                }
+                self.fail(f"  its Machine {mname}: {conds}")
+                for p in self.procs:
+                    for line in p.mentioning(mname)[-6:]:
+                        self.fail(f"    {p.name} log: {compact(line)}")
 
     async def run(self, proxy: FaultProxy) -> dict[str, Any]:
         ns, args = self.namespace, self.args
@@ -445,21 +494,19 @@ class Phase:
         faults_ready = proxy.fault_counts()
         if t_ready is not None:
             t_ready = time.monotonic() - t0
-            await self.check_children()
         else:
-            items = await retrying(lambda: self.client.list_all(WORKSPACES, ns))
-            for w in items:
-                if not ready(w):
-                    conds = {
-                        c.get("type"): (c.get("status"), c.get("reason"), c.get("message"))
-                        for c in (w.get("status") or {}).get("conditions") or []
-                    }
-                    self.fail(f"workspace {w['metadata']['name']} not ready: {conds}")
+            await self.explain_not_ready()
+        wss: list[Obj] = await retrying(lambda: self.client.list_all(WORKSPACES, ns))
+        await self.check_children({w["metadata"]["name"] for w in wss if ready(w)})
 
         # ---- delete and clean up -----------------------------------------------------------------
         t1 = time.monotonic()
-        for name in counts:
-            await retrying(functools.partial(self.client.delete, WORKSPACES, name, ns))
+
+        async def delete(name: str) -> None:
+            async with sem:
+                await retrying(functools.partial(self.client.delete, WORKSPACES, name, ns))
+
+        await asyncio.gather(*(delete(name) for name in counts))
 
         async def all_gone() -> tuple[bool, str]:
             wss = await retrying(lambda: self.client.list_all(WORKSPACES, ns))
@@ -492,6 +539,7 @@ class Phase:
             "proxied_watches": proxy.faults["watches"],
             "controller_metrics": metrics,
             "error_log_lines": {k: len(v) for k, v in problems.items()},
+            "informer_backoffs": {p.name: backoff_summary(p.backoffs()) for p in self.procs},
             "failures": list(self.failures),
             "_problems": problems,
         }
@@ -499,6 +547,28 @@ class Phase:
     async def stop(self) -> None:
         for p in reversed(self.procs):
             await p.stop()
+
+
+def backoff_summary(delays: list[float]) -> dict[str, float]:
+    """How often and how long an informer sat out after a list/watch error."""
+    return {
+        "count": len(delays),
+        "over_20s": sum(1 for d in delays if d > 20),
+        "max_s": round(max(delays), 1) if delays else 0.0,
+    }
+
+
+def compact(line: str) -> str:
+    """A JSON log line without its bookkeeping fields, for a report."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return line[:300]
+    ts = str(rec.pop("timestamp", ""))[11:23]
+    level, msg = rec.pop("level", ""), rec.pop("msg", "")
+    for key in ("reconcile_id", "namespace", "key", "name", "controller"):
+        rec.pop(key, None)
+    return f"{ts} {level} {msg} {json.dumps(rec)}"[:300]
 
 
 def report(r: dict[str, Any]) -> None:
@@ -511,14 +581,19 @@ def report(r: dict[str, Any]) -> None:
     )
     for name, m in r["controller_metrics"].items():
         print(f"[{tag}] {name} counters: {m}")
+    for name, b in r["informer_backoffs"].items():
+        print(
+            f"[{tag}] {name} informer backoffs after list/watch errors: {b['count']}, "
+            f"{b['over_20s']} over 20 s, longest {b['max_s']} s (the cache is stale meanwhile)"
+        )
     for name, lines in r.pop("_problems").items():
         if lines:
             print(f"[{tag}] {name}: {len(lines)} error log lines, last ones:")
             for line in lines[-5:]:
-                print(f"    {line[:400]}")
+                print(f"    {compact(line)}")
     failed = len(r["failures"])
     print(f"[{tag}] checks: {f'{failed} FAILED' if failed else 'ok'}")
-    for f in r["failures"][:50]:
+    for f in r["failures"][:100]:
         print(f"    {f}")
 
 
@@ -561,6 +636,7 @@ async def run_phases(cluster: LocalCluster, args: argparse.Namespace, log_dir: P
                         "proxied_watches": proxy.faults["watches"],
                         "controller_metrics": {},
                         "error_log_lines": {},
+                        "informer_backoffs": {q.name: backoff_summary(q.backoffs()) for q in phase.procs},
                         "failures": list(phase.failures),
                         "_problems": {q.name: q.problems() for q in phase.procs},
                     }
@@ -615,6 +691,9 @@ def main() -> int:
         summary[f"{key}_delete_s"] = r["delete_s"]
         summary[f"{key}_injected"] = r["faults_total"]
         summary[f"{key}_failures"] = len(r["failures"])
+        summary[f"{key}_longest_informer_backoff_s"] = max(
+            (b["max_s"] for b in r["informer_backoffs"].values()), default=0.0
+        )
     if len(results) == 2 and results[0]["all_ready_s"] and results[1]["all_ready_s"]:
         summary["ready_ratio_faults_vs_p0"] = round(results[0]["all_ready_s"] / results[1]["all_ready_s"], 2)
     print(f"all checks: {'ok' if ok else 'FAILED'}")
