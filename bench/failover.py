@@ -515,7 +515,9 @@ class Load:
             self._tick += 1
             await self.create(f"ws-{self._tick:05d}")
             if len(self.live) > self.max_live:
-                await self.delete_one(oldest=True)
+                # Probe workspaces (one per failover) count too: shed down to the cap, oldest first.
+                for _ in range(len(self.live) - self.max_live):
+                    await self.delete_one(oldest=True)
             elif self.delete_every and self._tick % self.delete_every == 0:
                 await self.delete_one(oldest=False)
             await asyncio.sleep(self.interval)
@@ -625,7 +627,7 @@ class Run:
 
         async def reconciled() -> bool:
             n = await standby.reconciles()
-            if n is None or base is None or n <= base:
+            if n is None or n <= (base or 0.0):  # a standby that never led has reconciled nothing
                 return False
             sample.first_reconcile_s = time.monotonic() - t0
             return True
