@@ -10,8 +10,8 @@ and Machine CRDs, and, as real processes (each dies with this script: parent-dea
 
 Load: for the whole run a stream of phi-3 workspaces on ``Standard_NC6s_v3`` with a labelSelector (no
 pre-existing node matches, so each needs a Machine) is created, one every ``--create-interval``
-seconds, and some are deleted (every ``--delete-every``-th tick, and whenever more than ``--max-live``
-exist).
+seconds, and some are deleted (a random one every ``--delete-every``-th tick; the oldest ones whenever
+more than ``--max-live`` exist), only once at least ``--min-delete-age`` seconds old.
 
 Each failover: wait until the Lease ``kaito-workspace`` names a live replica and the other one answers
 ``/readyz`` (caches warm, standing by); ``kill -9`` the holder; create a probe workspace at once; then
@@ -25,19 +25,26 @@ measure
 and restart the killed slot as the new standby (a new process, a new identity).
 
 Throughout, every Machine event is audited: a name other than the controller's deterministic
-``machine_name(namespace, workspace, slot)``, a slot past ``resource.count``, or a Machine alive (no
-deletionTimestamp) in a write newer than its workspace's deletion counts as a duplicate. At the end the
-load stops, deletions settle, every remaining workspace must be ``WorkspaceReady=True``, and: exactly
-``resource.count`` Machines per workspace with the deterministic names, none for a deleted workspace,
-and exactly the controller's Deployment and Services per workspace (none left for a deleted one).
+``machine_name(namespace, workspace, slot)`` or a slot past ``resource.count`` is a *duplicate*; a
+Machine alive (no deletionTimestamp) in a write newer than its workspace's deletion is an *orphan*
+(reported with the workspace's create/delete answers and its state in the DELETED event, so the cause
+shows). At the end the load stops, deletions settle, every remaining workspace must be
+``WorkspaceReady=True``, and: exactly ``resource.count`` Machines per workspace with the deterministic
+names, none left for a deleted workspace, and exactly the controller's Deployment and Services per
+workspace (none left for a deleted one). Process logs and per-failover samples stay in ``--log-dir``.
 
 Usage: python bench/failover.py [--failovers 100] [--lease-duration 4 --renew-deadline 3
-       --retry-period 1 | --default-timings] [--create-interval 1] [--max-live 25] [--log-dir DIR]
+       --retry-period 1 | --default-timings] [--create-interval 1] [--max-live 25]
+       [--min-delete-age 3] [--kill-jitter 1] [--log-dir DIR]
+       python bench/failover.py --failovers 2 --inject-duplicate   # self-check: must exit 1
+       python bench/failover.py --failovers 1 --min-delete-age 0  # may delete a workspace ms after
+                                    # creating it (seed 1: ws-00006), racing the controller's finalizer
 
 Targets (SPEC §10): takeover and first reconcile <= 20 s with the default timings (15 s lease, 10 s
-renew deadline, 2 s retry); 0 duplicate Machines (and Deployments/Services) across 100 failovers.
-Exit status: 0 when both hold, 1 otherwise (a duplicate, a stuck or slow takeover, a replica that
-crashed, a workspace not Ready at the end), 2 for bad flags.
+renew deadline, 2 s retry); 0 duplicate (and 0 orphaned) Machines, no duplicate Deployments/Services
+across 100 failovers. 100 failovers with the short timings take about 12 minutes on 2 cores.
+Exit status: 0 when all hold, 1 otherwise (a duplicate or orphan, a stuck or slow takeover, a replica
+that crashed, a workspace not Ready at the end), 2 for bad flags.
 """
 
 from __future__ import annotations
