@@ -17,7 +17,11 @@ Machine -> kwok node; the first ``--multi`` of them with ``resource.count: 2``) 
   Machine, and exactly one kwok Node per Machine;
 * after deleting every workspace: time until no Workspace, Machine or kwok Node (= agent pool) made for
   them is left (deadline ``--delete-timeout``);
-* faults injected by kind, the controllers' own error/retry counters, and that neither process died.
+* faults injected by kind, the controllers' own error/retry counters, how long their informers sat
+  out after list/watch errors (their caches are stale meanwhile), and that neither process died.
+
+Workspaces that do not converge are still checked for duplicates (nothing may exist twice), and the
+report shows their Ready reason, their Machines' conditions and the log lines naming those Machines.
 
 With ``--compare`` the same run is repeated at p = 0 (watches still cut unless ``--no-cut-watches``)
 in a new namespace with new controller processes, so the cost of the faults is visible.
