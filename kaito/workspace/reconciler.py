@@ -308,7 +308,7 @@ class WorkspaceReconciler:
             key, raw, st.Observation(generation=int(meta.get("generation") or 0), deleting=True)
         )
         remaining: list[str] = []
-        for m in self._machines_of(key):
+        for m in await self._live_machines(ns, name):
             req = self.encoding.observe(m)
             remaining.append(req.name)
             if req.phase != RequestPhase.DELETING:
@@ -491,6 +491,18 @@ class WorkspaceReconciler:
         if self.machines is None:
             return []
         return self.machines.store.by_index(MACHINE_WS_INDEX, key)
+
+    async def _live_machines(self, namespace: str, name: str) -> list[Obj]:
+        """The workspace's Machines as the apiserver has them now (a consistent LIST, not the cache).
+
+        The finalizer is removed on this answer: the cache can lag behind a Machine this controller
+        created a moment ago (a workspace deleted right after creation), and trusting it would leave
+        that Machine -- and its GPU node -- without an owner forever.
+        """
+        if self.machines is None:
+            return []
+        selector = f"{LABEL_WORKSPACE_NAME}={name},{LABEL_WORKSPACE_NAMESPACE}={namespace}"
+        return await self.client.list_all(self.encoding.resource, label_selector=selector)
 
     def _candidate_nodes(self, match_labels: Mapping[str, str]) -> list[Obj]:
         if not match_labels:

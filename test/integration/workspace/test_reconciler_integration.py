@@ -329,6 +329,31 @@ async def test_deletion_completes_when_a_machine_is_stuck(machines: Env) -> None
     await env.client.patch(MACHINES, mname, {"metadata": {"finalizers": None}})
 
 
+async def test_deletion_finds_a_machine_the_cache_has_not_seen(machines: Env) -> None:
+    """A workspace deleted right after its Machine was created: the Machine cache can lag behind the
+    controller's own create, so the finalizer must be removed on what the apiserver says, or the
+    Machine (and its GPU node) is orphaned. The lag is made deterministic: the Machine informer is
+    stopped and the Machine dropped from its cache before the delete."""
+    env = machines
+    labels = {"apps": f"lag-{env.namespace[-6:]}"}
+    await env.client.create(WORKSPACES, phi3("lag", labels), env.namespace)
+    mname = machine_name(env.namespace, "lag", 0)
+    await eventually(lambda: env.client.get_or_none(MACHINES, mname), 20, "the Machine")
+    assert env.rec.machines is not None
+    await env.rec.machines.stop()
+    env.rec.machines.store.delete(mname)  # cluster-scoped: the key is the name
+    assert not env.rec._machines_of(f"{env.namespace}/lag")
+
+    await env.client.delete(WORKSPACES, "lag", env.namespace)
+
+    async def gone() -> bool:
+        return await env.ws("lag") is None
+
+    await eventually(gone, 30, "the workspace to be deleted")
+    m = await env.client.get_or_none(MACHINES, mname)
+    assert m is None or m["metadata"].get("deletionTimestamp"), "the Machine was orphaned"
+
+
 async def test_name_taken_by_a_foreign_object_is_reported_not_taken_over(byo: Env) -> None:
     """A Service of the workspace's name that the workspace does not own is left alone and reported."""
     labels = {"apps": f"taken-{byo.namespace[-6:]}"}
