@@ -237,6 +237,8 @@ class Informer:
                 self._count_restart(e.reason)
                 if e.reason == "too-short":
                     await asyncio.sleep(self.backoff.next())
+                elif e.reason == "broken":
+                    self._log.info("watch broken mid-stream; resuming", error=repr(e.__cause__))
                 elif e.reason == "inactivity":
                     # A half-open connection: reconnect at once from the last resourceVersion.
                     self._log.warning("watch inactive; reconnecting", timeout=self.inactivity_timeout)
@@ -373,6 +375,15 @@ class Informer:
             if buf.strip():
                 events += 1
                 self._handle_event(json.loads(buf))
+        except TRANSPORT_ERRORS as e:
+            if events or time.monotonic() - started >= self.min_watch_duration:
+                # A watch that worked and then broke (a proxy or load balancer cutting long requests,
+                # a reset connection): the server is reachable, so resume from the last
+                # resourceVersion at once. Growing the backoff here left caches 30-60 s stale when a
+                # proxy cut watches every few seconds (bench/chaos.py).
+                self.backoff.reset()
+                raise _WatchEnded("broken") from e
+            raise
         finally:
             # close(), not release(): a half-read stream must not go back to the connection pool.
             resp.close()

@@ -20,6 +20,8 @@ from kubernetes_asyncio.client import ApiClient, Configuration
 from kaito.runtime.informer import Backoff, EventHandler, Informer
 from kaito.runtime.kube import CONFIGMAPS, KubeClient, Obj, object_key
 
+RESET = b"<reset the connection>"
+
 
 def cm(name: str, rv: str) -> Obj:
     return {"metadata": {"name": name, "namespace": "ns", "resourceVersion": rv}, "data": {}}
@@ -54,6 +56,10 @@ def make_app(script: Script) -> web.Application:
             resp.content_type = "application/json"
             await resp.prepare(request)
             for chunk in item:
+                if chunk == RESET:
+                    assert request.transport is not None
+                    request.transport.abort()  # a proxy cutting the watch mid-stream
+                    return resp
                 await resp.write(chunk)
                 await asyncio.sleep(0.01)
             await resp.write_eof()
@@ -212,3 +218,22 @@ async def test_repeated_410_relists_each_time_and_converges(server: tuple[Script
     assert inf.stats.relists_after_expired == 2 and inf.stats.lists == 3
     assert [q["resourceVersion"] for q in script.watch_queries] == ["10", "11", "12", "13"]
     assert events == [("add", "ns/a"), ("add", "ns/b"), ("delete", "ns/a"), ("add", "ns/c")]
+
+
+async def test_watch_cut_mid_stream_resumes_at_once_without_growing_backoff(
+    server: tuple[Script, KubeClient],
+) -> None:
+    """A proxy resetting every watch after an event (bench/chaos.py found caches 30-60 s stale): each
+    cut resumes from the last resourceVersion at once. With a 5 s initial backoff, backing off on even
+    one of the five cuts would blow the 10 s budget of ``run_until_exhausted``."""
+    script, kube = server
+    script.lists = [[page([cm("a", "1")], "10")]]
+    script.watches = [[line("MODIFIED", cm("a", str(11 + i))), RESET] for i in range(5)]
+    events, handler = recorder()
+    inf = Informer(kube, CONFIGMAPS, namespace="ns", backoff=Backoff(initial=5.0, maximum=30.0))
+    inf.add_event_handler(handler)
+    await run_until_exhausted(inf, script)
+    assert [q["resourceVersion"] for q in script.watch_queries] == ["10", "11", "12", "13", "14", "15"]
+    assert inf.stats.watch_restarts.get("broken") == 5
+    assert len(script.list_queries) == 1, "a cut watch resumes; it does not relist"
+    assert events == [("add", "ns/a")] + [("update", "ns/a")] * 5
