@@ -186,6 +186,9 @@ def classify_kube_error(exc: BaseException, *, operation: str, node: str) -> Clo
             )
         if status in (400, 422):
             return InvalidRequest(f"{what}: the API server rejected the Node ({text})", code="Invalid")
+        if status == 429 or status >= 500:
+            # The apiserver is busy or briefly failing: try again soon, not after the generic 30 s.
+            return CloudError(f"{what}: {text}", code=str(status), backoff=2.0)
         return CloudError(f"{what}: {text}", code=str(status))
     if isinstance(exc, aiohttp.ClientError | TimeoutError | OSError):
         return CloudError(f"{what}: cannot reach the API server: {exc}", code="Transport", backoff=5.0)
@@ -294,22 +297,41 @@ class KwokCloudProvider(CloudProvider):
         return self._pending_instance(pending)
 
     async def _launch(self, name: str, manifest: dict[str, Any]) -> None:
+        """Create the Node after the simulated delay, retrying what a cloud would retry.
+
+        A transient answer (429, 5xx, a lost connection) is retried here with a capped backoff, as a
+        cloud keeps provisioning through its own API's hiccups: recording it instead left the Machine
+        waiting out its 15-minute registration timeout after a single 500 (bench/chaos.py). Only a
+        permanent rejection is recorded, for the next ``create``/``get`` to report.
+        """
         node = manifest["metadata"]["name"]
+        retry = 0.5
         try:
             if self._delay > 0:
                 # The simulated provisioning time (not synchronisation): a real VM takes a while to join.
                 await asyncio.sleep(self._delay)
-            await self._core.create_node(cast(Any, manifest))  # the client serialises plain dicts too
-            log.info("kwok node created", machine=name, node=node)
-        except ApiException as e:
-            if e.status != 409:  # 409: created by an earlier attempt; that Node is the one we want
-                self._failed[name] = classify_kube_error(e, operation="create", node=node)
-                log.warning("kwok node creation failed", machine=name, node=node, status=e.status)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self._failed[name] = classify_kube_error(e, operation="create", node=node)
-            log.warning("kwok node creation failed", machine=name, node=node, error=str(e))
+            while True:
+                try:
+                    await self._core.create_node(cast(Any, manifest))  # the client serialises plain dicts
+                    log.info("kwok node created", machine=name, node=node)
+                    return
+                except ApiException as e:
+                    if e.status == 409:  # created by an earlier attempt (a lost answer): the one we want
+                        return
+                    error = classify_kube_error(e, operation="create", node=node)
+                    transient = e.status == 429 or int(e.status or 0) >= 500
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    error = classify_kube_error(e, operation="create", node=node)
+                    transient = error.code == "Transport"
+                if not transient:
+                    self._failed[name] = error
+                    log.warning("kwok node creation failed", machine=name, node=node, error=str(error))
+                    return
+                log.info("kwok node creation failed; retrying", machine=name, error=str(error), delay_s=retry)
+                await asyncio.sleep(retry)  # backoff between attempts, not synchronisation
+                retry = min(retry * 2, 8.0)
         finally:
             current = self._pending.get(name)
             if current is not None and current.task is asyncio.current_task():

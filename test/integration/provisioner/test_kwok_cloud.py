@@ -15,6 +15,8 @@ import pytest
 from kubernetes_asyncio.client import ApiClient, CoreV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from bench.fault_proxy import FaultProxy
+from hack.localcluster import LocalCluster
 from provisioner.cloud.base import InstanceState, InvalidRequest, NotFound, SkuUnavailable
 from provisioner.cloud.kwok import KwokCloudProvider, node_name_for
 
@@ -274,3 +276,47 @@ async def test_a_node_the_apiserver_rejects_surfaces_on_the_next_call(
         assert not await node_exists(core, node_name_for(name))
     finally:
         await cloud.close()
+
+
+async def test_transient_apiserver_errors_during_launch_are_retried(
+    control_plane: LocalCluster, core: CoreV1Api, names: list[str]
+) -> None:
+    """The launch's Node create meets 500s (the chaos bench's fault proxy, a real HTTP proxy in front
+    of the real apiserver): the provider keeps trying and the Node appears once the apiserver heals --
+    the Machine does not wait out its registration timeout on one transient error."""
+    pki = control_plane.workdir / "pki"
+    proxy = FaultProxy(
+        upstream=control_plane.server,
+        ca_file=pki / "ca.crt",
+        cert_file=pki / "apiserver.crt",
+        key_file=pki / "apiserver.key",
+        p=0.0,
+        kinds=("500",),
+        cut_watches=False,
+    )
+    await proxy.start()
+    cfg = control_plane.client_configuration()
+    cfg.host = proxy.url
+    name = fresh_name()
+    names.append(name)
+    try:
+        async with ApiClient(cfg) as api:
+            cloud = provider(api, delay=0.3)
+            try:
+                pending = await cloud.create(machine(name))
+                assert pending.state == InstanceState.PENDING
+                proxy.p = 1.0  # every request fails from now on: the delayed Node create among them
+
+                async def failed_twice() -> bool:
+                    return proxy.faults["500"] >= 2
+
+                await eventually(failed_twice)
+                assert cloud.pending() == [name], "still launching, not given up"
+                proxy.p = 0.0
+                await eventually(lambda: node_exists(core, node_name_for(name)))
+                got = await cloud.get(name)
+                assert got.machine_name == name
+            finally:
+                await cloud.close()
+    finally:
+        await proxy.stop()
