@@ -249,7 +249,7 @@ class WorkspaceReconciler:
         if raw is None:
             self._written.pop(key, None)
             self._applied.pop(key, None)
-            return DONE
+            return await self._reap_orphans(key)
         try:
             ws = Workspace.model_validate(raw)
         except ValidationError as e:
@@ -279,7 +279,8 @@ class WorkspaceReconciler:
         Only cluster-scoped Machines need it: namespaced children carry ownerReferences and go with the
         workspace through garbage collection, so a workspace that never needed a Machine (existing
         nodes, ``byo``) carries no finalizer, costs no extra write and is deleted at once. The patch is
-        conditional on the resourceVersion, so a workspace deleted meanwhile gets no Machine.
+        conditional on the resourceVersion, so a workspace deleted meanwhile gets no Machine (save for
+        an apiserver race that can drop the finalizer; :meth:`_reap_orphans` covers it).
         """
         finalizers = list(ws.metadata.finalizers or [])
         if FINALIZER in finalizers:
@@ -491,6 +492,37 @@ class WorkspaceReconciler:
         if self.machines is None:
             return []
         return self.machines.store.by_index(MACHINE_WS_INDEX, key)
+
+    async def _reap_orphans(self, key: str) -> Result:
+        """Delete Machines labelled for a workspace that no longer exists.
+
+        The finalizer should make this impossible, but the apiserver can lose it: a DELETE racing the
+        patch that adds it removes the workspace anyway (kubernetes/kubernetes#77988), after which
+        the Machine created on the strength of that patch has no owner and its GPU node would run
+        forever. Such a Machine's own watch event brings us here. The workspace is looked up live
+        first: one re-created under the same name may just not be in the cache yet.
+        """
+        orphans = [
+            m for m in self._machines_of(key) if not (m.get("metadata") or {}).get("deletionTimestamp")
+        ]
+        if not orphans:
+            return DONE
+        ns, name = split_key(key)
+        if await self.client.get_or_none(WORKSPACES, name, ns) is not None:
+            return DONE
+        for m in orphans:
+            mname = str((m.get("metadata") or {}).get("name"))
+            try:
+                await self.client.delete(self.encoding.resource, mname)
+            except ApiError as e:
+                if not e.not_found:
+                    raise
+                continue
+            ev.MACHINE_OPS.labels("deleted").inc()
+            log.warning(
+                "orphaned machine deleted: its workspace no longer exists", machine=mname, workspace=key
+            )
+        return DONE
 
     async def _live_machines(self, namespace: str, name: str) -> list[Obj]:
         """The workspace's Machines as the apiserver has them now (a consistent LIST, not the cache).

@@ -354,6 +354,40 @@ async def test_deletion_finds_a_machine_the_cache_has_not_seen(machines: Env) ->
     assert m is None or m["metadata"].get("deletionTimestamp"), "the Machine was orphaned"
 
 
+async def test_a_machine_whose_workspace_is_gone_is_deleted(machines: Env) -> None:
+    """A Machine labelled for a workspace that does not exist (what the apiserver's finalizer race,
+    kubernetes/kubernetes#77988, leaves behind) is deleted when its watch event arrives; a Machine of a
+    live workspace is left alone."""
+    env = machines
+    labels = {"apps": f"reap-{env.namespace[-6:]}"}
+    await env.client.create(WORKSPACES, phi3("live", labels), env.namespace)
+    live = machine_name(env.namespace, "live", 0)
+    original = await eventually(lambda: env.client.get_or_none(MACHINES, live), 20, "the live Machine")
+    ghost = machine_name(env.namespace, "ghost", 0)
+    body = {
+        "apiVersion": original["apiVersion"],
+        "kind": original["kind"],
+        "metadata": {
+            "name": ghost,
+            "labels": {
+                **original["metadata"]["labels"],
+                "kaito.sh/workspace": "ghost",
+                "kaito.sh/workspacenamespace": env.namespace,
+            },
+        },
+        "spec": original["spec"],
+    }
+    await env.client.create(MACHINES, body)
+
+    async def reaped() -> bool:
+        m = await env.client.get_or_none(MACHINES, ghost)
+        return m is None or bool(m["metadata"].get("deletionTimestamp"))
+
+    await eventually(reaped, 20, "the orphaned Machine deleted")
+    still = await env.client.get(MACHINES, live)
+    assert not still["metadata"].get("deletionTimestamp"), "the live workspace's Machine was touched"
+
+
 async def test_name_taken_by_a_foreign_object_is_reported_not_taken_over(byo: Env) -> None:
     """A Service of the workspace's name that the workspace does not own is left alone and reported."""
     labels = {"apps": f"taken-{byo.namespace[-6:]}"}
