@@ -603,12 +603,8 @@ def report(r: dict[str, Any]) -> None:
 
 async def run_phases(cluster: LocalCluster, args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
     """The fault run (and the p = 0 run with ``--compare``) against one cluster, through one proxy."""
-    pki = cluster.workdir / "pki"
-    proxy = FaultProxy(
-        upstream=cluster.server,
-        ca_file=pki / "ca.crt",
-        cert_file=pki / "apiserver.crt",
-        key_file=pki / "apiserver.key",
+    proxy = FaultProxy.for_cluster(
+        cluster,
         p=args.p,
         cut_watches=not args.no_cut_watches,
         seed=args.seed,

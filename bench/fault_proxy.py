@@ -144,6 +144,19 @@ class FaultProxy:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
+    @classmethod
+    def for_cluster(cls, cluster: Any, **options: Any) -> FaultProxy:
+        """A proxy in front of a ``hack.localcluster.LocalCluster``'s apiserver, serving with its
+        certificate (which covers 127.0.0.1) and trusting its CA; ``options`` as for the constructor."""
+        pki = Path(cluster.workdir) / "pki"
+        return cls(
+            upstream=cluster.server,
+            ca_file=pki / "ca.crt",
+            cert_file=pki / "apiserver.crt",
+            key_file=pki / "apiserver.key",
+            **options,
+        )
+
     @property
     def url(self) -> str:
         """``https://host:port`` of the running proxy."""

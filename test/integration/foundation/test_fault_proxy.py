@@ -22,12 +22,8 @@ from hack.localcluster import LocalCluster
 @pytest.fixture
 async def proxy(control_plane: LocalCluster) -> AsyncIterator[FaultProxy]:
     """A proxy at p = 0 in front of the session's apiserver (tests set ``p`` / ``kinds``)."""
-    pki = control_plane.workdir / "pki"
-    px = FaultProxy(
-        upstream=control_plane.server,
-        ca_file=pki / "ca.crt",
-        cert_file=pki / "apiserver.crt",
-        key_file=pki / "apiserver.key",
+    px = FaultProxy.for_cluster(
+        control_plane,
         p=0.0,
         seed=7,
         watch_cut_range=(1.0, 1.5),

@@ -284,12 +284,8 @@ async def test_transient_apiserver_errors_during_launch_are_retried(
     """The launch's Node create meets 500s (the chaos bench's fault proxy, a real HTTP proxy in front
     of the real apiserver): the provider keeps trying and the Node appears once the apiserver heals --
     the Machine does not wait out its registration timeout on one transient error."""
-    pki = control_plane.workdir / "pki"
-    proxy = FaultProxy(
-        upstream=control_plane.server,
-        ca_file=pki / "ca.crt",
-        cert_file=pki / "apiserver.crt",
-        key_file=pki / "apiserver.key",
+    proxy = FaultProxy.for_cluster(
+        control_plane,
         p=0.0,
         kinds=("500",),
         cut_watches=False,
