@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import functools
 import itertools
 import json
@@ -56,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kubernetes_asyncio.client import ApiClient
 
+from bench.common import REPO, die_with_parent, retrying, start_cluster, workspace_ready
 from bench.fault_proxy import FaultProxy
 from hack.localcluster import LocalCluster, free_port
 from kaito.api.workspace import LABEL_WORKSPACE_NAME, LABEL_WORKSPACE_NAMESPACE
@@ -63,7 +63,6 @@ from kaito.machine.machine import MACHINES, machine_name
 from kaito.runtime.kube import CONFIGMAPS, DEPLOYMENTS, NAMESPACES, NODES, SERVICES, KubeClient
 from kaito.workspace.reconciler import WORKSPACES
 
-REPO = Path(__file__).resolve().parent.parent
 INSTANCE = "Standard_NC6s_v3"
 PRESET = "phi-3-mini-4k-instruct"
 LABEL = {"apps": "chaos"}
@@ -91,12 +90,6 @@ def workspace(namespace: str, i: int, count: int) -> Obj:
         },
         "inference": {"preset": {"name": PRESET}},
     }
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec: the controller goes when the bench goes, however it ends.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -157,7 +150,7 @@ async def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path)
             env=env,
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     probe = metrics = 0
     for flag, value in itertools.pairwise(argv):
@@ -207,26 +200,6 @@ async def scrape(p: Proc) -> dict[str, float]:
             continue
         out[name] = out.get(name, 0.0) + float(value)
     return out
-
-
-async def retrying(fn: Callable[[], Awaitable[Any]], tries: int = 20) -> Any:
-    """The script's own calls go to the apiserver directly, but it may still be busy: retry a little."""
-    for attempt in range(tries):
-        try:
-            return await fn()
-        except Exception:
-            if attempt == tries - 1:
-                raise
-            await asyncio.sleep(0.2 * (attempt + 1))
-    return None
-
-
-def ready(ws: Obj) -> bool:
-    """``WorkspaceReady=True``."""
-    return any(
-        c.get("type") == "WorkspaceReady" and c.get("status") == "True"
-        for c in (ws.get("status") or {}).get("conditions") or []
-    )
 
 
 def owner_workspace(obj: Obj) -> str | None:
@@ -445,7 +418,7 @@ class Phase:
         items: list[Obj] = await retrying(lambda: self.client.list_all(WORKSPACES, self.namespace))
         machines = await self.machines()
         for w in items:
-            if ready(w):
+            if workspace_ready(w):
                 continue
             name = w["metadata"]["name"]
             ready_cond: Obj = next(
@@ -491,7 +464,7 @@ class Phase:
 
         async def all_ready() -> tuple[bool, str]:
             items: list[Obj] = await retrying(lambda: self.client.list_all(WORKSPACES, ns))
-            n_ready = sum(1 for w in items if ready(w))
+            n_ready = sum(1 for w in items if workspace_ready(w))
             return n_ready == len(counts), f"{n_ready}/{len(counts)} WorkspaceReady"
 
         t_ready = await self.wait_until("converge", all_ready, args.timeout)
@@ -501,7 +474,7 @@ class Phase:
         else:
             await self.explain_not_ready()
         wss: list[Obj] = await retrying(lambda: self.client.list_all(WORKSPACES, ns))
-        await self.check_children({w["metadata"]["name"] for w in wss if ready(w)})
+        await self.check_children({w["metadata"]["name"] for w in wss if workspace_ready(w)})
 
         # ---- delete and clean up -----------------------------------------------------------------
         t1 = time.monotonic()
@@ -666,18 +639,8 @@ def main() -> int:
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    cluster = LocalCluster(profile="full")
-    cluster.start(timeout=120)
+    cluster = start_cluster()
     try:
-        for crd in ("kaito.sh_workspaces.yaml", "karpenter.sh_machines.yaml"):
-            cluster.kubectl("apply", "--server-side", "-f", str(REPO / "config" / "crd" / crd))
-        cluster.kubectl(
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/workspaces.kaito.sh",
-            "crd/machines.karpenter.sh",
-        )
         results = asyncio.run(run_phases(cluster, args, log_dir))
     finally:
         cluster.stop()

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import math
 import random
@@ -72,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kubernetes_asyncio.client import ApiClient
 
+from bench.common import REPO, die_with_parent, scrape, start_cluster, workspace_ready
 from hack.localcluster import LocalCluster, free_port
 from kaito.api.workspace import LABEL_WORKSPACE_NAME, LABEL_WORKSPACE_NAMESPACE, Workspace
 from kaito.machine import MACHINES, machine_name
@@ -84,7 +84,6 @@ from kaito.runtime.logging import configure_logging
 from kaito.workspace import manifests as mf
 from kaito.workspace.reconciler import WORKSPACES
 
-REPO = Path(__file__).resolve().parent.parent
 NS = "failover"
 ELECTION_NS = "kaito-system"
 LEASE = "kaito-workspace"
@@ -144,18 +143,6 @@ def summary(xs: list[float]) -> dict[str, float | None]:
     }
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: the process goes when the bench goes, however it ends.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def scrape(port: int) -> str:
-    """The process's /metrics (blocking; call in a thread)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return str(r.read().decode())
-
-
 def probe_ready(port: int) -> bool:
     """Whether /readyz answers 200 (blocking; call in a thread)."""
     try:
@@ -189,13 +176,6 @@ def rv(obj: Obj) -> int:
         return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
     except ValueError:
         return 0
-
-
-def is_ready(ws: Obj) -> bool:
-    return any(
-        c.get("type") == "WorkspaceReady" and c.get("status") == "True"
-        for c in (ws.get("status") or {}).get("conditions") or []
-    )
 
 
 async def wait_for(
@@ -264,7 +244,7 @@ class Fleet:
                 env=self.cluster.env(),
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         p = Proc(name, proc, path, metrics, probe)
         self.procs.append(p)
@@ -702,10 +682,10 @@ async def final_checks(run: Run, timeout: float) -> dict[str, Any]:
     live = {str(w["metadata"]["name"]) for w in wss.store.list()}
 
     async def all_ready() -> bool:
-        return all(is_ready(w) for w in wss.store.list())
+        return all(workspace_ready(w) for w in wss.store.list())
 
     ready_ok = await wait_for(f"{len(live)} workspaces Ready", all_ready, timeout, 1.0)
-    not_ready = sorted(str(w["metadata"]["name"]) for w in wss.store.list() if not is_ready(w))
+    not_ready = sorted(str(w["metadata"]["name"]) for w in wss.store.list() if not workspace_ready(w))
 
     def machines_of_deleted() -> list[tuple[str, str]]:
         out = []
@@ -794,29 +774,12 @@ async def inject_duplicate(client: KubeClient, load: Load) -> None:
 # -------------------------------------------------------------------------------------------- main
 
 
-def start_cluster() -> LocalCluster:
-    cluster = LocalCluster(profile="full")
-    cluster.start(timeout=120)
-    for crd in ("kaito.sh_workspaces.yaml", "karpenter.sh_machines.yaml"):
-        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "config" / "crd" / crd))
-    cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/workspaces.kaito.sh",
-        "crd/machines.karpenter.sh",
-    )
-    cluster.kubectl("create", "namespace", NS)
-    cluster.kubectl("create", "namespace", ELECTION_NS)
-    return cluster
-
-
 async def bench(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     configure_logging(False, "warning")  # the bench's own informers: quiet, and never on stdout
     timings = (args.lease_duration, args.renew_deadline, args.retry_period)
     log_dir = Path(args.log_dir)
     log(f"logs in {log_dir}; lease {timings[0]} s, renew deadline {timings[1]} s, retry {timings[2]} s")
-    cluster = start_cluster()
+    cluster = start_cluster(NS, ELECTION_NS)
     fleet = Fleet(cluster, log_dir, timings, args.workers)
     t_start = time.monotonic()
     try:

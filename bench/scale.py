@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kubernetes_asyncio.client import ApiClient
 
+from bench.common import REPO, die_with_parent, retrying, scrape, start_cluster, workspace_ready
 from hack.localcluster import LocalCluster, free_port
 from kaito.api.workspace import Workspace
 from kaito.presets.registry import default_registry
@@ -50,7 +50,6 @@ from kaito.runtime.kube import CONFIGMAPS, DEPLOYMENTS, NAMESPACES, SERVICES, Ku
 from kaito.workspace import manifests as mf
 from kaito.workspace.reconciler import WORKSPACES
 
-REPO = Path(__file__).resolve().parent.parent
 GPUS_PER_NODE = 8
 NS = "bench"
 INSTANCE = "Standard_NC6s_v3"
@@ -104,23 +103,9 @@ async def bounded(n: int, concurrency: int, fn: Callable[[int], Awaitable[None]]
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def retrying(fn: Callable[[], Awaitable[Any]], tries: int = 20) -> Any:
-    for attempt in range(tries):
-        try:
-            return await fn()
-        except Exception:
-            if attempt == tries - 1:
-                raise
-            await asyncio.sleep(0.2 * (attempt + 1))
-    return None
-
-
-def start_cluster(n: int) -> LocalCluster:
-    cluster = LocalCluster(profile="full")
-    cluster.start(timeout=120)
-    for crd in ("kaito.sh_workspaces.yaml", "karpenter.sh_machines.yaml"):
-        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "config" / "crd" / crd))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/workspaces.kaito.sh")
+def start_bench_cluster(n: int) -> LocalCluster:
+    """The shared cluster plus the bench namespace and enough 8-GPU kwok nodes for ``n`` workspaces."""
+    cluster = start_cluster(NS)
     nodes = (n + GPUS_PER_NODE - 1) // GPUS_PER_NODE
     for j in range(nodes):
         cluster.create_kwok_node(
@@ -130,7 +115,6 @@ def start_cluster(n: int) -> LocalCluster:
             taints=[{"key": "sku", "value": "gpu", "effect": "NoSchedule"}],
         )
     cluster.kubectl("wait", "--for=condition=Ready", "--timeout=120s", "nodes", "-l", "apps=bench")
-    cluster.kubectl("create", "namespace", NS)
     return cluster
 
 
@@ -151,14 +135,7 @@ DEPLOYMENTS_SEEN: list[tuple[float, int]] = []
 async def count_ready_workspaces(workspaces: Informer, deployments: Informer) -> int:
     # Also note how many Deployments exist: shows whether the controller or the pipeline after it lags.
     DEPLOYMENTS_SEEN.append((time.monotonic(), len(deployments.store.list())))
-    return sum(
-        1
-        for w in workspaces.store.list()
-        if any(
-            c.get("type") == "WorkspaceReady" and c.get("status") == "True"
-            for c in (w.get("status") or {}).get("conditions") or []
-        )
-    )
+    return sum(1 for w in workspaces.store.list() if workspace_ready(w))
 
 
 @contextlib.asynccontextmanager
@@ -183,6 +160,16 @@ def apiserver_profile(cluster: LocalCluster, seconds: int, path: str) -> None:
     req.add_header("Authorization", f"Bearer {cluster.token}")
     with urllib.request.urlopen(req, context=cluster._ssl_context(), timeout=seconds + 60) as r:
         Path(path).write_bytes(r.read())
+
+
+def start_profile(cluster: LocalCluster, args: argparse.Namespace, run: str) -> asyncio.Task[None] | None:
+    """With ``--apiserver-profile``: the apiserver's CPU profile of this run, taken in a thread."""
+    if not args.apiserver_profile:
+        return None
+    path = f"{args.apiserver_profile}.{run}"
+    return asyncio.create_task(
+        asyncio.to_thread(apiserver_profile, cluster, args.apiserver_profile_seconds, path)
+    )
 
 
 def component_cpu(cluster: LocalCluster) -> dict[str, float]:
@@ -216,25 +203,14 @@ async def wait_count(what: str, fn: Callable[[], Awaitable[int]], n: int, timeou
 
 async def bare_run(n: int, args: argparse.Namespace) -> float:
     concurrency, timeout = args.concurrency, args.timeout
-    cluster = start_cluster(n)
+    cluster = start_bench_cluster(n)
     try:
         async with ApiClient(cluster.client_configuration()) as api:
             client = KubeClient(api)
             children = [bare_children(i) for i in range(n)]
             async with informers(client, DEPLOYMENTS) as (deployments,):
                 cpu0 = component_cpu(cluster)
-                profiling = (
-                    asyncio.create_task(
-                        asyncio.to_thread(
-                            apiserver_profile,
-                            cluster,
-                            args.apiserver_profile_seconds,
-                            f"{args.apiserver_profile}.bare",
-                        )
-                    )
-                    if args.apiserver_profile
-                    else None
-                )
+                profiling = start_profile(cluster, args, "bare")
                 t0 = time.monotonic()
 
                 async def create(i: int) -> None:
@@ -286,11 +262,6 @@ def apiserver_writes(cluster: LocalCluster) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        return str(r.read().decode())
-
-
 def writes(metrics: str) -> float:
     total = 0.0
     for line in metrics.splitlines():
@@ -300,12 +271,6 @@ def writes(metrics: str) -> float:
         if m and m.group(1) in ("POST", "PUT", "PATCH", "DELETE"):
             total += float(m.group(2))
     return total
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec: the controller goes when the bench goes, however it ends.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def cpu_seconds(pid: int) -> float:
@@ -363,7 +328,7 @@ async def latency_samples(client: KubeClient, samples: int, start: int) -> list[
 
 async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
     total = n + args.latency_samples
-    cluster = start_cluster(total)
+    cluster = start_bench_cluster(total)
     metrics_port, probe_port = free_port(), free_port()
     log = open(Path(args.log_dir) / "bench-controller.log", "wb")  # noqa: SIM115, ASYNC230
     proc = await asyncio.create_subprocess_exec(
@@ -392,7 +357,7 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
         env=cluster.env(),
         stdout=log,
         stderr=asyncio.subprocess.STDOUT,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     try:
         async with ApiClient(cluster.client_configuration()) as api:
@@ -405,18 +370,7 @@ async def operator_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.sleep(0.2)
             async with informers(client, WORKSPACES, DEPLOYMENTS) as (wss, deployments):
                 cpu0 = {**component_cpu(cluster), "controller": cpu_seconds(proc.pid)}
-                profiling = (
-                    asyncio.create_task(
-                        asyncio.to_thread(
-                            apiserver_profile,
-                            cluster,
-                            args.apiserver_profile_seconds,
-                            f"{args.apiserver_profile}.operator",
-                        )
-                    )
-                    if args.apiserver_profile
-                    else None
-                )
+                profiling = start_profile(cluster, args, "operator")
                 t0 = time.monotonic()
                 await bounded(
                     n,
