@@ -16,16 +16,6 @@ from kaito.workspace import manifests as mf
 SAMPLES = Path(__file__).resolve().parents[3] / "config" / "samples"
 
 
-@pytest.fixture(scope="module")
-def registry() -> PresetRegistry:
-    return PresetRegistry.load()
-
-
-@pytest.fixture(scope="module")
-def skus() -> SkuCatalog:
-    return SkuCatalog.load()
-
-
 def workspace(raw: dict[str, Any] | None = None, **meta: Any) -> Workspace:
     base = raw or yaml.safe_load((SAMPLES / "kaito_workspace_phi_3.yaml").read_text())
     base = {**base, "metadata": {**base["metadata"], "namespace": "ns1", "uid": "uid-1", **meta}}

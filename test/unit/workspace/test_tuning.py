@@ -32,16 +32,6 @@ DOLLY = (
 )
 
 
-@pytest.fixture(scope="module")
-def registry() -> PresetRegistry:
-    return PresetRegistry.load()
-
-
-@pytest.fixture(scope="module")
-def skus() -> SkuCatalog:
-    return SkuCatalog.load()
-
-
 def workspace(tuning: dict[str, Any] | None = None, **meta: Any) -> Workspace:
     base = yaml.safe_load((SAMPLES / "kaito_workspace_tuning_phi_3.yaml").read_text())
     if tuning:
