@@ -312,9 +312,7 @@ class WorkspaceReconciler:
         for m in await self._live_machines(ns, name):
             req = self.encoding.observe(m)
             remaining.append(req.name)
-            if req.phase != RequestPhase.DELETING:
-                await self.client.delete(self.encoding.resource, req.name)
-                ev.MACHINE_OPS.labels("deleted").inc()
+            if req.phase != RequestPhase.DELETING and await self._delete_machine(req.name):
                 log.info("machine deleted", machine=req.name)
         if remaining:
             started = _parse_time(meta.get("deletionTimestamp")) or time.time()
@@ -368,7 +366,7 @@ class WorkspaceReconciler:
             obs.worker_nodes = workers
             t0 = time.monotonic()
             try:
-                obs.inference = await self._ensure_inference(ws, preset, workers, worker_gpus)
+                obs.inference = await self._ensure_inference(key, ws, preset, workers, worker_gpus)
             except mf.ManifestError as e:
                 obs.spec_error = st.StepOutcome(st.Phase.FAILED, e.reason, e.message)
             ev.RECONCILE_STEP.labels("workload").observe(time.monotonic() - t0)
@@ -493,6 +491,17 @@ class WorkspaceReconciler:
             return []
         return self.machines.store.by_index(MACHINE_WS_INDEX, key)
 
+    async def _delete_machine(self, name: str) -> bool:
+        """Ask for a Machine's deletion; False when it was already gone."""
+        try:
+            await self.client.delete(self.encoding.resource, name)
+        except ApiError as e:
+            if e.not_found:
+                return False
+            raise
+        ev.MACHINE_OPS.labels("deleted").inc()
+        return True
+
     async def _reap_orphans(self, key: str) -> Result:
         """Delete Machines labelled for a workspace that no longer exists.
 
@@ -512,13 +521,8 @@ class WorkspaceReconciler:
             return DONE
         for m in orphans:
             mname = str((m.get("metadata") or {}).get("name"))
-            try:
-                await self.client.delete(self.encoding.resource, mname)
-            except ApiError as e:
-                if not e.not_found:
-                    raise
+            if not await self._delete_machine(mname):
                 continue
-            ev.MACHINE_OPS.labels("deleted").inc()
             log.warning(
                 "orphaned machine deleted: its workspace no longer exists", machine=mname, workspace=key
             )
@@ -670,13 +674,8 @@ class WorkspaceReconciler:
         for r in surplus:
             if r.node_name and r.node_name in busy:
                 continue
-            try:
-                await self.client.delete(self.encoding.resource, r.name)
-            except ApiError as e:
-                if not e.not_found:
-                    raise
+            if not await self._delete_machine(r.name):
                 continue
-            ev.MACHINE_OPS.labels("deleted").inc()
             log.info("surplus machine deleted", machine=r.name, node=r.node_name)
             await self.recorder.event(
                 self._ref(ws),
@@ -767,7 +766,7 @@ class WorkspaceReconciler:
     # ------------------------------------------------------------------------------------- workload
 
     async def _ensure_inference(
-        self, ws: Workspace, preset: Preset | None, workers: list[str], worker_gpus: list[int]
+        self, key: str, ws: Workspace, preset: Preset | None, workers: list[str], worker_gpus: list[int]
     ) -> st.StepOutcome:
         assert ws.inference is not None
         ns = str(ws.metadata.namespace)
@@ -780,7 +779,6 @@ class WorkspaceReconciler:
                     f"inference.config: ConfigMap {ws.inference.config} with key {mf.INFERENCE_CONFIG_KEY} "
                     f"not found in namespace {ns}",
                 )
-        key = f"{ns}/{ws.metadata.name}"
         fingerprint = (
             ws.metadata.uid,
             ws.metadata.generation,  # every field but metadata and status
