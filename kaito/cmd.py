@@ -4,7 +4,7 @@ Wires the :class:`~kaito.runtime.manager.Manager` (informers, leader election, p
 servers, SIGTERM handling), the workspace controller and, unless ``--no-webhook``, the admission webhook
 with its self-managed certificate (served on every replica, leader or not)::
 
-    kaito-controller --kubeconfig ~/.kube/config --provisioning machine --workers 5 \\
+    kaito-controller --kubeconfig ~/.kube/config --provisioning machine --node-api nodeclaim --workers 5 \\
         --webhook-port 9443 --webhook-ip 127.0.0.1     # local: the apiserver calls https://127.0.0.1
 
 Exit status: 0 after SIGTERM/SIGINT, 1 when leadership was lost (restart as a standby) or the caches did
@@ -24,6 +24,7 @@ from pathlib import Path
 import structlog
 
 from kaito.api.workspace import RuntimeName
+from kaito.machine import NODE_APIS
 from kaito.presets.registry import DEFAULT_REGISTRY, default_registry
 from kaito.presets.skus import CLOUDS, default_sku_catalog
 from kaito.runtime.kube import CONFIGMAPS, KubeClient, load_api_client
@@ -60,6 +61,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=PROVISIONING_MODES,
         default=env.get("KAITO_PROVISIONING", "machine"),
         help="machine: create Machines for missing nodes (gpu-provisioner); byo: only existing nodes",
+    )
+    p.add_argument(
+        "--node-api",
+        choices=NODE_APIS,
+        default=env.get("KAITO_NODE_API", "machine"),
+        help="machine: karpenter.sh/v1alpha5 Machines (gpu-provisioner <= 0.2); "
+        "nodeclaim: karpenter.sh/v1 NodeClaims (gpu-provisioner 0.3+, Karpenter)",
     )
     p.add_argument(
         "--image-registry",
@@ -147,6 +155,8 @@ async def _setup(mgr: Manager, client: KubeClient, api: object, args: argparse.N
     default_templates()
     options = ReconcilerOptions(
         provisioning=args.provisioning,
+        node_api=args.node_api,
+        cloud_provider=args.cloud_provider,
         manifests=ManifestOptions(
             registry=args.image_registry,
             default_runtime=RuntimeName(args.default_runtime),

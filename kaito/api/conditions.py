@@ -35,6 +35,8 @@ class ConditionReason(StrEnum):
     CREATE_MACHINE_PENDING = "CreateMachinePending"
     MACHINE_FAILED_CREATION = "machineFailedCreation"
     CHECK_MACHINE_STATUS_FAILED = "checkMachineStatusFailed"
+    CREATE_NODECLAIM_PENDING = "CreateNodeClaimPending"
+    CHECK_NODECLAIM_STATUS_FAILED = "checkNodeClaimStatusFailed"
     INSTALL_NODE_PLUGINS_SUCCESS = "installNodePluginsSuccess"
     RESOURCE_STATUS_FAILED = "workspaceResourceStatusFailed"
     RESOURCE_STATUS_SUCCESS = "workspaceResourceStatusSuccess"

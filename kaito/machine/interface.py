@@ -1,4 +1,4 @@
-"""The interface between the workspace reconciler and a node-request API (Machine today, NodeClaim later)."""
+"""The interface between the workspace reconciler and a node-request API (Machine or NodeClaim)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ class NodeRequestEncoding(Protocol):
     """Builds and reads one kind of cluster-scoped node-request object."""
 
     resource: Resource
+    noun: str
+    """How messages name one object: ``machine`` / ``nodeClaim`` (upstream's wording)."""
 
     def name_for(self, namespace: str, workspace: str, slot: int) -> str:
         """Deterministic object name for the workspace's ``slot``-th node (retries cannot duplicate)."""

@@ -43,6 +43,14 @@ def machine_name(namespace: str, workspace: str, slot: int) -> str:
     return f"ws{digest[:9]}"
 
 
+def labelled_for(obj: Obj, namespace: str, workspace: str) -> bool:
+    """Whether ``obj``'s workspace labels name that workspace (the adoption check on AlreadyExists)."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return bool(
+        labels.get(LABEL_WORKSPACE_NAME) == workspace and labels.get(LABEL_WORKSPACE_NAMESPACE) == namespace
+    )
+
+
 def _conditions(obj: Obj) -> dict[str, Obj]:
     return {str(c.get("type")): c for c in (obj.get("status") or {}).get("conditions") or []}
 
@@ -51,6 +59,7 @@ class MachineEncoding:
     """Builds and reads Machines; see :class:`kaito.machine.interface.NodeRequestEncoding`."""
 
     resource = MACHINES
+    noun = "machine"
 
     def name_for(self, namespace: str, workspace: str, slot: int) -> str:
         """Deterministic Machine name."""
@@ -95,45 +104,47 @@ class MachineEncoding:
 
     def belongs_to(self, obj: Obj, namespace: str, workspace: str) -> bool:
         """Labels name this workspace."""
-        labels = (obj.get("metadata") or {}).get("labels") or {}
-        return bool(
-            labels.get(LABEL_WORKSPACE_NAME) == workspace
-            and labels.get(LABEL_WORKSPACE_NAMESPACE) == namespace
-        )
+        return labelled_for(obj, namespace, workspace)
 
     def observe(self, obj: Obj) -> NodeRequest:
         """Ready when condition ``Ready`` is True; Failed when a lifecycle condition is False for a real reason."""
-        meta = obj.get("metadata") or {}
-        status = obj.get("status") or {}
-        name = str(meta.get("name", ""))
-        node = status.get("nodeName") or None
-        itype = None
-        for req in (obj.get("spec") or {}).get("requirements") or []:
-            if req.get("key") == LABEL_INSTANCE_TYPE and req.get("values"):
-                itype = str(req["values"][0])
-        if meta.get("deletionTimestamp"):
-            return NodeRequest(
-                name, RequestPhase.DELETING, node, "Deleting", "machine is being deleted", itype
-            )
-        conds = _conditions(obj)
-        ready = conds.get(CONDITION_READY)
-        if ready is not None and ready.get("status") == "True":
-            return NodeRequest(name, RequestPhase.READY, node, "", "", itype)
-        for ctype in (CONDITION_LAUNCHED, CONDITION_REGISTERED, CONDITION_INITIALIZED, CONDITION_READY):
-            cond = conds.get(ctype)
-            if cond is None or cond.get("status") != "False":
-                continue
-            reason = str(cond.get("reason") or "")
-            if reason in TRANSIENT_REASONS:
-                continue
-            return NodeRequest(name, RequestPhase.FAILED, node, reason, str(cond.get("message") or ""), itype)
-        # The most advanced condition that is not True says what the provisioner is doing.
-        detail = ""
-        for ctype in (CONDITION_LAUNCHED, CONDITION_REGISTERED, CONDITION_INITIALIZED):
-            cond = conds.get(ctype)
-            if cond is None or cond.get("status") != "True":
-                detail = f"waiting for {ctype}"
-                if cond is not None and cond.get("message"):
-                    detail += f": {cond['message']}"
-                break
-        return NodeRequest(name, RequestPhase.PENDING, node, "Provisioning", detail, itype)
+        return observe_conditions(
+            obj, (CONDITION_LAUNCHED, CONDITION_REGISTERED, CONDITION_INITIALIZED), noun="machine"
+        )
+
+
+def observe_conditions(obj: Obj, living: tuple[str, str, str], *, noun: str) -> NodeRequest:
+    """Summarise a karpenter node request from its lifecycle conditions ``living`` (launched,
+    registered, initialized) and the summary ``Ready``: Machines and NodeClaims differ only in the names."""
+    meta = obj.get("metadata") or {}
+    status = obj.get("status") or {}
+    name = str(meta.get("name", ""))
+    node = status.get("nodeName") or None
+    itype = None
+    for req in (obj.get("spec") or {}).get("requirements") or []:
+        if req.get("key") == LABEL_INSTANCE_TYPE and req.get("values"):
+            itype = str(req["values"][0])
+    if meta.get("deletionTimestamp"):
+        return NodeRequest(name, RequestPhase.DELETING, node, "Deleting", f"{noun} is being deleted", itype)
+    conds = _conditions(obj)
+    ready = conds.get(CONDITION_READY)
+    if ready is not None and ready.get("status") == "True":
+        return NodeRequest(name, RequestPhase.READY, node, "", "", itype)
+    for ctype in (*living, CONDITION_READY):
+        cond = conds.get(ctype)
+        if cond is None or cond.get("status") != "False":
+            continue
+        reason = str(cond.get("reason") or "")
+        if reason in TRANSIENT_REASONS:
+            continue
+        return NodeRequest(name, RequestPhase.FAILED, node, reason, str(cond.get("message") or ""), itype)
+    # The most advanced condition that is not True says what the provisioner is doing.
+    detail = ""
+    for ctype in living:
+        cond = conds.get(ctype)
+        if cond is None or cond.get("status") != "True":
+            detail = f"waiting for {ctype}"
+            if cond is not None and cond.get("message"):
+                detail += f": {cond['message']}"
+            break
+    return NodeRequest(name, RequestPhase.PENDING, node, "Provisioning", detail, itype)

@@ -44,8 +44,8 @@ from kaito.api.workspace import (
     LABEL_WORKSPACE_NAMESPACE,
     Workspace,
 )
+from kaito.machine import NODE_APIS, encoding_for
 from kaito.machine.interface import NodeRequest, NodeRequestEncoding, RequestPhase
-from kaito.machine.machine import MachineEncoding
 from kaito.presets.registry import Preset, PresetRegistry, UnknownPresetError
 from kaito.presets.skus import SkuCatalog
 from kaito.runtime.controller import DONE, Controller, Result, label_mapper, owner_mapper
@@ -93,6 +93,10 @@ class ReconcilerOptions:
     """Behaviour switches (command-line flags)."""
 
     provisioning: str = "machine"
+    # Which karpenter kind requests the missing nodes (kaito.machine.NODE_APIS): Machine (v1alpha5,
+    # the seed's era) or NodeClaim (v1, upstream Kaito v0.4.2+ and gpu-provisioner v0.3+).
+    node_api: str = "machine"
+    cloud_provider: str | None = "azure"  # NodeClaims add a cloud-specific SKU requirement on Azure
     manifests: mf.ManifestOptions = field(default_factory=mf.ManifestOptions)
     machine_deletion_timeout: float = 300.0
     not_ready_requeue: float = 60.0
@@ -234,7 +238,13 @@ class WorkspaceReconciler:
         self.options = options or ReconcilerOptions()
         if self.options.provisioning not in PROVISIONING_MODES:
             raise ValueError(f"provisioning must be one of {PROVISIONING_MODES}")
-        self.encoding: NodeRequestEncoding = encoding or MachineEncoding()
+        if self.options.node_api not in NODE_APIS:
+            raise ValueError(f"node_api must be one of {NODE_APIS}")
+        self.encoding: NodeRequestEncoding = encoding or encoding_for(
+            self.options.node_api, cloud_provider=self.options.cloud_provider
+        )
+        self._noun = self.encoding.noun  # "machine" / "nodeClaim" in messages
+        self._kind = self.encoding.resource.kind  # "Machine" / "NodeClaim" in Event reasons
         self.recorder = recorder or ev.EventRecorder(client)
         # Last status written per key, with the resourceVersion the write returned: a reconcile that
         # runs before the watch delivers our own write must not write (and announce) the same again.
@@ -313,7 +323,7 @@ class WorkspaceReconciler:
             req = self.encoding.observe(m)
             remaining.append(req.name)
             if req.phase != RequestPhase.DELETING and await self._delete_machine(req.name):
-                log.info("machine deleted", machine=req.name)
+                log.info(f"{self._noun} deleted", machine=req.name)
         if remaining:
             started = _parse_time(meta.get("deletionTimestamp")) or time.time()
             waited = time.time() - started
@@ -322,8 +332,8 @@ class WorkspaceReconciler:
             await self.recorder.event(
                 raw,
                 "Warning",
-                "MachineDeletionStuck",
-                f"machines {', '.join(sorted(remaining))} still exist {int(waited)}s after deletion started; "
+                f"{self._kind}DeletionStuck",
+                f"{self._noun}s {', '.join(sorted(remaining))} still exist {int(waited)}s after deletion started; "
                 "removing the finalizer anyway -- check the gpu-provisioner",
             )
         finalizers = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
@@ -347,7 +357,11 @@ class WorkspaceReconciler:
 
     async def _reconcile_inference(self, key: str, raw: Obj, ws: Workspace) -> Result:
         generation = int(ws.metadata.generation or 0)
-        obs = st.Observation(generation=generation, machines=self.options.provisioning == "machine")
+        obs = st.Observation(
+            generation=generation,
+            machines=self.options.provisioning == "machine",
+            request_kind=self._kind,
+        )
         assert ws.inference is not None
         preset: Preset | None = None
         if ws.inference.preset is not None:
@@ -392,6 +406,7 @@ class WorkspaceReconciler:
         obs = st.Observation(
             generation=int(ws.metadata.generation or 0),
             machines=self.options.provisioning == "machine",
+            request_kind=self._kind,
             tuning_mode=True,
         )
         try:
@@ -524,7 +539,7 @@ class WorkspaceReconciler:
             if not await self._delete_machine(mname):
                 continue
             log.warning(
-                "orphaned machine deleted: its workspace no longer exists", machine=mname, workspace=key
+                f"orphaned {self._noun} deleted: its workspace no longer exists", machine=mname, workspace=key
             )
         return DONE
 
@@ -629,7 +644,9 @@ class WorkspaceReconciler:
                 reason = StateReason.PROVISIONING_FAILED
             return (
                 st.StepOutcome(
-                    st.Phase.FAILED, reason, f"machine {r.name} failed: {r.reason}: {r.message}".rstrip(": ")
+                    st.Phase.FAILED,
+                    reason,
+                    f"{self._noun} {r.name} failed: {r.reason}: {r.message}".rstrip(": "),
                 ),
                 workers,
                 gpus,
@@ -640,7 +657,7 @@ class WorkspaceReconciler:
             if r.phase == RequestPhase.READY and r.node_name:
                 what = f"node {r.node_name} is not usable yet"
             parts.append(f"{r.name} ({what})")
-        msg = f"creating {len(waiting)} machines: " + ", ".join(parts) if parts else "waiting for nodes"
+        msg = f"creating {len(waiting)} {self._noun}s: " + ", ".join(parts) if parts else "waiting for nodes"
         return st.StepOutcome(st.Phase.PENDING, StateReason.PROVISIONING, msg), workers, gpus
 
     async def _release_machines(
@@ -676,12 +693,12 @@ class WorkspaceReconciler:
                 continue
             if not await self._delete_machine(r.name):
                 continue
-            log.info("surplus machine deleted", machine=r.name, node=r.node_name)
+            log.info(f"surplus {self._noun} deleted", machine=r.name, node=r.node_name)
             await self.recorder.event(
                 self._ref(ws),
                 "Normal",
-                "MachineDeleted",
-                f"deleted machine {r.name}"
+                f"{self._kind}Deleted",
+                f"deleted {self._noun} {r.name}"
                 + (f" (node {r.node_name})" if r.node_name else "")
                 + ": the selected nodes cover the workspace without it",
             )
@@ -705,7 +722,7 @@ class WorkspaceReconciler:
         missing_pref = [p for p in preferred if self.nodes.store.get(p) is None]
         msg = (
             f"need {count} Ready nodes with labels {selector} and instance type {itype}, found {have}; "
-            f"provisioning is byo, so no Machines are created"
+            f"provisioning is byo, so no {self._kind}s are created"
         )
         if missing_pref:
             msg += f"; preferred nodes not found: {', '.join(missing_pref)}"
@@ -724,12 +741,12 @@ class WorkspaceReconciler:
         try:
             created = await self.client.create(self.encoding.resource, body)
             ev.MACHINE_OPS.labels("created").inc()
-            log.info("machine created", machine=mname, slot=slot, instance_type=itype)
+            log.info(f"{self._noun} created", machine=mname, slot=slot, instance_type=itype)
             await self.recorder.event(
                 self._ref(ws),
                 "Normal",
-                "MachineCreated",
-                f"created machine {mname} ({itype}) for node slot {slot}",
+                f"{self._kind}Created",
+                f"created {self._noun} {mname} ({itype}) for node slot {slot}",
             )
             return self.encoding.observe(created)
         except ApiError as e:
@@ -738,14 +755,16 @@ class WorkspaceReconciler:
         # A retry, a restart or another replica created it first: adopt it if it is ours.
         existing = await self.client.get_or_none(self.encoding.resource, mname)
         if existing is None:
-            return NodeRequest(mname, RequestPhase.PENDING, None, "Provisioning", "machine is being replaced")
+            return NodeRequest(
+                mname, RequestPhase.PENDING, None, "Provisioning", f"{self._noun} is being replaced"
+            )
         if not self.encoding.belongs_to(existing, ns, name):
             return NodeRequest(
                 mname,
                 RequestPhase.FAILED,
                 None,
-                "MachineNameConflict",
-                f"machine {mname} exists but belongs to another workspace",
+                f"{self._kind}NameConflict",
+                f"{self._noun} {mname} exists but belongs to another workspace",
             )
         ev.MACHINE_OPS.labels("adopted").inc()
         return self.encoding.observe(existing)
@@ -1004,7 +1023,8 @@ def register(
         WORKSPACES, namespace=namespace, indexers={WS_MATCH_LABEL_INDEX: _ws_match_pairs}
     )
     nodes = mgr.informer(NODES, indexers={NODE_LABEL_INDEX: _label_pairs})
-    machine_inf = mgr.informer(MachineEncoding.resource, indexers={MACHINE_WS_INDEX: _machine_ws_key})
+    encoding = encoding_for(options.node_api, cloud_provider=options.cloud_provider)
+    machine_inf = mgr.informer(encoding.resource, indexers={MACHINE_WS_INDEX: _machine_ws_key})
     children = {
         res: mgr.informer(res, namespace=namespace, label_selector=CHILD_SELECTOR, transform=slim_child)
         for res in (DEPLOYMENTS, STATEFULSETS, SERVICES, CONFIGMAPS)
@@ -1034,6 +1054,7 @@ def register(
         registry=registry,
         skus=skus,
         options=options,
+        encoding=encoding,
         jobs=jobs,
     )
     ctrl = mgr.add_controller("workspace", rec.reconcile, workers=workers)

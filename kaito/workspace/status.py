@@ -50,7 +50,8 @@ class Observation:
     resource: StepOutcome | None = None
     inference: StepOutcome | None = None
     worker_nodes: Sequence[str] | None = None
-    machines: bool = False  # whether Machines are in play (machine provisioning mode)
+    machines: bool = False  # whether node requests are in play (machine provisioning mode)
+    request_kind: str = "Machine"  # Machine -> MachineReady, NodeClaim -> NodeClaimReady
     machines_pending: int = 0
     spec_error: StepOutcome | None = None  # the spec cannot be served (terminal until it changes)
     deleting: bool = False
@@ -62,6 +63,33 @@ class Observation:
 
 
 PENDING_MSG = "workspace has not become ready yet"
+
+
+@dataclass(frozen=True)
+class NodeCondition:
+    """The workspace condition that reports a node-request kind, with upstream's reasons (reference §3.8)."""
+
+    type: str
+    pending_reason: str
+    failed_reason: str
+    ready_message: str
+
+
+NODE_CONDITIONS: Mapping[str, NodeCondition] = {
+    "Machine": NodeCondition(
+        T.MACHINE_READY,
+        R.CREATE_MACHINE_PENDING,
+        R.CHECK_MACHINE_STATUS_FAILED,
+        "machines plugins have been installed successfully",
+    ),
+    "NodeClaim": NodeCondition(
+        T.NODECLAIM_READY,
+        R.CREATE_NODECLAIM_PENDING,
+        R.CHECK_NODECLAIM_STATUS_FAILED,
+        "nodeClaim plugins have been installed successfully",
+    ),
+}
+"""Condition per node-request kind (``Observation.request_kind``)."""
 
 
 def _cond(type_: str, status: str, reason: str, message: str) -> tuple[str, str, str, str]:
@@ -83,27 +111,21 @@ def desired_conditions(obs: Observation) -> list[tuple[str, str, str, str]]:
         return out
     res = obs.resource
     if res is not None:
+        node = NODE_CONDITIONS.get(obs.request_kind, NODE_CONDITIONS["Machine"])
         if res.phase == Phase.READY:
             out.append(
                 _cond(T.RESOURCE_READY, "True", R.RESOURCE_STATUS_SUCCESS, "workspace resource is ready")
             )
             if obs.machines:
-                out.append(
-                    _cond(
-                        T.MACHINE_READY,
-                        "True",
-                        R.INSTALL_NODE_PLUGINS_SUCCESS,
-                        "machines plugins have been installed successfully",
-                    )
-                )
+                out.append(_cond(node.type, "True", R.INSTALL_NODE_PLUGINS_SUCCESS, node.ready_message))
         elif res.phase == Phase.FAILED:
             out.append(_cond(T.RESOURCE_READY, "False", R.RESOURCE_STATUS_FAILED, res.message))
             if obs.machines:
-                out.append(_cond(T.MACHINE_READY, "False", R.CHECK_MACHINE_STATUS_FAILED, res.message))
+                out.append(_cond(node.type, "False", node.failed_reason, res.message))
         else:
-            out.append(_cond(T.RESOURCE_READY, "Unknown", R.CREATE_MACHINE_PENDING, res.message))
+            out.append(_cond(T.RESOURCE_READY, "Unknown", node.pending_reason, res.message))
             if obs.machines:
-                out.append(_cond(T.MACHINE_READY, "Unknown", R.CREATE_MACHINE_PENDING, res.message))
+                out.append(_cond(node.type, "Unknown", node.pending_reason, res.message))
     if obs.tuning_mode:
         return out + _tuning_conditions(obs)
     inf = obs.inference
@@ -325,6 +347,7 @@ EVENT_PRIORITY = (
     "JobStarted",
     "ResourceReady",
     "MachineReady",
+    "NodeClaimReady",
     "WorkspaceSucceeded",
 )
 
