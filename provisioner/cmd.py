@@ -8,7 +8,9 @@ Flags (each also readable from the environment variable in brackets, flags win):
 ``--no-leader-elect`` [LEADER_ELECT, default true], ``--leader-election-namespace`` [POD_NAMESPACE],
 ``--metrics-port`` [METRICS_PORT, 8080], ``--probe-port`` [HEALTH_PROBE_PORT, 8081], ``--workers``,
 ``--kwok-node-delay``, ``--registration-timeout``, ``--drain-timeout``, ``--gc-interval``, ``--gc-grace``,
-``--machine-selector``, ``--log-level`` [LOG_LEVEL], ``--log-format`` [KAITO_LOG_FORMAT].
+``--machine-selector``, ``--node-api`` machine|nodeclaim|machine,nodeclaim [KAITO_NODE_API, default
+machine: which karpenter kinds to serve; both during a migration], ``--log-level`` [LOG_LEVEL],
+``--log-format`` [KAITO_LOG_FORMAT].
 Azure: ``ARM_SUBSCRIPTION_ID``, ``ARM_RESOURCE_GROUP``, ``AZURE_CLUSTER_NAME``, identity variables and
 the optional ``ARM_*`` overrides (see :meth:`provisioner.cloud.azure.AzureConfig.from_env`).
 
@@ -31,6 +33,7 @@ from kaito.runtime.kube import KubeClient, load_api_client
 from kaito.runtime.logging import configure_logging
 from kaito.runtime.manager import Manager, ManagerOptions
 from provisioner.cloud.factory import PROVIDERS, open_provider
+from provisioner.lifecycle.kinds import parse_kinds
 from provisioner.lifecycle.reconciler import LifecycleOptions
 from provisioner.lifecycle.setup import add_provisioner
 
@@ -120,6 +123,12 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     p.add_argument(
         "--machine-selector", default=None, help="label selector: serve only the Machines it matches"
     )
+    p.add_argument(
+        "--node-api",
+        default=env.get("KAITO_NODE_API") or "machine",
+        help="which karpenter kinds to serve: machine (v1alpha5), nodeclaim (v1) or machine,nodeclaim "
+        "(both, e.g. during a migration; each kind's CRD must be installed)",
+    )
     p.add_argument("--log-level", default=env.get("LOG_LEVEL") or "info")
     p.add_argument(
         "--log-format",
@@ -131,6 +140,10 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         p.error("--workers must be at least 1")
     if args.registration_timeout <= 0:
         p.error("--registration-timeout must be positive")
+    try:
+        args.kinds = parse_kinds(args.node_api)
+    except ValueError as e:
+        p.error(f"--node-api: {e}")
     return args
 
 
@@ -181,6 +194,7 @@ async def amain(argv: Sequence[str] | None = None) -> int:
             machine_selector=args.machine_selector,
             gc_interval=args.gc_interval if args.gc_interval > 0 else None,
             gc_grace=args.gc_grace,
+            kinds=args.kinds,
         )
     except BaseException:
         await mgr.close()
@@ -191,10 +205,11 @@ async def amain(argv: Sequence[str] | None = None) -> int:
         leader_elect=args.leader_elect,
         workers=args.workers,
         machine_selector=args.machine_selector,
+        node_api=args.node_api,
     )
     code = await mgr.run_main(
-        cache_sync_hint="is the Machine CRD (machines.karpenter.sh) installed "
-        "and may this identity list/watch Machines and Nodes?"
+        cache_sync_hint=f"is the CRD of every kind in --node-api={args.node_api} installed "
+        "(machines.karpenter.sh, nodeclaims.karpenter.sh) and may this identity list/watch them and Nodes?"
     )
     del provisioner
     return code

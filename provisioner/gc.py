@@ -1,4 +1,4 @@
-"""Garbage collection: delete cloud instances whose Machine is gone.
+"""Garbage collection: delete cloud instances whose Machine (or NodeClaim) is gone.
 
 A Machine deleted while its agent pool was still being created, a finalizer removed by hand, or a
 provisioner that crashed between the cloud's create and the Machine's status write can each leave an
@@ -8,6 +8,10 @@ one whose Machine does not exist, together with its Nodes. A grace period after 
 time covers a Machine that the informer has not seen yet, and the Machine's absence is confirmed with a
 direct GET (never from a cache, which may lag, nor from a label-scoped informer, which may not see other
 provisioners' Machines).
+
+Machines and NodeClaims coexist during a migration, and one provisioner may serve only one of them: an
+instance is an orphan only when *neither* kind has an object of its name, whichever kind created it,
+so a sweep never deletes what the other encoding owns.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import structlog
 from kaito.runtime.kube import NODES, KubeClient
 from provisioner import metrics
 from provisioner.cloud.base import CloudError, CloudProvider, Instance, InstanceState, NotFound
-from provisioner.lifecycle.reconciler import MACHINES
+from provisioner.lifecycle.kinds import KINDS
 
 log = structlog.get_logger("provisioner.gc")
 
@@ -73,13 +77,13 @@ class InstanceGarbageCollector:
             if not self._eligible(instance, now):
                 continue
             name = instance.machine_name or instance.name
-            if await self.client.get_or_none(MACHINES, name) is not None:
+            if await self._owner_exists(name):
                 continue
             log.info("deleting orphaned instance", machine=name, state=str(instance.state))
             await self._delete_nodes(instance)
             try:
                 async with asyncio.timeout(self.cloud_call_wait):
-                    await self.cloud.delete(instance.name)
+                    await self.cloud.delete(instance.name, owner_kind=instance.owner_kind)
             except NotFound:
                 pass
             except TimeoutError:
@@ -91,6 +95,13 @@ class InstanceGarbageCollector:
             deleted.append(instance.name)
         self.sweeps += 1
         return deleted
+
+    async def _owner_exists(self, name: str) -> bool:
+        """Whether a Machine or a NodeClaim of that name exists (a kind whose CRD is not installed has none)."""
+        for kind in KINDS.values():
+            if await self.client.get_or_none(kind.resource, name) is not None:
+                return True
+        return False
 
     def _eligible(self, instance: Instance, now: datetime) -> bool:
         if instance.state is InstanceState.DELETING or not instance.name:

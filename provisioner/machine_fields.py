@@ -1,4 +1,9 @@
-"""Pure readers for a Machine (``karpenter.sh/v1alpha5``) given as a plain dict.
+"""Pure readers for a Machine (``karpenter.sh/v1alpha5``) or NodeClaim (``karpenter.sh/v1``) given as a plain dict.
+
+The fields the provisioner reads have the same paths in both kinds (labels, ``spec.requirements``,
+``spec.taints``, ``spec.resources.requests``, ``status.providerID``); "Machine" below means either.
+:func:`request_kind` tells them apart, :func:`default_pool_labels` and :func:`owner_kind` are the one
+place that knows how an instance (agent pool, kwok node) records which kind it was created for.
 
 The provisioner receives Machines from the API server as JSON-shaped dicts (what an informer caches).
 These helpers read the few fields the cloud providers need, tolerate missing sections (a Machine is
@@ -29,6 +34,7 @@ WORKSPACE_NAMESPACE_LABEL = "kaito.sh/workspacenamespace"
 RAGENGINE_LABEL = "kaito.sh/ragengine"
 MACHINE_TYPE_LABEL = "kaito.sh/machine-type"
 PROVISIONER_NAME_LABEL = "karpenter.sh/provisioner-name"
+NODEPOOL_LABEL = "karpenter.sh/nodepool"
 CREATION_TIMESTAMP_LABEL = "kaito.sh/creation-timestamp"
 
 # The layout upstream uses for kaito.sh/creation-timestamp: label-value safe (no colons), UTC.
@@ -73,6 +79,34 @@ class Taint:
             )
         value = raw.get("value") or ""
         return cls(key=key, effect=str(effect), value=str(value))
+
+
+MACHINE_KIND = "Machine"
+NODECLAIM_KIND = "NodeClaim"
+NODECLAIM_API_VERSION = "karpenter.sh/v1"
+
+
+def request_kind(obj: MachineDict) -> str:
+    """``NodeClaim`` or ``Machine``: the object's ``kind`` (or, without one, its ``apiVersion``)."""
+    kind = obj.get("kind")
+    if kind in (MACHINE_KIND, NODECLAIM_KIND):
+        return str(kind)
+    return NODECLAIM_KIND if obj.get("apiVersion") == NODECLAIM_API_VERSION else MACHINE_KIND
+
+
+def default_pool_labels(obj: MachineDict) -> dict[str, str]:
+    """The labels an instance starts from before the object's own (upstream §2.1): Machines'
+    pools carry ``karpenter.sh/provisioner-name=default`` (v0.1-v0.2), NodeClaims' ``karpenter.sh/nodepool=kaito``
+    (v0.3+)."""
+    if request_kind(obj) == NODECLAIM_KIND:
+        return {NODEPOOL_LABEL: "kaito"}
+    return {PROVISIONER_NAME_LABEL: "default"}
+
+
+def owner_kind(labels: Mapping[str, str]) -> str:
+    """Which kind an instance with these (node) labels was created for: a NodePool label means a
+    NodeClaim, as upstream's gpu-provisioner v0.3+ marks its pools; otherwise a Machine."""
+    return NODECLAIM_KIND if NODEPOOL_LABEL in labels else MACHINE_KIND
 
 
 def _section(obj: Mapping[str, Any], name: str) -> Mapping[str, Any]:

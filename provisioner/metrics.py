@@ -1,7 +1,7 @@
 """Prometheus metrics of the Machine lifecycle (``kaito_machine_*``).
 
 Cloud-call durations and errors by operation live in :mod:`provisioner.cloud.metrics`; these are about
-Machines:
+Machines (NodeClaims are counted in the same series: one lifecycle, two encodings):
 
 - ``kaito_machine_phase{phase}``: Machines by phase (Launching, Registering, Initializing, Ready,
   Failed, Terminating), computed from the informer cache at scrape time, so it can never drift;
@@ -27,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from provisioner.lifecycle import conditions as cond
+from provisioner.lifecycle.kinds import kind_of
 
 PHASES = ("Launching", "Registering", "Initializing", "Ready", "Failed", "Terminating")
 
@@ -70,17 +71,18 @@ TERMINATIONS = Counter(
 
 
 def phase_of(machine: Mapping[str, Any]) -> str:
-    """The lifecycle phase of a Machine, from its deletionTimestamp and conditions."""
+    """The lifecycle phase of a Machine or NodeClaim, from its deletionTimestamp and conditions."""
     if (machine.get("metadata") or {}).get("deletionTimestamp"):
         return "Terminating"
+    kind = kind_of(dict(machine))
     conds = cond.conditions_of(machine.get("status"))
     if cond.is_true(conds, cond.READY):
         return "Ready"
-    if cond.is_true(conds, cond.REGISTERED):
+    if cond.is_true(conds, kind.registered):
         return "Initializing"
-    if cond.is_true(conds, cond.LAUNCHED):
+    if cond.is_true(conds, kind.launched):
         return "Registering"
-    launched = cond.get(conds, cond.LAUNCHED)
+    launched = cond.get(conds, kind.launched)
     if launched is not None and launched.get("status") == cond.FALSE:
         return "Failed"
     return "Launching"

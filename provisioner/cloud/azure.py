@@ -49,6 +49,8 @@ from provisioner.cloud.base import (
     NotFound,
     QuotaExceeded,
     SkuUnavailable,
+    name_conflict,
+    other_owner,
 )
 from provisioner.machine_fields import MachineDict, MachineFieldError, Taint
 
@@ -401,7 +403,7 @@ def agent_pool_body(machine: MachineDict, *, now: datetime | None = None) -> dic
     except MachineFieldError as e:
         raise InvalidRequest(str(e), code="InvalidMachine") from e
     created = mf.creation_timestamp(machine) or now or datetime.now(UTC)
-    labels = {mf.PROVISIONER_NAME_LABEL: "default"}
+    labels = mf.default_pool_labels(machine)
     labels.update(mf.machine_labels(machine))
     labels[mf.MACHINE_TYPE_LABEL] = "gpu" if is_gpu_vm_size(vm_size) else "cpu"
     labels[mf.CREATION_TIMESTAMP_LABEL] = mf.format_creation_label(created)
@@ -420,13 +422,14 @@ def agent_pool_body(machine: MachineDict, *, now: datetime | None = None) -> dic
 
 
 def is_managed_pool(node_labels: Mapping[str, str]) -> bool:
-    """True for pools this provisioner created: our provisioner/machine-type labels plus a Kaito owner label.
+    """True for pools this provisioner created: our provisioner-name (Machines) or nodepool (NodeClaims)
+    label and machine-type label plus a Kaito owner label.
 
     Anything else in the cluster (system pools, a user's own GPU pools) is never listed, so garbage
     collection cannot delete it.
     """
     return (
-        mf.PROVISIONER_NAME_LABEL in node_labels
+        (mf.PROVISIONER_NAME_LABEL in node_labels or mf.NODEPOOL_LABEL in node_labels)
         and mf.MACHINE_TYPE_LABEL in node_labels
         and (mf.WORKSPACE_LABEL in node_labels or mf.RAGENGINE_LABEL in node_labels)
     )
@@ -489,6 +492,7 @@ def instance_from_pool(pool: Mapping[str, Any], *, provider_id: str = "") -> Ins
         image_id=str(props.get("nodeImageVersion") or ""),
         detail=provisioning,
         failure=failure,
+        owner_kind=mf.owner_kind(labels),
     )
 
 
@@ -748,6 +752,8 @@ class AzureCloudProvider(CloudProvider):
             existing = None
         if existing is not None:
             instance = instance_from_pool(existing)
+            if (conflict := name_conflict(instance, machine)) is not None:
+                raise conflict
             if instance.instance_type and instance.instance_type.lower() != vm_size.lower():
                 raise InvalidRequest(
                     f"agent pool {pool} already exists with VM size {instance.instance_type}, but machine "
@@ -802,14 +808,17 @@ class AzureCloudProvider(CloudProvider):
             raise classify_azure_error(e, operation="list", pool="*") from e
         return out
 
-    async def delete(self, ref: str) -> None:
-        """Delete the pool and wait for ARM's operation (bounded); NotFound when it is already gone.
+    async def delete(self, ref: str, *, owner_kind: str | None = None) -> None:
+        """Delete the pool and wait for ARM's operation (bounded); NotFound when it is already gone
+        (or, with ``owner_kind``, belongs to the other kind).
 
         A pool already ``Deleting`` returns at once without a second DELETE (upstream v0.3.6+).
         """
         pool = pool_name_from_ref(ref)
         cfg = self._config
         existing = instance_from_pool(await self._get_pool(pool, "delete"))
+        if (other := other_owner(existing, owner_kind)) is not None:
+            raise other
         if existing.state is InstanceState.DELETING:
             return
         log.info("deleting agent pool", machine=pool, cluster=cfg.cluster_name)

@@ -21,9 +21,14 @@ fake Node). The reconcilers drive it like this:
   :class:`NotFound` means the instance is gone. ``await cloud.list()`` returns only instances this
   provisioner created (never a user's own node pools), each with ``machine_name`` and ``created_at`` so
   a sweep can delete instances whose Machine no longer exists (after a short grace period).
-- **terminate**: ``await cloud.delete(ref)`` starts (or finishes) deletion; it returns when the cloud has
-  accepted or completed it and raises :class:`NotFound` when the instance is already gone. Call it again
-  on each requeue until it raises NotFound, then drop the finalizer.
+- **terminate**: ``await cloud.delete(ref, owner_kind=...)`` starts (or finishes) deletion; it returns
+  when the cloud has accepted or completed it and raises :class:`NotFound` when the instance is already
+  gone -- or when it belongs to the other kind (a NodeClaim's deletion never removes a Machine's
+  instance of the same name, nor the reverse). Call it again on each requeue until it raises NotFound,
+  then drop the finalizer.
+
+Machines and NodeClaims are served through the same calls: the object passed to ``create`` is either,
+and each instance records which kind it was made for (``Instance.owner_kind``, from its labels).
 
 Every failure is a :class:`CloudError` subclass with a Machine-condition ``reason``, a message the
 user can act on, a suggested ``backoff`` (seconds until the next attempt) and ``retryable`` (False means
@@ -39,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar
 
-from provisioner.machine_fields import MachineDict, Taint
+from provisioner.machine_fields import MachineDict, Taint, request_kind
 
 
 class InstanceState(enum.StrEnum):
@@ -77,6 +82,8 @@ class Instance:
     """Provider-specific state text, e.g. the ARM ``provisioningState``."""
     failure: CloudError | None = None
     """Why the instance is FAILED (classified like a call error), when the cloud says."""
+    owner_kind: str = "Machine"
+    """The kind it was created for (``Machine`` or ``NodeClaim``; see ``machine_fields.owner_kind``)."""
 
     def label_selector(self) -> str:
         """``node_selector`` as a Kubernetes label selector string (for ``list_node(label_selector=...)``)."""
@@ -154,6 +161,28 @@ class AuthFailed(CloudError):
     default_backoff = 120.0
 
 
+def other_owner(instance: Instance, owner_kind: str | None) -> NotFound | None:
+    """NotFound to raise when ``instance`` belongs to another kind than ``owner_kind`` (else None)."""
+    if owner_kind is None or instance.owner_kind == owner_kind:
+        return None
+    return NotFound(
+        f"instance {instance.name} belongs to a {instance.owner_kind}, not a {owner_kind}; left alone",
+        code="OwnedByOtherKind",
+    )
+
+
+def name_conflict(instance: Instance, machine: MachineDict) -> InvalidRequest | None:
+    """InvalidRequest to raise when ``machine`` would adopt an instance made for the other kind."""
+    kind = request_kind(machine)
+    if instance.owner_kind == kind:
+        return None
+    return InvalidRequest(
+        f"instance {instance.name} already exists for a {instance.owner_kind} of that name; "
+        f"delete that {instance.owner_kind} or rename this {kind}",
+        code="NameConflict",
+    )
+
+
 class CloudProvider(abc.ABC):
     """One small interface over Azure agent pools and kwok fake nodes. See the module docstring for the contract."""
 
@@ -173,8 +202,11 @@ class CloudProvider(abc.ABC):
         """All instances this provisioner created (and only those)."""
 
     @abc.abstractmethod
-    async def delete(self, ref: str) -> None:
-        """Delete the instance for a Machine name or providerID; raises NotFound when it is already gone."""
+    async def delete(self, ref: str, *, owner_kind: str | None = None) -> None:
+        """Delete the instance for a Machine name or providerID; raises NotFound when it is already gone.
+
+        With ``owner_kind``, an instance created for another kind counts as gone and is left alone.
+        """
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most providers hold no resources
         """Release clients and background tasks. Idempotent."""

@@ -41,6 +41,8 @@ from provisioner.cloud.base import (
     InvalidRequest,
     NotFound,
     SkuUnavailable,
+    name_conflict,
+    other_owner,
 )
 from provisioner.machine_fields import MachineDict, MachineFieldError, Taint
 
@@ -101,7 +103,7 @@ def node_manifest(
     created = mf.creation_timestamp(machine) or now or datetime.now(UTC)
     # Same label layering as the Azure agent pool (defaults < Machine labels < provider facts), plus
     # what AKS itself puts on every node.
-    labels = {mf.PROVISIONER_NAME_LABEL: "default"}
+    labels = mf.default_pool_labels(machine)
     labels.update(mf.machine_labels(machine))
     labels.update(
         {
@@ -165,6 +167,7 @@ def instance_from_node(node: Mapping[str, Any]) -> Instance:
         machine_name=name,
         created_at=mf.parse_creation_label(labels.get(mf.CREATION_TIMESTAMP_LABEL, "")),
         detail="Ready" if ready else "NotReady",
+        owner_kind=mf.owner_kind(labels),
     )
 
 
@@ -255,6 +258,7 @@ class KwokCloudProvider(CloudProvider):
             machine_name=base.machine_name,
             created_at=base.created_at,
             detail="NodePending",
+            owner_kind=base.owner_kind,
         )
 
     async def create(self, machine: MachineDict) -> Instance:
@@ -280,6 +284,8 @@ class KwokCloudProvider(CloudProvider):
         existing = await self._read_node(node, "create")
         if existing is not None:
             instance = instance_from_node(existing)
+            if (conflict := name_conflict(instance, machine)) is not None:
+                raise conflict
             if instance.instance_type != sku:
                 raise InvalidRequest(
                     f"node {node} for machine {name} already exists with instance type "
@@ -290,6 +296,8 @@ class KwokCloudProvider(CloudProvider):
         if (failure := self._failed.pop(name, None)) is not None:
             raise failure
         pending = self._pending.get(name)
+        if pending is not None and (conflict := name_conflict(self._pending_instance(pending), machine)):
+            raise conflict
         if pending is None:
             task = asyncio.create_task(self._launch(name, manifest), name=f"kwok-launch-{name}")
             pending = self._pending[name] = _Pending(manifest, task)
@@ -353,7 +361,7 @@ class KwokCloudProvider(CloudProvider):
 
     async def list(self) -> list[Instance]:
         """Nodes this provider created (kwok-annotated, with our agentpool/machine-type/owner labels) + pending ones."""
-        selector = f"{AKS_AGENTPOOL_LABEL},{mf.MACHINE_TYPE_LABEL},{mf.PROVISIONER_NAME_LABEL}"
+        selector = f"{AKS_AGENTPOOL_LABEL},{mf.MACHINE_TYPE_LABEL}"  # then is_managed_pool()
         try:
             result = await self._core.list_node(label_selector=selector)
         except Exception as e:
@@ -372,10 +380,23 @@ class KwokCloudProvider(CloudProvider):
             out.setdefault(name, self._pending_instance(pending))
         return list(out.values())
 
-    async def delete(self, ref: str) -> None:
-        """Cancel a scheduled creation and/or delete the Node; NotFound when there was neither."""
+    async def delete(self, ref: str, *, owner_kind: str | None = None) -> None:
+        """Cancel a scheduled creation and/or delete the Node; NotFound when there was neither (or,
+        with ``owner_kind``, when they belong to the other kind)."""
         name = machine_name_from_ref(ref)
         node = node_name_for(name)
+        if owner_kind is not None:
+            pending = self._pending.get(name)
+            found = await self._read_node(node, "delete")
+            current = (
+                instance_from_node(found)
+                if found is not None
+                else self._pending_instance(pending)
+                if pending is not None
+                else None
+            )
+            if current is not None and (other := other_owner(current, owner_kind)) is not None:
+                raise other
         cancelled = await self._cancel(name)
         self._failed.pop(name, None)
         try:

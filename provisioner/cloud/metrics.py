@@ -91,10 +91,10 @@ class InstrumentedCloudProvider(CloudProvider):
         async with self.metrics.observe(self._provider, "list"):
             return await self.inner.list()
 
-    async def delete(self, ref: str) -> None:
+    async def delete(self, ref: str, *, owner_kind: str | None = None) -> None:
         """Instrumented CloudProvider.delete."""
         async with self.metrics.observe(self._provider, "delete"):
-            await self.inner.delete(ref)
+            await self.inner.delete(ref, owner_kind=owner_kind)
 
     async def close(self) -> None:
         """Close the wrapped provider."""

@@ -1,6 +1,7 @@
-"""Machine status conditions (knative ``apis.Condition`` shape), as plain dicts.
+"""Machine and NodeClaim status conditions, as plain dicts.
 
-Upstream's living set is ``MachineLaunched``, ``MachineRegistered``, ``MachineInitialized``; the summary
+Upstream's living set is ``MachineLaunched``, ``MachineRegistered``, ``MachineInitialized`` on Machines
+and ``Launched``, ``Registered``, ``Initialized`` on NodeClaims (``living`` parameters); the summary
 ``Ready`` is True exactly when all three are True, and otherwise repeats the first one that is not
 (its status, reason and message), so a reader of ``Ready`` alone learns what is holding the Machine up.
 
@@ -120,16 +121,18 @@ def set_condition(
     return out
 
 
-def summarize_ready(conditions: Sequence[Mapping[str, Any]], *, now: datetime) -> list[Condition]:
+def summarize_ready(
+    conditions: Sequence[Mapping[str, Any]], *, now: datetime, living: Sequence[str] = LIVING
+) -> list[Condition]:
     """Set ``Ready`` from the living conditions (True when all are True; else the first that is not)."""
-    for type_ in LIVING:
+    for i, type_ in enumerate(living):
         cond = get(conditions, type_)
         if cond is None:
             return set_condition(
                 conditions,
                 READY,
                 UNKNOWN,
-                _pending_reason(type_),
+                _PENDING_REASONS[i],
                 f"{type_} has not been reported yet",
                 now=now,
             )
@@ -138,20 +141,30 @@ def summarize_ready(conditions: Sequence[Mapping[str, Any]], *, now: datetime) -
                 conditions,
                 READY,
                 str(cond.get("status") or UNKNOWN),
-                str(cond.get("reason") or _pending_reason(type_)),
+                str(cond.get("reason") or _PENDING_REASONS[i]),
                 str(cond.get("message") or ""),
                 now=now,
             )
     return set_condition(conditions, READY, TRUE, "Ready", "", now=now)
 
 
-def _pending_reason(type_: str) -> str:
-    return {LAUNCHED: "Launching", REGISTERED: "Registering", INITIALIZED: "Initializing"}.get(
-        type_, "Pending"
-    )
+_PENDING_REASONS = ("Launching", "Registering", "Initializing")  # by position in the living set
 
 
-def ordered(conditions: Sequence[Mapping[str, Any]]) -> list[Condition]:
+def ordered(conditions: Sequence[Mapping[str, Any]], living: Sequence[str] = LIVING) -> list[Condition]:
     """Conditions in a stable order (living set, Ready, then others by type) so equal states compare equal."""
-    rank = {t: i for i, t in enumerate((*LIVING, READY))}
+    rank = {t: i for i, t in enumerate((*living, READY))}
     return sorted((dict(c) for c in conditions), key=lambda c: (rank.get(c["type"], 99), c["type"]))
+
+
+def as_metav1(conditions: Sequence[Mapping[str, Any]], generation: int) -> list[Condition]:
+    """Conditions with every field ``metav1.Condition`` requires (NodeClaims): a reason (the status when
+    none was given), a message (possibly empty) and the ``observedGeneration`` they were computed for."""
+    out: list[Condition] = []
+    for cond in conditions:
+        new = dict(cond)
+        new.setdefault("reason", str(cond.get("status") or UNKNOWN))
+        new.setdefault("message", "")
+        new["observedGeneration"] = generation
+        out.append(new)
+    return out

@@ -1,4 +1,4 @@
-"""Kubernetes Events about Machines (best-effort, written only on lifecycle transitions).
+"""Kubernetes Events about Machines and NodeClaims (best-effort, written only on lifecycle transitions).
 
 Machines are cluster-scoped, so their Events live in the ``default`` namespace, as Kubernetes does for
 every cluster-scoped object (``kubectl describe machine`` finds them there). Messages come from Machine
@@ -20,5 +20,12 @@ __all__ = ["COMPONENT", "EVENT_NAMESPACE", "NORMAL", "WARNING", "EventRecorder"]
 class EventRecorder(runtime_events.EventRecorder):
     """Events about Machines, reported by the gpu-provisioner."""
 
-    def __init__(self, client: KubeClient, component: str = COMPONENT) -> None:
-        super().__init__(client, component, api_version="karpenter.sh/v1alpha5", kind="Machine")
+    def __init__(
+        self,
+        client: KubeClient,
+        component: str = COMPONENT,
+        *,
+        kind: str = "Machine",
+        api_version: str = "karpenter.sh/v1alpha5",
+    ) -> None:
+        super().__init__(client, component, api_version=api_version, kind=kind)

@@ -1,7 +1,9 @@
 """The Machine lifecycle reconciler: launch -> registration -> initialization, and termination.
 
-One reconcile of a Machine (key = its name; Machines are cluster-scoped) reads it from the informer
-cache and moves it as far as it can without waiting:
+One reconciler instance serves one kind (:mod:`provisioner.lifecycle.kinds`): Machines
+(``karpenter.sh/v1alpha5``, conditions ``MachineLaunched``...) or NodeClaims (``karpenter.sh/v1``,
+``Launched``...); "Machine" below means either. One reconcile of a Machine (key = its name; both kinds
+are cluster-scoped) reads it from the informer cache and moves it as far as it can without waiting:
 
 1. **finalizer** ``karpenter.sh/termination`` first, so an instance is never created unguarded;
 2. **launch** (until ``MachineLaunched=True``): ``cloud.create`` -- idempotent per Machine name, so a
@@ -34,7 +36,7 @@ from typing import Any
 import structlog
 
 from kaito.runtime.controller import DONE, Result
-from kaito.runtime.kube import NODES, ApiError, KubeClient, Obj, Resource, resource_version, split_key
+from kaito.runtime.kube import NODES, ApiError, KubeClient, Obj, resource_version, split_key
 from kaito.runtime.store import Store
 from provisioner import machine_fields as mf
 from provisioner import metrics
@@ -43,10 +45,10 @@ from provisioner.lifecycle import conditions as cond
 from provisioner.lifecycle import drain
 from provisioner.lifecycle import events as ev
 from provisioner.lifecycle import nodes as nd
+from provisioner.lifecycle.kinds import MACHINE, RequestKind
 
 log = structlog.get_logger("provisioner.lifecycle")
 
-MACHINES = Resource("karpenter.sh", "v1alpha5", "machines", False, "Machine")
 FINALIZER = "karpenter.sh/termination"
 
 # Node indexes the reconciler needs on the Node informer (see :func:`node_indexers`).
@@ -150,8 +152,10 @@ class MachineLifecycle:
         options: LifecycleOptions | None = None,
         clock: Callable[[], datetime] | None = None,
         monotonic: Callable[[], float] | None = None,
+        kind: RequestKind = MACHINE,
     ) -> None:
         self.client = client
+        self.kind = kind
         self.cloud = cloud
         self.machines = machines
         self.nodes = nodes
@@ -160,7 +164,7 @@ class MachineLifecycle:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._monotonic = monotonic or asyncio.get_running_loop().time
         self._backoff: dict[str, _Backoff] = {}
-        self.recorder = ev.EventRecorder(client)
+        self.recorder = ev.EventRecorder(client, kind=kind.kind, api_version=kind.resource.api_version)
         self._reported_blocked: set[tuple[str, str]] = set()
         # resourceVersion of our own last write per Machine, for read-your-writes (see _fresh).
         self._written: dict[str, str] = {}
@@ -200,7 +204,7 @@ class MachineLifecycle:
         if resource_version(cached) == written:
             del self._written[name]  # the cache has caught up
             return cached
-        live = await self.client.get_or_none(MACHINES, name)
+        live = await self.client.get_or_none(self.kind.resource, name)
         if live is None:
             self._written.pop(name, None)
         else:
@@ -225,17 +229,17 @@ class MachineLifecycle:
                 "resourceVersion": meta.get("resourceVersion"),
             }
         }
-        return self._wrote(await self.client.patch(MACHINES, str(meta["name"]), patch))
+        return self._wrote(await self.client.patch(self.kind.resource, str(meta["name"]), patch))
 
     # ---------------------------------------------------------------------------------- launch
 
     async def _launch(self, work: _Pass) -> bool:
-        if cond.is_true(work.conditions, cond.LAUNCHED):
+        if cond.is_true(work.conditions, self.kind.launched):
             return True
         machine = work.machine
         name = mf.machine_name(machine)
         now = self._clock()
-        if cond.reason_of(work.conditions, cond.LAUNCHED) == REGISTRATION_TIMEOUT_REASON:
+        if cond.reason_of(work.conditions, self.kind.launched) == REGISTRATION_TIMEOUT_REASON:
             # The previous instance never produced a Node: remove it before launching a new one.
             retry = await self._delete_instance(name)
             if retry is not None:
@@ -243,11 +247,11 @@ class MachineLifecycle:
                 return False
         elif self._in_backoff(machine, work):
             return False
-        if cond.get(work.conditions, cond.LAUNCHED) is None:
+        if cond.get(work.conditions, self.kind.launched) is None:
             # Tell the user at once that a (possibly minutes-long) launch is under way.
             work.conditions = cond.set_condition(
                 work.conditions,
-                cond.LAUNCHED,
+                self.kind.launched,
                 cond.UNKNOWN,
                 "Launching",
                 f"creating the {self.cloud.name} instance for machine {name}",
@@ -309,7 +313,7 @@ class MachineLifecycle:
             message = f"{message} (next attempt in {_duration(error.backoff)})"
         elif not error.retryable:
             message = f"{message} (not retried until the Machine changes)"
-        work.transition(cond.LAUNCHED, status, error.reason, message, self._clock())
+        work.transition(self.kind.launched, status, error.reason, message, self._clock())
         if status == cond.FALSE:
             metrics.LAUNCH_FAILURES.labels(error.reason).inc()
         pending = isinstance(error, Conflict)
@@ -331,7 +335,11 @@ class MachineLifecycle:
         if instance.capacity and not work.status.get("capacity"):
             work.status["capacity"] = dict(instance.capacity)
         work.transition(
-            cond.LAUNCHED, cond.TRUE, "Launched", f"{self.cloud.name} instance {instance.name} created", now
+            self.kind.launched,
+            cond.TRUE,
+            "Launched",
+            f"{self.cloud.name} instance {instance.name} created",
+            now,
         )
         created = mf.creation_timestamp(work.machine)
         if created is not None:
@@ -362,7 +370,7 @@ class MachineLifecycle:
         machine = work.machine
         name = mf.machine_name(machine)
         now = self._clock()
-        if cond.is_true(work.conditions, cond.REGISTERED):
+        if cond.is_true(work.conditions, self.kind.registered):
             node_name = str(work.status.get("nodeName") or "")
             if node_name and (self.nodes.get(node_name) is not None or await self._node_exists(node_name)):
                 return True
@@ -371,7 +379,7 @@ class MachineLifecycle:
             work.status["nodeName"] = None
             work.conditions = cond.set_condition(
                 work.conditions,
-                cond.INITIALIZED,
+                self.kind.initialized,
                 cond.UNKNOWN,
                 "NodeNotFound",
                 f"node {node_name} no longer exists",
@@ -381,7 +389,7 @@ class MachineLifecycle:
         if not found and await self._instance_lost(work):
             return False
         if not found:
-            launched_at = cond.transition_time(work.conditions, cond.LAUNCHED) or now
+            launched_at = cond.transition_time(work.conditions, self.kind.launched) or now
             waited = (now - launched_at).total_seconds()
             timeout = self.options.registration_timeout
             if waited >= timeout:
@@ -391,16 +399,16 @@ class MachineLifecycle:
                     "deleting the instance and launching it again"
                 )
                 log.warning("registration timed out", machine=name, waited_s=waited)
-                work.transition(cond.LAUNCHED, cond.FALSE, REGISTRATION_TIMEOUT_REASON, message, now)
+                work.transition(self.kind.launched, cond.FALSE, REGISTRATION_TIMEOUT_REASON, message, now)
                 work.conditions = cond.set_condition(
-                    work.conditions, cond.REGISTERED, cond.UNKNOWN, "NodeNotFound", message, now=now
+                    work.conditions, self.kind.registered, cond.UNKNOWN, "NodeNotFound", message, now=now
                 )
                 work.status["providerID"] = None  # the next instance's Node will carry a new one
                 work.after(0.05)
                 return False
             work.conditions = cond.set_condition(
                 work.conditions,
-                cond.REGISTERED,
+                self.kind.registered,
                 cond.UNKNOWN,
                 "NodeNotFound",
                 f"waiting for the node of machine {name} to register (timeout {_duration(timeout)})",
@@ -412,7 +420,7 @@ class MachineLifecycle:
         if len(found) > 1:
             names = ", ".join(sorted(nd.node_name(n) for n in found))
             work.transition(
-                cond.REGISTERED,
+                self.kind.registered,
                 cond.FALSE,
                 "MultipleNodesFound",
                 f"expected one node for machine {name}, found {len(found)}: {names}",
@@ -425,9 +433,9 @@ class MachineLifecycle:
         work.status["capacity"] = nd.capacity(node)
         work.status["allocatable"] = nd.allocatable(node)
         work.transition(
-            cond.REGISTERED, cond.TRUE, "Registered", f"node {nd.node_name(node)} registered", now
+            self.kind.registered, cond.TRUE, "Registered", f"node {nd.node_name(node)} registered", now
         )
-        launch_time = cond.transition_time(work.conditions, cond.LAUNCHED)
+        launch_time = cond.transition_time(work.conditions, self.kind.launched)
         if launch_time is not None:
             metrics.REGISTRATION_DURATION.observe(max((now - launch_time).total_seconds(), 0.0))
         log.info("node registered", machine=name, node=nd.node_name(node))
@@ -455,7 +463,9 @@ class MachineLifecycle:
                 else f"the instance of machine {name} is in state {instance.detail or 'Failed'}"
             )
         log.warning("instance lost before its node registered; relaunching", machine=name, reason=reason)
-        work.transition(cond.LAUNCHED, cond.FALSE, reason, f"{message}; launching it again", self._clock())
+        work.transition(
+            self.kind.launched, cond.FALSE, reason, f"{message}; launching it again", self._clock()
+        )
         work.after(0.05)
         return True
 
@@ -475,8 +485,8 @@ class MachineLifecycle:
         if mmeta.get("uid") and not any(r.get("uid") == mmeta["uid"] for r in refs):
             refs.append(
                 {
-                    "apiVersion": MACHINES.api_version,
-                    "kind": MACHINES.kind,
+                    "apiVersion": self.kind.resource.api_version,
+                    "kind": self.kind.kind,
                     "name": mmeta["name"],
                     "uid": mmeta["uid"],
                     "blockOwnerDeletion": False,
@@ -509,7 +519,7 @@ class MachineLifecycle:
         if node is None:
             work.conditions = cond.set_condition(
                 work.conditions,
-                cond.INITIALIZED,
+                self.kind.initialized,
                 cond.UNKNOWN,
                 "NodeNotFound",
                 f"node {node_name} not found",
@@ -520,7 +530,7 @@ class MachineLifecycle:
         # Allocatable changes as device plugins register; keep the status current until initialized.
         work.status["allocatable"] = nd.allocatable(node)
         work.status["capacity"] = nd.capacity(node)
-        if cond.is_true(work.conditions, cond.INITIALIZED):
+        if cond.is_true(work.conditions, self.kind.initialized):
             return
         expected_gpus = self._expected_gpus(machine)
         blocker = nd.initialization_blocker(node, machine, expected_gpus)
@@ -530,7 +540,7 @@ class MachineLifecycle:
                 "node not initialized yet", machine=mf.machine_name(machine), reason=reason, detail=message
             )
             work.conditions = cond.set_condition(
-                work.conditions, cond.INITIALIZED, cond.UNKNOWN, reason, message, now=now
+                work.conditions, self.kind.initialized, cond.UNKNOWN, reason, message, now=now
             )
             return  # Node updates wake us
         labels = (node.get("metadata") or {}).get("labels") or {}
@@ -538,8 +548,8 @@ class MachineLifecycle:
             await self.client.patch(
                 NODES, node_name, {"metadata": {"labels": {nd.INITIALIZED_LABEL: "true"}}}
             )
-        work.transition(cond.INITIALIZED, cond.TRUE, "Initialized", f"node {node_name} is ready", now)
-        registered_at = cond.transition_time(work.conditions, cond.REGISTERED)
+        work.transition(self.kind.initialized, cond.TRUE, "Initialized", f"node {node_name} is ready", now)
+        registered_at = cond.transition_time(work.conditions, self.kind.registered)
         if registered_at is not None:
             metrics.INITIALIZATION_DURATION.observe(max((now - registered_at).total_seconds(), 0.0))
         log.info("node initialized", machine=mf.machine_name(machine), node=node_name, gpus=expected_gpus)
@@ -558,14 +568,18 @@ class MachineLifecycle:
     async def _write_status(self, work: _Pass) -> None:
         """Write the status when it differs from what the Machine has (no write otherwise)."""
         now = self._clock()
-        work.conditions = cond.ordered(cond.summarize_ready(work.conditions, now=now))
+        living = self.kind.living
+        work.conditions = cond.ordered(cond.summarize_ready(work.conditions, now=now, living=living), living)
+        if self.kind.metav1_conditions:
+            generation = int((work.machine.get("metadata") or {}).get("generation") or 0)
+            work.conditions = cond.as_metav1(work.conditions, generation)
         desired = dict(work.status)
         desired["conditions"] = work.conditions
         current = dict(work.machine.get("status") or {})
         if _normalized(desired) == _normalized(current):
             return
         name = mf.machine_name(work.machine)
-        updated = self._wrote(await self.client.merge_patch_status(MACHINES, name, desired))
+        updated = self._wrote(await self.client.merge_patch_status(self.kind.resource, name, desired))
         for kind, reason, message in work.events:
             await self.recorder.event(updated, kind, reason, message)
         work.events.clear()
@@ -616,7 +630,7 @@ class MachineLifecycle:
             }
         }
         try:
-            await self.client.patch(MACHINES, name, patch)
+            await self.client.patch(self.kind.resource, name, patch)
         except ApiError as e:
             if not e.not_found:
                 raise
@@ -667,7 +681,7 @@ class MachineLifecycle:
         poll = self.options.termination_poll
         try:
             async with asyncio.timeout(self.options.cloud_call_wait):
-                await self.cloud.delete(name)
+                await self.cloud.delete(name, owner_kind=self.kind.kind)
         except NotFound:
             return None
         except TimeoutError:

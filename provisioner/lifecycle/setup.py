@@ -1,8 +1,8 @@
-"""Wire the lifecycle controller and the garbage collector into a :class:`kaito.runtime.Manager`."""
+"""Wire the lifecycle controllers and the garbage collector into a :class:`kaito.runtime.Manager`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kaito.runtime.controller import Controller, resource_version_changed
@@ -12,8 +12,8 @@ from provisioner import machine_fields as mf
 from provisioner import metrics
 from provisioner.cloud.base import CloudProvider
 from provisioner.gc import InstanceGarbageCollector
+from provisioner.lifecycle.kinds import MACHINE, RequestKind
 from provisioner.lifecycle.reconciler import (
-    MACHINES,
     LifecycleOptions,
     MachineLifecycle,
     machine_for_node,
@@ -21,16 +21,22 @@ from provisioner.lifecycle.reconciler import (
 )
 
 CONTROLLER_NAME = "machine-lifecycle"
+"""The Machine controller's name; other kinds' controllers are ``<kind>-lifecycle``."""
 
 
 @dataclass
 class Provisioner:
-    """The pieces :func:`add_provisioner` registered (for tests and diagnostics)."""
+    """The pieces :func:`add_provisioner` registered (for tests and diagnostics).
+
+    ``lifecycle``/``controller`` are the first kind's; ``lifecycles``/``controllers`` hold every kind's.
+    """
 
     lifecycle: MachineLifecycle
     controller: Controller
     gc: InstanceGarbageCollector | None
     metrics_handle: object
+    lifecycles: dict[str, MachineLifecycle]
+    controllers: dict[str, Controller]
 
 
 def _kaito_machine(old: Obj | None, new: Obj) -> bool:
@@ -48,31 +54,46 @@ def add_provisioner(
     machine_selector: str | None = None,
     gc_interval: float | None = 120.0,
     gc_grace: float = 30.0,
+    kinds: Sequence[RequestKind] = (MACHINE,),
 ) -> Provisioner:
-    """Register the Machine/Node informers, the lifecycle controller and (unless ``gc_interval`` is None)
-    the leader-only orphan sweep. ``machine_selector`` limits which Machines this provisioner serves."""
+    """Register, per served kind (Machine, NodeClaim), its informer and lifecycle controller; the Node
+    informer; and (unless ``gc_interval`` is None) the leader-only orphan sweep, which considers both
+    kinds whichever are served. ``machine_selector`` limits which objects this provisioner serves."""
+    if not kinds:
+        raise ValueError("serve at least one node-request kind")
     options = options or LifecycleOptions()
-    machines = mgr.informer(MACHINES, label_selector=machine_selector)
     nodes = mgr.informer(NODES, indexers=dict(node_indexers()))
-    lifecycle = MachineLifecycle(
-        mgr.client, cloud, machines.store, nodes.store, gpu_count=gpu_count, options=options
-    )
-    controller = mgr.add_controller(
-        CONTROLLER_NAME,
-        lifecycle.reconcile,
-        workers=workers,
-        for_=MACHINES,
-        label_selector=machine_selector,
-        predicate=_kaito_machine,
-    )
-    # A Node appearing, turning Ready or getting its GPUs wakes the Machine it belongs to.
-    controller.watch(nodes, machine_for_node, predicate=resource_version_changed)
+    lifecycles: dict[str, MachineLifecycle] = {}
+    controllers: dict[str, Controller] = {}
+    stores = []
+    for kind in kinds:
+        informer = mgr.informer(kind.resource, label_selector=machine_selector)
+        stores.append(informer.store)
+        lifecycle = MachineLifecycle(
+            mgr.client, cloud, informer.store, nodes.store, gpu_count=gpu_count, options=options, kind=kind
+        )
+        controller = mgr.add_controller(
+            CONTROLLER_NAME if kind is MACHINE else f"{kind.flag}-lifecycle",
+            lifecycle.reconcile,
+            workers=workers,
+            for_=kind.resource,
+            label_selector=machine_selector,
+            predicate=_kaito_machine,
+        )
+        # A Node appearing, turning Ready or getting its GPUs wakes the object it belongs to (the
+        # other kind's controller finds no object of that name and stops there).
+        controller.watch(nodes, machine_for_node, predicate=resource_version_changed)
+        lifecycles[kind.flag] = lifecycle
+        controllers[kind.flag] = controller
     gc: InstanceGarbageCollector | None = None
     if gc_interval is not None:
         gc = InstanceGarbageCollector(
             mgr.client, cloud, interval=gc_interval, grace=gc_grace, cloud_call_wait=options.cloud_call_wait
         )
         mgr.add_runnable("instance-gc", gc.run, needs_leader=True)
-    # Only the leader reports phases, so summing the gauge over replicas counts each Machine once.
-    handle = metrics.track_machines(lambda: machines.store.list() if mgr.is_leader else [])
-    return Provisioner(lifecycle, controller, gc, handle)
+    # Only the leader reports phases, so summing the gauge over replicas counts each object once.
+    handle = metrics.track_machines(
+        lambda: [obj for store in stores for obj in store.list()] if mgr.is_leader else []
+    )
+    first = kinds[0].flag
+    return Provisioner(lifecycles[first], controllers[first], gc, handle, lifecycles, controllers)

@@ -45,7 +45,7 @@ class ScriptedProvider(CloudProvider):
         await self._maybe_fail()
         return []
 
-    async def delete(self, ref: str) -> None:
+    async def delete(self, ref: str, *, owner_kind: str | None = None) -> None:
         await self._maybe_fail()
 
     async def close(self) -> None:
