@@ -1,5 +1,6 @@
 """The workspace reconciler in-process against a real kube-apiserver (no controller-manager, no kwok):
 byo mode, Machine failure reasons, stuck Machine deletion, minimal writes, preferredNodes rollout.
+The node-request tests run for both kinds (``--node-api machine`` and ``nodeclaim``).
 
 Without a controller-manager nothing makes Deployments ready or collects garbage, so the tests play
 those parts by writing the status subresources the real controllers would write.
@@ -18,7 +19,7 @@ import pytest
 from kubernetes_asyncio.client import ApiClient
 
 from hack.localcluster import LocalCluster
-from kaito.machine import MACHINES, machine_name
+from kaito.machine import MACHINES, NodeRequestEncoding
 from kaito.presets.registry import default_registry
 from kaito.presets.skus import default_sku_catalog
 from kaito.runtime.kube import CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, NODES, SERVICES, KubeClient
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 @pytest.fixture(scope="module")
 def crds(control_plane: LocalCluster) -> LocalCluster:
-    for crd in ("kaito.sh_workspaces.yaml", "karpenter.sh_machines.yaml"):
+    for crd in ("kaito.sh_workspaces.yaml", "karpenter.sh_machines.yaml", "karpenter.sh_nodeclaims.yaml"):
         control_plane.kubectl(
             "apply",
             "--server-side",
@@ -47,6 +48,7 @@ def crds(control_plane: LocalCluster) -> LocalCluster:
         "--timeout=60s",
         "crd/workspaces.kaito.sh",
         "crd/machines.karpenter.sh",
+        "crd/nodeclaims.karpenter.sh",
     )
     return control_plane
 
@@ -56,6 +58,17 @@ class Env:
     client: KubeClient
     rec: WorkspaceReconciler
     namespace: str
+
+    @property
+    def enc(self) -> NodeRequestEncoding:
+        return self.rec.encoding
+
+    @property
+    def kind(self) -> str:
+        return self.enc.resource.kind
+
+    def request_name(self, workspace: str, slot: int = 0) -> str:
+        return self.enc.name_for(self.namespace, workspace, slot)
 
     async def ws(self, name: str) -> dict[str, Any] | None:
         return await self.client.get_or_none(WORKSPACES, name, self.namespace)
@@ -97,9 +110,14 @@ async def byo(crds: LocalCluster, api_client: ApiClient, namespace: str) -> Asyn
         yield env
 
 
-@pytest.fixture
-async def machines(crds: LocalCluster, api_client: ApiClient, namespace: str) -> AsyncIterator[Env]:
-    opts = ReconcilerOptions(provisioning="machine", machine_deletion_timeout=2.0, deletion_requeue=0.5)
+@pytest.fixture(params=["machine", "nodeclaim"])
+async def machines(
+    crds: LocalCluster, api_client: ApiClient, namespace: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Env]:
+    """The reconciler creating Machines or (``nodeclaim``) NodeClaims for missing nodes."""
+    opts = ReconcilerOptions(
+        provisioning="machine", node_api=request.param, machine_deletion_timeout=2.0, deletion_requeue=0.5
+    )
     async for env in run_operator(api_client, namespace, opts):
         yield env
 
@@ -270,16 +288,16 @@ async def test_machine_quota_failure_surfaces_as_reason(machines: Env) -> None:
     env = machines
     labels = {"apps": f"quota-{env.namespace[-6:]}"}
     await env.client.create(WORKSPACES, phi3("quota", labels), env.namespace)
-    mname = machine_name(env.namespace, "quota", 0)
-    m = await eventually(lambda: env.client.get_or_none(MACHINES, mname), 20, "the Machine")
+    mname = env.request_name("quota")
+    m = await eventually(lambda: env.client.get_or_none(env.enc.resource, mname), 20, "the Machine")
     assert m["metadata"]["labels"]["kaito.sh/workspace"] == "quota"
     await env.client.merge_patch_status(
-        MACHINES,
+        env.enc.resource,
         mname,
         {
             "conditions": [
                 {
-                    "type": "MachineLaunched",
+                    "type": "MachineLaunched" if env.kind == "Machine" else "Launched",
                     "status": "False",
                     "reason": "QuotaExceeded",
                     "message": "Operation could not be completed as it results in exceeding approved quota",
@@ -298,9 +316,9 @@ async def test_machine_quota_failure_surfaces_as_reason(machines: Env) -> None:
     c = await env.condition("quota", "ResourceReady")
     assert c is not None and c["status"] == "False" and "exceeding approved quota" in c["message"]
     # Only one Machine, however often the workspace was reconciled.
-    items = (await env.client.list(MACHINES, label_selector=f"kaito.sh/workspacenamespace={env.namespace}"))[
-        "items"
-    ]
+    items = (
+        await env.client.list(env.enc.resource, label_selector=f"kaito.sh/workspacenamespace={env.namespace}")
+    )["items"]
     assert [i["metadata"]["name"] for i in items] == [mname]
 
 
@@ -310,23 +328,23 @@ async def test_deletion_completes_when_a_machine_is_stuck(machines: Env) -> None
     env = machines
     labels = {"apps": f"stuck-{env.namespace[-6:]}"}
     await env.client.create(WORKSPACES, phi3("stuck", labels), env.namespace)
-    mname = machine_name(env.namespace, "stuck", 0)
-    await eventually(lambda: env.client.get_or_none(MACHINES, mname), 20, "the Machine")
-    await env.client.patch(MACHINES, mname, {"metadata": {"finalizers": ["test.kaito.sh/stuck"]}})
+    mname = env.request_name("stuck")
+    await eventually(lambda: env.client.get_or_none(env.enc.resource, mname), 20, "the Machine")
+    await env.client.patch(env.enc.resource, mname, {"metadata": {"finalizers": ["test.kaito.sh/stuck"]}})
     await env.client.delete(WORKSPACES, "stuck", env.namespace)
 
     async def gone() -> bool:
         return await env.ws("stuck") is None
 
     await eventually(gone, 30, "the workspace to be deleted despite the stuck Machine")
-    m = await env.client.get(MACHINES, mname)
+    m = await env.client.get(env.enc.resource, mname)
     assert m["metadata"].get("deletionTimestamp")  # the controller did ask for its deletion
     events = (await env.client.list(EVENTS, env.namespace, field_selector="involvedObject.name=stuck"))[
         "items"
     ]
-    stuck = [e for e in events if e["reason"] == "MachineDeletionStuck"]
+    stuck = [e for e in events if e["reason"] == f"{env.kind}DeletionStuck"]
     assert stuck and stuck[0]["type"] == "Warning" and mname in stuck[0]["message"]
-    await env.client.patch(MACHINES, mname, {"metadata": {"finalizers": None}})
+    await env.client.patch(env.enc.resource, mname, {"metadata": {"finalizers": None}})
 
 
 async def test_deletion_finds_a_machine_the_cache_has_not_seen(machines: Env) -> None:
@@ -337,8 +355,8 @@ async def test_deletion_finds_a_machine_the_cache_has_not_seen(machines: Env) ->
     env = machines
     labels = {"apps": f"lag-{env.namespace[-6:]}"}
     await env.client.create(WORKSPACES, phi3("lag", labels), env.namespace)
-    mname = machine_name(env.namespace, "lag", 0)
-    await eventually(lambda: env.client.get_or_none(MACHINES, mname), 20, "the Machine")
+    mname = env.request_name("lag")
+    await eventually(lambda: env.client.get_or_none(env.enc.resource, mname), 20, "the Machine")
     assert env.rec.machines is not None
     await env.rec.machines.stop()
     env.rec.machines.store.delete(mname)  # cluster-scoped: the key is the name
@@ -350,7 +368,7 @@ async def test_deletion_finds_a_machine_the_cache_has_not_seen(machines: Env) ->
         return await env.ws("lag") is None
 
     await eventually(gone, 30, "the workspace to be deleted")
-    m = await env.client.get_or_none(MACHINES, mname)
+    m = await env.client.get_or_none(env.enc.resource, mname)
     assert m is None or m["metadata"].get("deletionTimestamp"), "the Machine was orphaned"
 
 
@@ -361,9 +379,11 @@ async def test_a_machine_whose_workspace_is_gone_is_deleted(machines: Env) -> No
     env = machines
     labels = {"apps": f"reap-{env.namespace[-6:]}"}
     await env.client.create(WORKSPACES, phi3("live", labels), env.namespace)
-    live = machine_name(env.namespace, "live", 0)
-    original = await eventually(lambda: env.client.get_or_none(MACHINES, live), 20, "the live Machine")
-    ghost = machine_name(env.namespace, "ghost", 0)
+    live = env.request_name("live")
+    original = await eventually(
+        lambda: env.client.get_or_none(env.enc.resource, live), 20, "the live Machine"
+    )
+    ghost = env.request_name("ghost")
     body = {
         "apiVersion": original["apiVersion"],
         "kind": original["kind"],
@@ -377,14 +397,14 @@ async def test_a_machine_whose_workspace_is_gone_is_deleted(machines: Env) -> No
         },
         "spec": original["spec"],
     }
-    await env.client.create(MACHINES, body)
+    await env.client.create(env.enc.resource, body)
 
     async def reaped() -> bool:
-        m = await env.client.get_or_none(MACHINES, ghost)
+        m = await env.client.get_or_none(env.enc.resource, ghost)
         return m is None or bool(m["metadata"].get("deletionTimestamp"))
 
     await eventually(reaped, 20, "the orphaned Machine deleted")
-    still = await env.client.get(MACHINES, live)
+    still = await env.client.get(env.enc.resource, live)
     assert not still["metadata"].get("deletionTimestamp"), "the live workspace's Machine was touched"
 
 
@@ -588,8 +608,8 @@ async def test_machine_no_longer_needed_is_released_and_its_lingering_node_not_r
     suffix = env.namespace[-6:]
     labels = {"apps": f"surplus-{suffix}"}
     await env.client.create(WORKSPACES, phi3("surplus", labels), env.namespace)
-    mname = machine_name(env.namespace, "surplus", 0)
-    await eventually(lambda: env.client.get_or_none(MACHINES, mname), 20, "the Machine")
+    mname = env.request_name("surplus")
+    await eventually(lambda: env.client.get_or_none(env.enc.resource, mname), 20, "the Machine")
     # Play the provisioner: a node carrying the Machine's labels, then the Machine Ready and linked. A
     # finalizer keeps the Machine (and so its node) around once deleted, as a draining provisioner would.
     made = f"made-{suffix}"
@@ -598,9 +618,9 @@ async def test_machine_no_longer_needed_is_released_and_its_lingering_node_not_r
         made,
         {**labels, "kaito.sh/workspace": "surplus", "kaito.sh/workspacenamespace": env.namespace},
     )
-    await env.client.patch(MACHINES, mname, {"metadata": {"finalizers": ["test.kaito.sh/draining"]}})
+    await env.client.patch(env.enc.resource, mname, {"metadata": {"finalizers": ["test.kaito.sh/draining"]}})
     await env.client.merge_patch_status(
-        MACHINES,
+        env.enc.resource,
         mname,
         {
             "nodeName": made,
@@ -620,7 +640,7 @@ async def test_machine_no_longer_needed_is_released_and_its_lingering_node_not_r
     await eventually(lambda: workers([byo]), 20, f"status.workerNodes == [{byo}]")
 
     async def deleting() -> bool:
-        m = await env.client.get_or_none(MACHINES, mname)
+        m = await env.client.get_or_none(env.enc.resource, mname)
         return m is not None and bool(m["metadata"].get("deletionTimestamp"))
 
     await eventually(deleting, 20, "the surplus Machine to be deleted")
@@ -644,11 +664,11 @@ async def test_machine_no_longer_needed_is_released_and_its_lingering_node_not_r
     events = (await env.client.list(EVENTS, env.namespace, field_selector="involvedObject.name=surplus"))[
         "items"
     ]
-    assert any(e["reason"] == "MachineDeleted" and mname in e["message"] for e in events)
-    items = (await env.client.list(MACHINES, label_selector=f"kaito.sh/workspacenamespace={env.namespace}"))[
-        "items"
-    ]
+    assert any(e["reason"] == f"{env.kind}Deleted" and mname in e["message"] for e in events)
+    items = (
+        await env.client.list(env.enc.resource, label_selector=f"kaito.sh/workspacenamespace={env.namespace}")
+    )["items"]
     assert [i["metadata"]["name"] for i in items] == [mname]
-    await env.client.patch(MACHINES, mname, {"metadata": {"finalizers": None}})
+    await env.client.patch(env.enc.resource, mname, {"metadata": {"finalizers": None}})
     for n in (made, byo):
         await env.client.delete(NODES, n)
