@@ -286,7 +286,7 @@ class MachineLifecycle:
         if gate.uid != mf.machine_uid(machine) or gate.generation != int(meta.get("generation") or 0):
             self._backoff.pop(name, None)  # a new Machine or a changed spec deserves a fresh try
             return False
-        if self.nodes.index_keys(NODE_POOL_INDEX, name):
+        if self._pool_nodes(name):
             return False  # the instance produced a Node after all: go and adopt it
         if not gate.retryable:
             return True  # the Machine (its spec) has to change first; that resets the gate above
@@ -362,9 +362,18 @@ class MachineLifecycle:
             for node in self.nodes.by_index(NODE_PROVIDER_ID_INDEX, pid):
                 found[nd.node_name(node)] = node
         if not found:
-            for node in self.nodes.by_index(NODE_POOL_INDEX, name):
+            for node in self._pool_nodes(name):
                 found[nd.node_name(node)] = node
         return [n for n in found.values() if not nd.is_deleting(n)]
+
+    def _pool_nodes(self, name: str) -> list[Obj]:
+        """Nodes of the agent pool ``name`` made for this kind: a NodeClaim never registers, drains or
+        deletes the Node of a Machine's pool of the same name (nor the reverse)."""
+        return [
+            n
+            for n in self.nodes.by_index(NODE_POOL_INDEX, name)
+            if mf.owner_kind(nd.node_labels(n)) == self.kind.kind
+        ]
 
     async def _register(self, work: _Pass) -> bool:
         machine = work.machine

@@ -1,4 +1,5 @@
-"""The Machine CRD on the shared apiserver; a fake ARM (+ AKS node simulator) and Azure provider per test."""
+"""The Machine and NodeClaim CRDs on the shared apiserver; a fake ARM (+ AKS node simulator) and Azure
+provider per test."""
 
 from __future__ import annotations
 
@@ -17,17 +18,27 @@ from test.fake_arm import FakeArm, FakeArmServer, StaticTokenCredential
 from test.fake_arm.nodes import AksNodeSimulator
 from test.integration.provisioner.lifecycle.helpers import gpu_count
 
-MACHINE_CRD = Path(__file__).resolve().parents[4] / "config" / "crd" / "karpenter.sh_machines.yaml"
+CRD_DIR = Path(__file__).resolve().parents[4] / "config" / "crd"
+MACHINE_CRD = CRD_DIR / "karpenter.sh_machines.yaml"
+NODECLAIM_CRD = CRD_DIR / "karpenter.sh_nodeclaims.yaml"
 SUB, RG = "sub-lifecycle", "kaito-rg"
 
 
 @pytest.fixture(scope="session")
 def machine_crd(control_plane: LocalCluster) -> LocalCluster:
-    """Install the Machine CRD (server-side apply: idempotent, safe beside other packages doing the same)."""
+    """Install the Machine and NodeClaim CRDs (server-side apply: idempotent, safe beside other packages
+    doing the same)."""
+    for crd in (MACHINE_CRD, NODECLAIM_CRD):
+        control_plane.kubectl(
+            "apply", "--server-side", "--force-conflicts", "--field-manager=kaito-crds", "-f", str(crd)
+        )
     control_plane.kubectl(
-        "apply", "--server-side", "--force-conflicts", "--field-manager=kaito-crds", "-f", str(MACHINE_CRD)
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/machines.karpenter.sh",
+        "crd/nodeclaims.karpenter.sh",
     )
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/machines.karpenter.sh")
     return control_plane
 
 

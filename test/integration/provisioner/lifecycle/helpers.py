@@ -1,4 +1,5 @@
-"""Helpers for the lifecycle integration tests: Machines, the in-process provisioner, a stand-in kubelet."""
+"""Helpers for the lifecycle integration tests: Machines and NodeClaims, the in-process provisioner, a
+stand-in kubelet. ``kind`` parameters take :data:`provisioner.lifecycle.kinds.MACHINE` or ``NODECLAIM``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -15,11 +17,14 @@ from hack.localcluster import LocalCluster
 from kaito.runtime.kube import KubeClient
 from kaito.runtime.manager import Manager, ManagerOptions
 from provisioner.cloud.base import CloudProvider
+from provisioner.lifecycle.kinds import MACHINE, NODECLAIM, RequestKind
 from provisioner.lifecycle.reconciler import LifecycleOptions
 from provisioner.lifecycle.setup import Provisioner, add_provisioner
 from test.waiting import eventually
 
 GROUP, VERSION, PLURAL = "karpenter.sh", "v1alpha5", "machines"
+KINDS = pytest.mark.parametrize("kind", [MACHINE, NODECLAIM], ids=["machine", "nodeclaim"])
+"""Run a test for Machines and for NodeClaims."""
 SKU = "Standard_NC12s_v3"
 GPUS = {SKU: 2, "Standard_NC6s_v3": 1}
 
@@ -34,8 +39,33 @@ def fresh_name(prefix: str = "lc") -> str:
     return prefix + secrets.token_hex(4)
 
 
-def machine_manifest(name: str, run: str, sku: str = SKU) -> dict[str, Any]:
-    """A Machine like the workspace controller creates, labelled for the provisioner serving ``run``."""
+def machine_manifest(name: str, run: str, sku: str = SKU, kind: RequestKind = MACHINE) -> dict[str, Any]:
+    """A Machine (or NodeClaim) like the workspace controller creates, labelled for the provisioner serving ``run``."""
+    if kind is NODECLAIM:
+        return {
+            "apiVersion": kind.resource.api_version,
+            "kind": kind.kind,
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "karpenter.sh/nodepool": "kaito",
+                    "kaito.sh/workspace": "falcon",
+                    "kaito.sh/workspacenamespace": "demo",
+                    "kaito.test/run": run,
+                },
+                "annotations": {"karpenter.sh/do-not-disrupt": "true"},
+            },
+            "spec": {
+                "requirements": [
+                    {"key": "karpenter.sh/nodepool", "operator": "In", "values": ["kaito"]},
+                    {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": [sku]},
+                    {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
+                ],
+                "taints": [{"key": "sku", "value": "gpu", "effect": "NoSchedule"}],
+                "resources": {"requests": {"storage": "120Gi"}},
+                "nodeClassRef": {"group": "kaito.sh", "kind": "KaitoNodeClass", "name": "default"},
+            },
+        }
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "Machine",
@@ -69,18 +99,20 @@ def condition(machine: dict[str, Any] | None, type_: str) -> dict[str, Any]:
 
 
 class Machines:
-    """Machine CRUD for tests."""
+    """Machine (or, with ``kind=NODECLAIM``, NodeClaim) CRUD for tests."""
 
-    def __init__(self, api_client: ApiClient) -> None:
+    def __init__(self, api_client: ApiClient, kind: RequestKind = MACHINE) -> None:
         self.api = CustomObjectsApi(api_client)
+        self.kind = kind
+        self._gvp = (GROUP, kind.resource.version, kind.resource.plural)
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        created: dict[str, Any] = await self.api.create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
+        created: dict[str, Any] = await self.api.create_cluster_custom_object(*self._gvp, body)
         return created
 
     async def get(self, name: str) -> dict[str, Any] | None:
         try:
-            found: dict[str, Any] = await self.api.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+            found: dict[str, Any] = await self.api.get_cluster_custom_object(*self._gvp, name)
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -88,11 +120,11 @@ class Machines:
         return found
 
     async def delete(self, name: str) -> None:
-        await self.api.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        await self.api.delete_cluster_custom_object(*self._gvp, name)
 
     async def patch(self, name: str, patch: dict[str, Any]) -> None:
         await self.api.patch_cluster_custom_object(
-            GROUP, VERSION, PLURAL, name, patch, _content_type="application/merge-patch+json"
+            *self._gvp, name, patch, _content_type="application/merge-patch+json"
         )
 
     async def wait_condition(
@@ -165,6 +197,7 @@ async def running_provisioner(
     options: LifecycleOptions | None = None,
     gc_interval: float | None = None,
     gc_grace: float = 30.0,
+    kinds: tuple[RequestKind, ...] = (MACHINE,),
 ) -> AsyncIterator[Provisioner]:
     """The provisioner's Manager running in this process, serving Machines labelled ``kaito.test/run=run``."""
     async with ApiClient(cluster.client_configuration()) as api:
@@ -183,6 +216,7 @@ async def running_provisioner(
             machine_selector=f"kaito.test/run={run}",
             gc_interval=gc_interval,
             gc_grace=gc_grace,
+            kinds=kinds,
         )
         task = asyncio.create_task(mgr.run(), name=f"provisioner-{run}")
 

@@ -1,4 +1,8 @@
-"""The lifecycle reconciler on the real apiserver, driving the real Azure SDK against the fake ARM."""
+"""The lifecycle reconciler on the real apiserver, driving the real Azure SDK against the fake ARM.
+
+The create/ready, delete and orphan-sweep tests run for Machines and for NodeClaims (``KINDS``), and
+NodeClaims and Machines are shown to coexist without either kind touching the other's agent pools.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import REGISTRY
 
 from provisioner.cloud.azure import AzureProviderID
+from provisioner.lifecycle.kinds import MACHINE, NODECLAIM, RequestKind
 from provisioner.lifecycle.reconciler import LifecycleOptions
 from test.fake_arm import ALLOCATION_FAILED, QUOTA_EXCEEDED, SKU_NOT_AVAILABLE, ArmError
 from test.integration.provisioner.lifecycle.conftest import RG, SUB, AzureEnv
 from test.integration.provisioner.lifecycle.helpers import (
+    KINDS,
     SKU,
     Machines,
     condition,
@@ -53,12 +59,17 @@ async def wait_node(api_client: ApiClient, pool: str) -> str:
     return await eventually(found, 30, f"the node of pool {pool}")
 
 
-async def test_machine_becomes_ready_with_expected_pool(azure: AzureEnv, api_client: ApiClient) -> None:
-    """PUT body as AKS expects it; registration by the node's providerID; Ready only once the node is."""
-    machines = Machines(api_client)
+@KINDS
+async def test_machine_becomes_ready_with_expected_pool(
+    azure: AzureEnv, api_client: ApiClient, kind: RequestKind
+) -> None:
+    """PUT body as AKS expects it; registration by the node's providerID; Ready only once the node is.
+    NodeClaims: the pool carries karpenter.sh/nodepool (not provisioner-name) and every condition is
+    metav1-shaped (reason, message, observedGeneration), as upstream's v1 CRD requires."""
+    machines = Machines(api_client, kind)
     name = fresh_name()
-    async with running_provisioner(azure.cluster, azure.cloud, azure.run):
-        created = await machines.create(machine_manifest(name, azure.run))
+    async with running_provisioner(azure.cluster, azure.cloud, azure.run, kinds=(kind,)):
+        created = await machines.create(machine_manifest(name, azure.run, kind=kind))
         node = await wait_node(api_client, name)
 
         puts = azure.arm.requests_for("PUT", name)
@@ -75,8 +86,13 @@ async def test_machine_becomes_ready_with_expected_pool(azure: AzureEnv, api_cli
             "nodeTaints": ["sku=gpu:NoSchedule"],
         }
         assert labels.pop("kaito.sh/creation-timestamp").endswith("Z")
+        pool_label = (
+            {"karpenter.sh/nodepool": "kaito"}
+            if kind is NODECLAIM
+            else {"karpenter.sh/provisioner-name": "default"}
+        )
         assert labels == {
-            "karpenter.sh/provisioner-name": "default",
+            **pool_label,
             "kaito.sh/workspace": "falcon",
             "kaito.sh/workspacenamespace": "demo",
             "kaito.test/run": azure.run,
@@ -84,8 +100,8 @@ async def test_machine_becomes_ready_with_expected_pool(azure: AzureEnv, api_cli
         }
 
         # Registered, but not initialized while the node is not Ready.
-        m = await machines.wait_condition(name, "MachineRegistered", "True")
-        await machines.wait_condition(name, "MachineInitialized", "Unknown", reason="NodeNotReady")
+        m = await machines.wait_condition(name, kind.registered, "True")
+        await machines.wait_condition(name, kind.initialized, "Unknown", reason="NodeNotReady")
         assert condition(m, "Ready")["status"] != "True"
 
         await mark_node_ready(api_client, node)
@@ -97,12 +113,12 @@ async def test_machine_becomes_ready_with_expected_pool(azure: AzureEnv, api_cli
         parsed = AzureProviderID.parse(status["providerID"])
         assert (parsed.subscription_id, parsed.pool_name) == (SUB, name)
         assert status["allocatable"]["nvidia.com/gpu"] == "2"
-        assert {c["type"] for c in status["conditions"]} >= {
-            "MachineLaunched",
-            "MachineRegistered",
-            "MachineInitialized",
-            "Ready",
-        }
+        assert {c["type"] for c in status["conditions"]} >= {*kind.living, "Ready"}
+        if kind is NODECLAIM:
+            for c in status["conditions"]:
+                assert (
+                    c["reason"] and "message" in c and c["observedGeneration"] == m["metadata"]["generation"]
+                )
         assert core_node.metadata.labels["karpenter.sh/initialized"] == "true"
         assert any(r.uid == created["metadata"]["uid"] for r in core_node.metadata.owner_references)
         assert await events_of(api_client, name) == [
@@ -158,14 +174,17 @@ async def test_quota_error_is_reported_without_hot_loop(azure: AzureEnv, api_cli
         ]
 
 
-async def test_delete_removes_pool_node_and_finalizer(azure: AzureEnv, api_client: ApiClient) -> None:
+@KINDS
+async def test_delete_removes_pool_node_and_finalizer(
+    azure: AzureEnv, api_client: ApiClient, kind: RequestKind
+) -> None:
     """Deleting the Machine deletes its Node and agent pool, then releases the Machine."""
-    machines = Machines(api_client)
+    machines = Machines(api_client, kind)
     name = fresh_name()
-    async with running_provisioner(azure.cluster, azure.cloud, azure.run):
-        await machines.create(machine_manifest(name, azure.run))
+    async with running_provisioner(azure.cluster, azure.cloud, azure.run, kinds=(kind,)):
+        await machines.create(machine_manifest(name, azure.run, kind=kind))
         node = await wait_node(api_client, name)
-        m = await machines.wait_condition(name, "MachineRegistered", "True")
+        m = await machines.wait_condition(name, kind.registered, "True")
         assert "karpenter.sh/termination" in m["metadata"]["finalizers"]
         terminated = REGISTRY.get_sample_value("kaito_machine_terminations_total", {"reason": "deleted"}) or 0
 
@@ -188,12 +207,17 @@ async def test_delete_removes_pool_node_and_finalizer(azure: AzureEnv, api_clien
         )
 
 
-async def test_orphan_pool_is_swept(azure: AzureEnv, api_client: ApiClient) -> None:
+@KINDS
+async def test_orphan_pool_is_swept(azure: AzureEnv, api_client: ApiClient, kind: RequestKind) -> None:
     """A Kaito pool without a Machine is deleted; a user's pool and a pool whose Machine exists are kept."""
-    machines = Machines(api_client)
+    machines = Machines(api_client, kind)
     orphan, kept, users = fresh_name("or"), fresh_name("kp"), fresh_name("us")
     kaito_labels = {
-        "karpenter.sh/provisioner-name": "default",
+        **(
+            {"karpenter.sh/nodepool": "kaito"}
+            if kind is NODECLAIM
+            else {"karpenter.sh/provisioner-name": "default"}
+        ),
         "kaito.sh/machine-type": "gpu",
         "kaito.sh/workspace": "gone",
         "kaito.sh/creation-timestamp": "2026-01-01T00-00-00Z",
@@ -203,10 +227,10 @@ async def test_orphan_pool_is_swept(azure: AzureEnv, api_client: ApiClient) -> N
         azure.arm.add_pool(SUB, RG, aks, pool, {"vmSize": SKU, "count": 1, "nodeLabels": kaito_labels})
     azure.arm.add_pool(SUB, RG, aks, users, {"vmSize": SKU, "count": 1, "nodeLabels": {"team": "ml"}})
     # A Machine another provisioner serves (not this one's run label): its pool is not an orphan.
-    await machines.create(machine_manifest(kept, "someone-else"))
+    await machines.create(machine_manifest(kept, "someone-else", kind=kind))
     try:
         async with running_provisioner(
-            azure.cluster, azure.cloud, azure.run, gc_interval=0.5, gc_grace=30
+            azure.cluster, azure.cloud, azure.run, gc_interval=0.5, gc_grace=30, kinds=(kind,)
         ) as prov:
             assert prov.gc is not None
 
@@ -228,6 +252,71 @@ async def test_orphan_pool_is_swept(azure: AzureEnv, api_client: ApiClient) -> N
 
 async def _at_least(value: int, target: int) -> bool:
     return value >= target
+
+
+async def test_machines_and_nodeclaims_coexist_and_never_touch_each_others_pools(
+    azure: AzureEnv, api_client: ApiClient
+) -> None:
+    """A migration: one provisioner serves both kinds. A Machine and a NodeClaim each get their pool; a
+    NodeClaim that names the Machine's pool is refused (NameConflict) and its deletion leaves the
+    Machine's pool alone; the orphan sweep of a NodeClaim-only provisioner keeps the Machine's pool
+    (its Machine exists) and removes a NodeClaim pool whose NodeClaim is gone."""
+    machines, claims = Machines(api_client, MACHINE), Machines(api_client, NODECLAIM)
+    m_name, nc_name, orphan = fresh_name("mc"), fresh_name("nc"), fresh_name("or")
+    async with running_provisioner(azure.cluster, azure.cloud, azure.run, kinds=(MACHINE, NODECLAIM)):
+        await machines.create(machine_manifest(m_name, azure.run, kind=MACHINE))
+        await claims.create(machine_manifest(nc_name, azure.run, kind=NODECLAIM))
+        await machines.wait_condition(m_name, MACHINE.registered, "True")
+        await claims.wait_condition(nc_name, NODECLAIM.registered, "True")
+        pools = {p[3]: p for p in azure.arm.pools}
+        assert {m_name, nc_name} <= set(pools)
+
+        # A NodeClaim of the Machine's name: refused, never adopted, its deletion deletes nothing.
+        await claims.create(machine_manifest(m_name, azure.run, kind=NODECLAIM))
+        nc = await claims.wait_condition(m_name, NODECLAIM.launched, "False", reason="InvalidRequest")
+        assert "already exists for a Machine" in condition(nc, NODECLAIM.launched)["message"]
+        await claims.delete(m_name)
+        await eventually(lambda: _gone(claims, m_name), 30, f"nodeclaim {m_name} released")
+        assert azure.arm.requests_for("DELETE", m_name) == []
+        assert m_name in {p[3] for p in azure.arm.pools}
+        machine = await machines.get(m_name)
+        assert machine is not None and condition(machine, MACHINE.registered)["status"] == "True"
+
+    # The sweep of a provisioner serving only NodeClaims: the Machine's pool is not an orphan.
+    aks = azure.config.cluster_name
+    labels = {
+        "karpenter.sh/nodepool": "kaito",
+        "kaito.sh/machine-type": "gpu",
+        "kaito.sh/workspace": "gone",
+        "kaito.sh/creation-timestamp": "2026-01-01T00-00-00Z",
+    }
+    azure.arm.add_pool(SUB, RG, aks, orphan, {"vmSize": SKU, "count": 1, "nodeLabels": labels})
+    try:
+        async with running_provisioner(
+            azure.cluster, azure.cloud, azure.run, gc_interval=0.5, gc_grace=30, kinds=(NODECLAIM,)
+        ) as prov:
+            assert prov.gc is not None
+
+            async def swept() -> bool:
+                return orphan not in {p[3] for p in azure.arm.pools}
+
+            await eventually(swept, 30, f"orphan pool {orphan} to be deleted")
+            sweeps = prov.gc.sweeps
+            await eventually(
+                lambda: _at_least(prov.gc.sweeps if prov.gc else 0, sweeps + 1), 10, "another sweep"
+            )
+            assert {m_name, nc_name} <= {p[3] for p in azure.arm.pools}
+            assert azure.arm.requests_for("DELETE", m_name) == []
+    finally:
+        async with running_provisioner(azure.cluster, azure.cloud, azure.run, kinds=(MACHINE, NODECLAIM)):
+            await machines.delete(m_name)
+            await claims.delete(nc_name)
+            await eventually(lambda: _gone(machines, m_name), 30, f"machine {m_name} deleted")
+            await eventually(lambda: _gone(claims, nc_name), 30, f"nodeclaim {nc_name} deleted")
+
+
+async def _gone(objs: Machines, name: str) -> bool:
+    return await objs.get(name) is None
 
 
 async def test_registration_timeout_deletes_and_relaunches(azure: AzureEnv, api_client: ApiClient) -> None:
