@@ -1,7 +1,7 @@
 """The workspace controller and the gpu-provisioner as real processes on the full local cluster.
 
 Each test gets its own namespace; the controller watches only that namespace, the provisioner (kwok
-cloud) serves only Machines labelled with it, and the admission webhooks (served by the controller on
+cloud) serves only Machines (or NodeClaims) labelled with it, and the admission webhooks (served by the controller on
 ``https://127.0.0.1:<port>``) only apply to it -- so nothing leaks into other suites sharing the cluster.
 """
 
@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[3]
 CRDS = [
     REPO / "config" / "crd" / "kaito.sh_workspaces.yaml",
     REPO / "config" / "crd" / "karpenter.sh_machines.yaml",
+    REPO / "config" / "crd" / "karpenter.sh_nodeclaims.yaml",
 ]
 SAMPLES = REPO / "config" / "samples"
 SYSTEM_NS = "kaito-system"
@@ -35,7 +36,7 @@ SYSTEM_NS = "kaito-system"
 
 @pytest.fixture(scope="session")
 def crds(full_cluster: LocalCluster) -> LocalCluster:
-    """Workspace and Machine CRDs installed (server-side apply: idempotent beside other suites)."""
+    """Workspace, Machine and NodeClaim CRDs installed (server-side apply: idempotent beside other suites)."""
     for crd in CRDS:
         full_cluster.kubectl(
             "apply", "--server-side", "--force-conflicts", "--field-manager=kaito-crds", "-f", str(crd)
@@ -46,6 +47,7 @@ def crds(full_cluster: LocalCluster) -> LocalCluster:
         "--timeout=60s",
         "crd/workspaces.kaito.sh",
         "crd/machines.karpenter.sh",
+        "crd/nodeclaims.karpenter.sh",
     )
     if full_cluster.kubectl("get", "namespace", SYSTEM_NS, check=False).returncode != 0:
         full_cluster.kubectl("create", "namespace", SYSTEM_NS, check=False)
@@ -142,6 +144,17 @@ class Operator:
     webhook_port: int = field(default_factory=free_port)
     procs: list[Proc] = field(default_factory=list)
     controllers: int = 0
+    node_api: str = "machine"  # --node-api of both processes: machine or nodeclaim
+
+    @property
+    def requests(self) -> str:
+        """The plural of the node-request kind in play, for kubectl (``machines`` / ``nodeclaims``)."""
+        return "nodeclaims" if self.node_api == "nodeclaim" else "machines"
+
+    @property
+    def request_kind(self) -> str:
+        """``Machine`` / ``NodeClaim``: the kind in condition types (``<Kind>Ready``) and Event reasons."""
+        return "NodeClaim" if self.node_api == "nodeclaim" else "Machine"
 
     def start_controller(self, *extra: str) -> Proc:
         self.controllers += 1
@@ -162,6 +175,8 @@ class Operator:
             "json",
             "--image-registry",
             "registry.invalid/kaito",
+            "--node-api",
+            self.node_api,
             *extra,
         ]
         if self.webhook:
@@ -209,6 +224,8 @@ class Operator:
             "0",
             "--log-format",
             "json",
+            "--node-api",
+            self.node_api,
             *extra,
         ]
         log = self.tmp / f"provisioner-{len(self.procs)}.log"
@@ -254,11 +271,22 @@ class Operator:
 
 
 @pytest.fixture
+def node_api() -> str:
+    """The node API the operator runs with; a test runs under both with
+    ``@pytest.mark.parametrize("node_api", NODE_APIS)``."""
+    return "machine"
+
+
+NODE_APIS = ["machine", "nodeclaim"]
+
+
+@pytest.fixture
 async def operator(
-    crds: LocalCluster, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
+    crds: LocalCluster, namespace: str, tmp_path: Path, request: pytest.FixtureRequest, node_api: str
 ) -> AsyncIterator[Operator]:
-    """Controller (with webhook) + provisioner running for the test's namespace."""
-    op = Operator(crds, namespace, tmp_path)
+    """Controller (with webhook) + provisioner running for the test's namespace, creating and serving
+    Machines or (``node_api == "nodeclaim"``) NodeClaims."""
+    op = Operator(crds, namespace, tmp_path, node_api=node_api)
     op.install_webhooks()
     try:
         ctrl = op.start_controller("--enable-tuning")  # the test runs as admin: Jobs are allowed

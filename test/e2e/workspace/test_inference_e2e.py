@@ -1,4 +1,7 @@
-"""Workspaces end to end: kaito-controller + gpu-provisioner (kwok cloud) as processes, full cluster."""
+"""Workspaces end to end: kaito-controller + gpu-provisioner (kwok cloud) as processes, full cluster.
+
+The phi-3 flow and the kill-the-controller test run with Machines and with NodeClaims (``--node-api``).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,11 @@ import json
 import signal
 from typing import Any
 
+import pytest
 import yaml
 
-from kaito.machine import machine_name
-from test.e2e.workspace.conftest import SAMPLES, Operator
+from kaito.machine import encoding_for
+from test.e2e.workspace.conftest import NODE_APIS, SAMPLES, Operator
 from test.waiting import eventually
 
 
@@ -33,8 +37,14 @@ async def wait_condition(op: Operator, name: str, type_: str, status: str, timeo
 
 
 def machines_of(op: Operator, name: str) -> list[Any]:
-    out = kget(op, "machines", "-l", f"kaito.sh/workspace={name},kaito.sh/workspacenamespace={op.namespace}")
+    """The workspace's Machines (or NodeClaims, whichever the operator creates)."""
+    out = kget(op, op.requests, "-l", f"kaito.sh/workspace={name},kaito.sh/workspacenamespace={op.namespace}")
     return list((out or {}).get("items") or [])
+
+
+def request_name(op: Operator, name: str, slot: int) -> str:
+    """The deterministic Machine/NodeClaim name of a workspace's node slot."""
+    return encoding_for(op.node_api).name_for(op.namespace, name, slot)
 
 
 def apply_sample(op: Operator, file: str, mutate: Any = None) -> dict[str, Any]:
@@ -56,15 +66,16 @@ async def delete_and_check_clean(op: Operator, name: str, node_names: list[str])
     await eventually(gone, 90, f"{name}, its Machines and Nodes to be deleted", interval=0.3)
 
 
+@pytest.mark.parametrize("node_api", NODE_APIS)
 async def test_phi3_sample_becomes_ready_and_cleans_up(operator: Operator) -> None:
-    """The seed's phi-3 manifest: Machine -> kwok node -> Deployment -> WorkspaceReady; kubectl output
-    matches the seed; deletion leaves no Machine or Node."""
+    """The seed's phi-3 manifest: Machine (or NodeClaim) -> kwok node -> Deployment -> WorkspaceReady;
+    kubectl output matches the seed; deletion leaves no Machine/NodeClaim or Node."""
     op = operator
     apply_sample(op, "kaito_workspace_phi_3.yaml")
     ws = await wait_condition(op, "workspace-phi-3-mini", "WorkspaceReady", "True")
     assert conditions(ws) | {} == {
         "ResourceReady": "True",
-        "MachineReady": "True",
+        f"{op.request_kind}Ready": "True",
         "InferenceReady": "True",
         "WorkspaceSucceeded": "True",
         "WorkspaceReady": "True",
@@ -73,7 +84,8 @@ async def test_phi3_sample_becomes_ready_and_cleans_up(operator: Operator) -> No
     assert ws["metadata"]["finalizers"] == ["workspace.finalizer.kaito.sh"]  # it owns a Machine
     assert ws["status"]["observedGeneration"] == ws["metadata"]["generation"]
     (machine,) = machines_of(op, "workspace-phi-3-mini")
-    assert machine["metadata"]["name"] == machine_name(op.namespace, "workspace-phi-3-mini", 0)
+    assert machine["metadata"]["name"] == request_name(op, "workspace-phi-3-mini", 0)
+    assert machine["kind"] == op.request_kind
     assert machine["spec"]["resources"]["requests"]["storage"] == "80Gi"
     workers = ws["status"]["workerNodes"]
     assert workers == [machine["status"]["nodeName"]]
@@ -106,11 +118,11 @@ async def test_phi3_sample_becomes_ready_and_cleans_up(operator: Operator) -> No
         reasons = {e["reason"] for e in events}
         return (
             next((e for e in events if e["reason"] == "workspaceReady"), None)
-            if "MachineCreated" in reasons
+            if f"{op.request_kind}Created" in reasons
             else None
         )
 
-    event = await eventually(ready_event, 20, "MachineCreated and workspaceReady Events")
+    event = await eventually(ready_event, 20, f"{op.request_kind}Created and workspaceReady Events")
     assert "InferenceReady=True" in event["message"] and event["type"] == "Normal"
 
     async def ready_metric() -> bool:
@@ -238,8 +250,10 @@ async def test_crashlooping_pods_show_reason(operator: Operator) -> None:
     await eventually(warning, 20, "a Warning Event naming CrashLoopBackOff")
 
 
+@pytest.mark.parametrize("node_api", NODE_APIS)
 async def test_controller_killed_while_provisioning_creates_no_duplicate(operator: Operator) -> None:
-    """kill -9 the controller after it created Machines, restart it: the same Machines are adopted."""
+    """kill -9 the controller after it created Machines (or NodeClaims), restart it: the same ones are
+    adopted, none is duplicated."""
     op = operator
     ctrl, prov = op.procs[0], op.procs[1]
     prov.stop()  # nothing turns Machines into nodes until the controller has been restarted
@@ -260,7 +274,7 @@ async def test_controller_killed_while_provisioning_creates_no_duplicate(operato
     op.start_provisioner()
     ws = await wait_condition(op, name, "WorkspaceReady", "True", timeout=120)
     names = sorted(m["metadata"]["name"] for m in machines_of(op, name))
-    assert names == sorted(machine_name(op.namespace, name, s) for s in (0, 1))
+    assert names == sorted(request_name(op, name, s) for s in (0, 1))
     assert len(ws["status"]["workerNodes"]) == 2
     await delete_and_check_clean(op, name, ws["status"]["workerNodes"])
 

@@ -19,11 +19,11 @@ import json
 import subprocess
 from typing import Any
 
+import pytest
 import yaml
 
-from kaito.machine import machine_name
-from test.e2e.workspace.conftest import REPO, Operator
-from test.e2e.workspace.test_inference_e2e import conditions, kget, machines_of, wait_condition
+from test.e2e.workspace.conftest import NODE_APIS, REPO, Operator
+from test.e2e.workspace.test_inference_e2e import conditions, kget, machines_of, request_name, wait_condition
 from test.waiting import eventually
 
 NAME = "workspace-llama-2-13b-chat"
@@ -110,6 +110,7 @@ def torchrun_parse(argv: list[str]) -> dict[str, Any]:
     return parsed
 
 
+@pytest.mark.parametrize("node_api", NODE_APIS)
 async def test_distributed_preset_runs_as_statefulset_on_two_nodes(operator: Operator) -> None:
     """llama-2-13b-chat on 2 x NC6s_v3: Machines, nodes, StatefulSet + headless Service, ranks, cleanup."""
     op = operator
@@ -125,7 +126,7 @@ async def test_distributed_preset_runs_as_statefulset_on_two_nodes(operator: Ope
     ws = await wait_condition(op, NAME, "WorkspaceReady", "True", timeout=120)
     assert conditions(ws) == {
         "ResourceReady": "True",
-        "MachineReady": "True",
+        f"{op.request_kind}Ready": "True",
         "InferenceReady": "True",
         "WorkspaceSucceeded": "True",
         "WorkspaceReady": "True",
@@ -134,7 +135,7 @@ async def test_distributed_preset_runs_as_statefulset_on_two_nodes(operator: Ope
 
     # Two Machines (deterministic names, slots 0 and 1), each linked to its own kwok GPU node.
     machines = sorted(machines_of(op, NAME), key=lambda m: str(m["metadata"]["name"]))
-    assert [m["metadata"]["name"] for m in machines] == sorted(machine_name(ns, NAME, s) for s in (0, 1))
+    assert [m["metadata"]["name"] for m in machines] == sorted(request_name(op, NAME, s) for s in (0, 1))
     machine_nodes = [m["status"]["nodeName"] for m in machines]
     assert len(set(machine_nodes)) == 2
     workers = ws["status"]["workerNodes"]
@@ -357,7 +358,7 @@ async def test_multinode_adapter_and_preferred_node_changes_roll_the_statefulset
 
         async def released_only_surplus() -> bool:
             ms = machines_of(op, NAME)
-            return [m["metadata"]["name"] for m in ms] == [machine_name(ns, NAME, 0)] and (
+            return [m["metadata"]["name"] for m in ms] == [request_name(op, NAME, 0)] and (
                 kget(op, "node", released) is None
             )
 
