@@ -70,6 +70,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "nodeclaim: karpenter.sh/v1 NodeClaims (gpu-provisioner 0.3+, Karpenter)",
     )
     p.add_argument(
+        "--migrate-from",
+        choices=NODE_APIS,
+        action="append",
+        default=[],
+        help="a node API used before --node-api (repeatable): its objects are watched, released once a "
+        "workspace runs on the new kind's nodes, and deleted with their workspace (its CRD must exist)",
+    )
+    p.add_argument(
         "--image-registry",
         default=env.get("PRESET_REGISTRY_NAME", DEFAULT_REGISTRY),
         help="registry of the preset model images",
@@ -156,6 +164,7 @@ async def _setup(mgr: Manager, client: KubeClient, api: object, args: argparse.N
     options = ReconcilerOptions(
         provisioning=args.provisioning,
         node_api=args.node_api,
+        migrate_from=tuple(args.migrate_from),
         cloud_provider=args.cloud_provider,
         manifests=ManifestOptions(
             registry=args.image_registry,

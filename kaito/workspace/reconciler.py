@@ -97,6 +97,10 @@ class ReconcilerOptions:
     # the seed's era) or NodeClaim (v1, upstream Kaito v0.4.2+ and gpu-provisioner v0.3+).
     node_api: str = "machine"
     cloud_provider: str | None = "azure"  # NodeClaims add a cloud-specific SKU requirement on Azure
+    # Node APIs migrated away from (e.g. ("machine",) with node_api "nodeclaim"): their objects are
+    # watched too, never created; each is released once the workload runs without its node, and
+    # deleted with its workspace.
+    migrate_from: tuple[str, ...] = ()
     manifests: mf.ManifestOptions = field(default_factory=mf.ManifestOptions)
     machine_deletion_timeout: float = 300.0
     not_ready_requeue: float = 60.0
@@ -222,6 +226,7 @@ class WorkspaceReconciler:
         encoding: NodeRequestEncoding | None = None,
         recorder: ev.EventRecorder | None = None,
         jobs: Informer | None = None,
+        legacy: Sequence[tuple[NodeRequestEncoding, Informer]] = (),
     ) -> None:
         self.client = client
         self.workspaces = workspaces
@@ -238,13 +243,15 @@ class WorkspaceReconciler:
         self.options = options or ReconcilerOptions()
         if self.options.provisioning not in PROVISIONING_MODES:
             raise ValueError(f"provisioning must be one of {PROVISIONING_MODES}")
-        if self.options.node_api not in NODE_APIS:
-            raise ValueError(f"node_api must be one of {NODE_APIS}")
+        if self.options.node_api not in NODE_APIS or not set(self.options.migrate_from) <= set(NODE_APIS):
+            raise ValueError(f"node_api and migrate_from must be among {NODE_APIS}")
         self.encoding: NodeRequestEncoding = encoding or encoding_for(
             self.options.node_api, cloud_provider=self.options.cloud_provider
         )
         self._noun = self.encoding.noun  # "machine" / "nodeClaim" in messages
         self._kind = self.encoding.resource.kind  # "Machine" / "NodeClaim" in Event reasons
+        # The kinds migrated away from (options.migrate_from), with their informers.
+        self.legacy = list(legacy)
         self.recorder = recorder or ev.EventRecorder(client)
         # Last status written per key, with the resourceVersion the write returned: a reconcile that
         # runs before the watch delivers our own write must not write (and announce) the same again.
@@ -319,11 +326,11 @@ class WorkspaceReconciler:
             key, raw, st.Observation(generation=int(meta.get("generation") or 0), deleting=True)
         )
         remaining: list[str] = []
-        for m in await self._live_machines(ns, name):
-            req = self.encoding.observe(m)
+        for enc, m in await self._live_machines(ns, name):
+            req = enc.observe(m)
             remaining.append(req.name)
-            if req.phase != RequestPhase.DELETING and await self._delete_machine(req.name):
-                log.info(f"{self._noun} deleted", machine=req.name)
+            if req.phase != RequestPhase.DELETING and await self._delete_machine(req.name, enc):
+                log.info(f"{enc.noun} deleted", machine=req.name)
         if remaining:
             started = _parse_time(meta.get("deletionTimestamp")) or time.time()
             waited = time.time() - started
@@ -506,10 +513,18 @@ class WorkspaceReconciler:
             return []
         return self.machines.store.by_index(MACHINE_WS_INDEX, key)
 
-    async def _delete_machine(self, name: str) -> bool:
-        """Ask for a Machine's deletion; False when it was already gone."""
+    def _legacy_of(self, key: str) -> list[tuple[NodeRequestEncoding, NodeRequest]]:
+        """The workspace's objects of the kinds migrated away from, observed."""
+        return [
+            (enc, enc.observe(m))
+            for enc, inf in self.legacy
+            for m in inf.store.by_index(MACHINE_WS_INDEX, key)
+        ]
+
+    async def _delete_machine(self, name: str, encoding: NodeRequestEncoding | None = None) -> bool:
+        """Ask for a Machine's (or another kind's) deletion; False when it was already gone."""
         try:
-            await self.client.delete(self.encoding.resource, name)
+            await self.client.delete((encoding or self.encoding).resource, name)
         except ApiError as e:
             if e.not_found:
                 return False
@@ -527,24 +542,26 @@ class WorkspaceReconciler:
         first: one re-created under the same name may just not be in the cache yet.
         """
         orphans = [
-            m for m in self._machines_of(key) if not (m.get("metadata") or {}).get("deletionTimestamp")
-        ]
+            (self.encoding, str((m.get("metadata") or {}).get("name")))
+            for m in self._machines_of(key)
+            if not (m.get("metadata") or {}).get("deletionTimestamp")
+        ] + [(enc, r.name) for enc, r in self._legacy_of(key) if r.phase != RequestPhase.DELETING]
         if not orphans:
             return DONE
         ns, name = split_key(key)
         if await self.client.get_or_none(WORKSPACES, name, ns) is not None:
             return DONE
-        for m in orphans:
-            mname = str((m.get("metadata") or {}).get("name"))
-            if not await self._delete_machine(mname):
+        for enc, mname in orphans:
+            if not await self._delete_machine(mname, enc):
                 continue
             log.warning(
-                f"orphaned {self._noun} deleted: its workspace no longer exists", machine=mname, workspace=key
+                f"orphaned {enc.noun} deleted: its workspace no longer exists", machine=mname, workspace=key
             )
         return DONE
 
-    async def _live_machines(self, namespace: str, name: str) -> list[Obj]:
-        """The workspace's Machines as the apiserver has them now (a consistent LIST, not the cache).
+    async def _live_machines(self, namespace: str, name: str) -> list[tuple[NodeRequestEncoding, Obj]]:
+        """The workspace's Machines (of every kind in play) as the apiserver has them now (a consistent
+        LIST, not the cache).
 
         The finalizer is removed on this answer: the cache can lag behind a Machine this controller
         created a moment ago (a workspace deleted right after creation), and trusting it would leave
@@ -553,7 +570,10 @@ class WorkspaceReconciler:
         if self.machines is None:
             return []
         selector = f"{LABEL_WORKSPACE_NAME}={name},{LABEL_WORKSPACE_NAMESPACE}={namespace}"
-        return await self.client.list_all(self.encoding.resource, label_selector=selector)
+        out: list[tuple[NodeRequestEncoding, Obj]] = []
+        for enc in (self.encoding, *(e for e, _ in self.legacy)):
+            out += [(enc, m) for m in await self.client.list_all(enc.resource, label_selector=selector)]
+        return out
 
     def _candidate_nodes(self, match_labels: Mapping[str, str]) -> list[Obj]:
         if not match_labels:
@@ -592,10 +612,12 @@ class WorkspaceReconciler:
 
         # machine mode: Machines for the nodes that existing (non-Machine) nodes cannot cover.
         requests = [self.encoding.observe(m) for m in self._machines_of(key)]
+        legacy = self._legacy_of(key)  # never wanted: released once the workload runs without them
         # A node our Machine made (its copied labels say so) is never "existing": while its Machine is
         # being deleted the node lingers Ready for a while and must not stand in for a Machine.
         own = {nd.node_name(n) for n in qualifying if nd.provisioned_for(n) == (ns, name)}
         machine_nodes = {r.node_name for r in requests if r.node_name} | own
+        machine_nodes |= {r.node_name for _, r in legacy if r.node_name}
         external = [n for n in qualifying if nd.node_name(n) not in machine_nodes]
         needed = max(0, count - len(external))
         wanted_names = {self.encoding.name_for(ns, name, s) for s in range(needed)}
@@ -628,7 +650,9 @@ class WorkspaceReconciler:
             req = await self._create_machine(ws, slot, itype, labels, storage)
             by_name[req.name] = req
         if len(selected) >= count:
-            await self._release_machines(key, ws, requests, wanted_names, workers)
+            await self._release_machines(
+                key, ws, [(self.encoding, r) for r in requests] + legacy, wanted_names, workers
+            )
             return st.StepOutcome(st.Phase.READY), workers, gpus
         wanted = [by_name[self.encoding.name_for(ns, name, s)] for s in range(needed)]
         waiting = [r for r in wanted if r.node_name not in set(workers) or r.phase != RequestPhase.READY]
@@ -664,7 +688,7 @@ class WorkspaceReconciler:
         self,
         key: str,
         ws: Workspace,
-        requests: Sequence[NodeRequest],
+        requests: Sequence[tuple[NodeRequestEncoding, NodeRequest]],
         wanted_names: set[str],
         workers: Sequence[str],
     ) -> None:
@@ -674,12 +698,15 @@ class WorkspaceReconciler:
         keep an idle GPU node -- and its cloud bill -- until the workspace is deleted. Only a Machine
         whose node is not selected and carries no pod of the workspace goes, so a rollout moving the
         pods keeps serving on the old node until it is done (pods are watched: the reconcile that
-        sees the last one leave deletes the Machine).
+        sees the last one leave deletes the Machine). Objects of a kind migrated away from are never
+        wanted: they go the same way once the workload runs on the new kind's nodes.
         """
         surplus = [
-            r
-            for r in requests
-            if r.name not in wanted_names and r.phase != RequestPhase.DELETING and r.node_name not in workers
+            (enc, r)
+            for enc, r in requests
+            if (enc is not self.encoding or r.name not in wanted_names)
+            and r.phase != RequestPhase.DELETING
+            and r.node_name not in workers
         ]
         if not surplus:
             return
@@ -688,17 +715,17 @@ class WorkspaceReconciler:
             for p in self.pods.store.by_index(POD_WS_INDEX, key)
             if (p.get("spec") or {}).get("nodeName")
         }
-        for r in surplus:
+        for enc, r in surplus:
             if r.node_name and r.node_name in busy:
                 continue
-            if not await self._delete_machine(r.name):
+            if not await self._delete_machine(r.name, enc):
                 continue
-            log.info(f"surplus {self._noun} deleted", machine=r.name, node=r.node_name)
+            log.info(f"surplus {enc.noun} deleted", machine=r.name, node=r.node_name)
             await self.recorder.event(
                 self._ref(ws),
                 "Normal",
-                f"{self._kind}Deleted",
-                f"deleted {self._noun} {r.name}"
+                f"{enc.resource.kind}Deleted",
+                f"deleted {enc.noun} {r.name}"
                 + (f" (node {r.node_name})" if r.node_name else "")
                 + ": the selected nodes cover the workspace without it",
             )
@@ -1025,6 +1052,10 @@ def register(
     nodes = mgr.informer(NODES, indexers={NODE_LABEL_INDEX: _label_pairs})
     encoding = encoding_for(options.node_api, cloud_provider=options.cloud_provider)
     machine_inf = mgr.informer(encoding.resource, indexers={MACHINE_WS_INDEX: _machine_ws_key})
+    legacy = [
+        (enc, mgr.informer(enc.resource, indexers={MACHINE_WS_INDEX: _machine_ws_key}))
+        for enc in (encoding_for(api) for api in options.migrate_from if api != options.node_api)
+    ]
     children = {
         res: mgr.informer(res, namespace=namespace, label_selector=CHILD_SELECTOR, transform=slim_child)
         for res in (DEPLOYMENTS, STATEFULSETS, SERVICES, CONFIGMAPS)
@@ -1056,6 +1087,7 @@ def register(
         options=options,
         encoding=encoding,
         jobs=jobs,
+        legacy=legacy,
     )
     ctrl = mgr.add_controller("workspace", rec.reconcile, workers=workers)
     ctrl.watch(workspaces, predicate=workspace_predicate)
@@ -1066,6 +1098,8 @@ def register(
         ctrl.watch(jobs, owner)
     ctrl.watch(pods, label_mapper(LABEL_WORKSPACE_NAME))
     ctrl.watch(machine_inf, label_mapper(LABEL_WORKSPACE_NAME, LABEL_WORKSPACE_NAMESPACE))
+    for _, inf in legacy:
+        ctrl.watch(inf, label_mapper(LABEL_WORKSPACE_NAME, LABEL_WORKSPACE_NAMESPACE))
 
     def node_to_workspaces(node: Obj) -> list[str]:
         keys: set[str] = set()

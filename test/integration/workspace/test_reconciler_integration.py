@@ -19,7 +19,14 @@ import pytest
 from kubernetes_asyncio.client import ApiClient
 
 from hack.localcluster import LocalCluster
-from kaito.machine import MACHINES, NodeRequestEncoding
+from kaito.machine import (
+    MACHINES,
+    NODECLAIMS,
+    MachineEncoding,
+    NodeRequestEncoding,
+    machine_name,
+    nodeclaim_name,
+)
 from kaito.presets.registry import default_registry
 from kaito.presets.skus import default_sku_catalog
 from kaito.runtime.kube import CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, NODES, SERVICES, KubeClient
@@ -117,6 +124,16 @@ async def machines(
     """The reconciler creating Machines or (``nodeclaim``) NodeClaims for missing nodes."""
     opts = ReconcilerOptions(
         provisioning="machine", node_api=request.param, machine_deletion_timeout=2.0, deletion_requeue=0.5
+    )
+    async for env in run_operator(api_client, namespace, opts):
+        yield env
+
+
+@pytest.fixture
+async def migrating(crds: LocalCluster, api_client: ApiClient, namespace: str) -> AsyncIterator[Env]:
+    """The reconciler creating NodeClaims, migrating workspaces away from Machines."""
+    opts = ReconcilerOptions(
+        provisioning="machine", node_api="nodeclaim", migrate_from=("machine",), deletion_requeue=0.5
     )
     async for env in run_operator(api_client, namespace, opts):
         yield env
@@ -671,4 +688,77 @@ async def test_machine_no_longer_needed_is_released_and_its_lingering_node_not_r
     assert [i["metadata"]["name"] for i in items] == [mname]
     await env.client.patch(env.enc.resource, mname, {"metadata": {"finalizers": None}})
     for n in (made, byo):
+        await env.client.delete(NODES, n)
+
+
+async def test_a_workspace_on_a_machine_moves_to_a_nodeclaim_and_releases_the_machine(migrating: Env) -> None:
+    """--node-api nodeclaim --migrate-from machine: a workspace served by a Machine's node keeps serving
+    there while its NodeClaim is provisioned, moves to the NodeClaim's node once it is Ready, and only
+    then is its Machine deleted (no idle GPU node, no gap); deleting the workspace deletes the NodeClaim."""
+    env = migrating
+    ns, suffix = env.namespace, env.namespace[-6:]
+    labels = {"apps": f"mig-{suffix}"}
+    owner = {"kaito.sh/workspace": "mig", "kaito.sh/workspacenamespace": ns}
+    # What the Machine era left: a Ready Machine and its node.
+    machine = MachineEncoding().build(
+        namespace=ns,
+        workspace="mig",
+        slot=0,
+        instance_type="Standard_NC6s_v3",
+        match_labels=labels,
+        storage="80Gi",
+    )
+    mname = machine_name(ns, "mig", 0)
+    old, new = f"old-{suffix}", f"new-{suffix}"
+    await env.client.create(MACHINES, machine)
+    await make_node(env.client, old, {**labels, **owner, "karpenter.sh/provisioner-name": "default"})
+    await env.client.merge_patch_status(
+        MACHINES,
+        mname,
+        {
+            "nodeName": old,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Ready", "message": ""}],
+        },
+    )
+    await env.client.create(WORKSPACES, phi3("mig", labels), ns)
+
+    async def workers(want: list[str]) -> bool:
+        ws = await env.ws("mig")
+        return ws is not None and (ws.get("status") or {}).get("workerNodes") == want
+
+    ncname = nodeclaim_name(ns, "mig", 0)
+    await eventually(lambda: env.client.get_or_none(NODECLAIMS, ncname), 20, "the NodeClaim")
+    await eventually(lambda: workers([old]), 20, "the Machine's node serving meanwhile")
+    m = await env.client.get(MACHINES, mname)
+    assert not m["metadata"].get("deletionTimestamp"), "the Machine went before its replacement was Ready"
+
+    await make_node(env.client, new, {**labels, **owner, "karpenter.sh/nodepool": "kaito"})
+    await env.client.merge_patch_status(
+        NODECLAIMS,
+        ncname,
+        {
+            "nodeName": new,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Ready", "message": ""}],
+        },
+    )
+    await eventually(lambda: workers([new]), 20, "the workspace moved to the NodeClaim's node")
+
+    async def machine_gone() -> bool:
+        got = await env.client.get_or_none(MACHINES, mname)
+        return got is None or bool(got["metadata"].get("deletionTimestamp"))
+
+    await eventually(machine_gone, 20, "the Machine released")
+    events = (await env.client.list(EVENTS, ns, field_selector="involvedObject.name=mig"))["items"]
+    assert any(e["reason"] == "MachineDeleted" and mname in e["message"] for e in events)
+    c = await env.condition("mig", "NodeClaimReady")
+    assert c is not None and c["status"] == "True"
+
+    await env.client.delete(WORKSPACES, "mig", ns)
+
+    async def all_gone() -> bool:
+        nc = await env.client.get_or_none(NODECLAIMS, ncname)
+        return await env.ws("mig") is None and (nc is None or bool(nc["metadata"].get("deletionTimestamp")))
+
+    await eventually(all_gone, 30, "the workspace and its NodeClaim deleted")
+    for n in (old, new):
         await env.client.delete(NODES, n)
