@@ -195,6 +195,29 @@ def test_chart_switches() -> None:
     assert not any(o["kind"] == "Namespace" for o in load_docs(helm_template()))
 
 
+def test_chart_node_api() -> None:
+    """nodeApi picks the kind the controller creates (machine by default); with nodeclaim the controller
+    migrates Machine-era workspaces; the provisioner serves both kinds either way (both CRDs ship)."""
+
+    def args(objs: list[dict[str, object]], name: str) -> list[str]:
+        containers = _find(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+        return list(containers[0]["args"])
+
+    default = render_helm()
+    assert "--node-api=machine" in args(default, "kaito-workspace")
+    assert not any(a.startswith("--migrate-from") for a in args(default, "kaito-workspace"))
+    assert "--node-api=machine,nodeclaim" in args(default, "gpu-provisioner")
+    claims = render_helm("--set", "nodeApi=nodeclaim")
+    assert {"--node-api=nodeclaim", "--migrate-from=machine"} <= set(args(claims, "kaito-workspace"))
+    assert "--node-api=machine,nodeclaim" in args(claims, "gpu-provisioner")
+    crds = {
+        o["metadata"]["name"]
+        for o in render_helm(include_crds=True)
+        if o["kind"] == "CustomResourceDefinition"
+    }
+    assert {"machines.karpenter.sh", "nodeclaims.karpenter.sh"} <= crds
+
+
 def test_chart_follows_the_release_namespace() -> None:
     objs = load_docs(
         run(
@@ -219,6 +242,7 @@ def test_chart_follows_the_release_namespace() -> None:
         ("workspace.replica=3", "replica"),
         ("provisioner.replicas=3", "/provisioner/replicas"),
         ("logLevel=verbose", "/logLevel"),
+        ("nodeApi=nodepool", "/nodeApi"),
     ],
 )
 def test_chart_rejects_bad_values(setting: str, message: str) -> None:
