@@ -5,7 +5,8 @@ A node qualifies when it carries every ``labelSelector.matchLabels`` pair, is no
 node say for whom), and either is named in ``preferredNodes`` or has the requested instance type (a
 preferred node skips the last two checks: the user chose it). Qualifying
 nodes are ordered: preferred first, then the current ``status.workerNodes`` (so a running workload does
-not hop nodes), then nodes a provisioner created (label ``kaito.sh/machine-type``), then by name.
+not hop nodes), then nodes a provisioner created (label ``kaito.sh/machine-type``, or Karpenter's
+``karpenter.sh/nodepool`` as upstream checks with NodeClaims), then by name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kaito.api.machine import LABEL_INSTANCE_TYPE, LABEL_MACHINE_TYPE
+from kaito.api.nodeclaim import LABEL_NODEPOOL
 from kaito.api.workspace import LABEL_WORKSPACE_NAME, LABEL_WORKSPACE_NAMESPACE
 
 Obj = Mapping[str, Any]
@@ -132,7 +134,7 @@ def qualifying_nodes(
         return (
             0 if name in pref else 1,
             0 if name in cur else 1,
-            0 if LABEL_MACHINE_TYPE in node_labels(n) else 1,
+            0 if _provisioned(node_labels(n)) else 1,
             name,
         )
 
@@ -150,3 +152,8 @@ def select_nodes(
 ) -> list[Obj]:
     """The first ``count`` qualifying nodes (fewer when not enough qualify)."""
     return qualifying_nodes(nodes, match_labels, instance_type, preferred, current, owner)[:count]
+
+
+def _provisioned(labels: Mapping[str, str]) -> bool:
+    """Whether a node was made by a provisioner (gpu-provisioner's machine-type, or a Karpenter NodePool)."""
+    return LABEL_MACHINE_TYPE in labels or LABEL_NODEPOOL in labels

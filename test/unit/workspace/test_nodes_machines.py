@@ -66,6 +66,12 @@ def test_selection_order_is_stable() -> None:
         "x-current",
     ]
     assert nd.node_gpus(node("g", gpus=4)) == 4
+    # A Karpenter NodePool's node counts as provisioned too (upstream's NodeClaim-era check).
+    karpenter = node("k-karpenter", **{"karpenter.sh/nodepool": "kaito"})
+    assert names(nd.qualifying_nodes([node("a-plain"), karpenter], SEL, "Standard_NC6s_v3")) == [
+        "k-karpenter",
+        "a-plain",
+    ]
 
 
 def test_machine_names_are_deterministic_and_distinct() -> None:
