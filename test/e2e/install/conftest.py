@@ -213,6 +213,7 @@ def installed_base(
         "--timeout=60s",
         "crd/workspaces.kaito.sh",
         "crd/machines.karpenter.sh",
+        "crd/nodeclaims.karpenter.sh",
     )
     namespace = f"t-install-{secrets.token_hex(3)}"
     cluster.kubectl("create", "namespace", namespace)
@@ -245,6 +246,9 @@ def installed_base(
                 "0",
                 "--kwok-node-delay",
                 "1",
+                # Both kinds, as config/manager runs it: the installed RBAC must allow both informers.
+                "--node-api",
+                "machine,nodeclaim",
                 "--log-format",
                 "json",
             ],
