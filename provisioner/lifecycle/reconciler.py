@@ -334,6 +334,8 @@ class MachineLifecycle:
             work.status["providerID"] = instance.provider_id
         if instance.capacity and not work.status.get("capacity"):
             work.status["capacity"] = dict(instance.capacity)
+        if instance.image_id and self.kind.kind == mf.NODECLAIM_KIND:
+            work.status["imageID"] = instance.image_id  # NodeClaim status only (upstream: nodeImageVersion)
         work.transition(
             self.kind.launched,
             cond.TRUE,

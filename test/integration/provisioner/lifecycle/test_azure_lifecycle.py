@@ -115,6 +115,7 @@ async def test_machine_becomes_ready_with_expected_pool(
         assert status["allocatable"]["nvidia.com/gpu"] == "2"
         assert {c["type"] for c in status["conditions"]} >= {*kind.living, "Ready"}
         if kind is NODECLAIM:
+            assert status["imageID"].startswith("AKSUbuntu-")  # the pool's nodeImageVersion
             for c in status["conditions"]:
                 assert (
                     c["reason"] and "message" in c and c["observedGeneration"] == m["metadata"]["generation"]
