@@ -699,7 +699,9 @@ async def test_a_workspace_on_a_machine_moves_to_a_nodeclaim_and_releases_the_ma
     ns, suffix = env.namespace, env.namespace[-6:]
     labels = {"apps": f"mig-{suffix}"}
     owner = {"kaito.sh/workspace": "mig", "kaito.sh/workspacenamespace": ns}
-    # What the Machine era left: a Ready Machine and its node.
+    # What the Machine era left: a Ready Machine and its node (created after the workspace: a Machine
+    # without one is an orphan and would be reaped).
+    await env.client.create(WORKSPACES, phi3("mig", labels), ns)
     machine = MachineEncoding().build(
         namespace=ns,
         workspace="mig",
@@ -720,7 +722,6 @@ async def test_a_workspace_on_a_machine_moves_to_a_nodeclaim_and_releases_the_ma
             "conditions": [{"type": "Ready", "status": "True", "reason": "Ready", "message": ""}],
         },
     )
-    await env.client.create(WORKSPACES, phi3("mig", labels), ns)
 
     async def workers(want: list[str]) -> bool:
         ws = await env.ws("mig")
