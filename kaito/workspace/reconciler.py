@@ -616,8 +616,10 @@ class WorkspaceReconciler:
         # A node our Machine made (its copied labels say so) is never "existing": while its Machine is
         # being deleted the node lingers Ready for a while and must not stand in for a Machine.
         own = {nd.node_name(n) for n in qualifying if nd.provisioned_for(n) == (ns, name)}
-        machine_nodes = {r.node_name for r in requests if r.node_name} | own
-        machine_nodes |= {r.node_name for _, r in legacy if r.node_name}
+        linked = {r.node_name for r in requests if r.node_name} | {
+            r.node_name for _, r in legacy if r.node_name
+        }
+        machine_nodes = linked | own
         external = [n for n in qualifying if nd.node_name(n) not in machine_nodes]
         needed = max(0, count - len(external))
         wanted_names = {self.encoding.name_for(ns, name, s) for s in range(needed)}
@@ -650,8 +652,11 @@ class WorkspaceReconciler:
             req = await self._create_machine(ws, slot, itype, labels, storage)
             by_name[req.name] = req
         if len(selected) >= count:
+            # A selected node of ours that no request names yet (its Machine's status has not caught
+            # up) may belong to any request without a node: release none of those this time.
+            unlinked = bool((own - linked) & set(workers))
             await self._release_machines(
-                key, ws, [(self.encoding, r) for r in requests] + legacy, wanted_names, workers
+                key, ws, [(self.encoding, r) for r in requests] + legacy, wanted_names, workers, unlinked
             )
             return st.StepOutcome(st.Phase.READY), workers, gpus
         wanted = [by_name[self.encoding.name_for(ns, name, s)] for s in range(needed)]
@@ -691,6 +696,7 @@ class WorkspaceReconciler:
         requests: Sequence[tuple[NodeRequestEncoding, NodeRequest]],
         wanted_names: set[str],
         workers: Sequence[str],
+        unlinked: bool = False,
     ) -> None:
         """Delete Machines the workspace no longer needs, once none of its pods runs on their node.
 
@@ -716,7 +722,7 @@ class WorkspaceReconciler:
             if (p.get("spec") or {}).get("nodeName")
         }
         for enc, r in surplus:
-            if r.node_name and r.node_name in busy:
+            if (r.node_name and r.node_name in busy) or (unlinked and not r.node_name):
                 continue
             if not await self._delete_machine(r.name, enc):
                 continue
