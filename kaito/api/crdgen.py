@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -170,42 +171,27 @@ def workspace_crd() -> dict[str, Any]:
     }
 
 
-def machine_crd() -> dict[str, Any]:
-    """The Machine CRD (karpenter.sh/v1alpha5, cluster-scoped), for clusters without Karpenter's own."""
-    schema = model_schema(machine.Machine)
-    columns = [
-        {
-            "name": "Type",
-            "type": "string",
-            "jsonPath": ".metadata.labels.node\\.kubernetes\\.io/instance-type",
-        },
-        {"name": "Node", "type": "string", "jsonPath": ".status.nodeName"},
-        {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
-        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-        {
-            "name": "Workspace",
-            "type": "string",
-            "jsonPath": ".metadata.labels.kaito\\.sh/workspace",
-            "priority": 1,
-        },
-    ]
+def _karpenter_crd(
+    api: ModuleType, schema: dict[str, Any], columns: list[dict[str, Any]], singular: str
+) -> dict[str, Any]:
+    """A cluster-scoped karpenter.sh CRD of one served and stored version (``api``: the API module)."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{machine.PLURAL}.{machine.GROUP}"},
+        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
         "spec": {
-            "group": machine.GROUP,
+            "group": api.GROUP,
             "names": {
-                "kind": machine.KIND,
-                "listKind": f"{machine.KIND}List",
-                "plural": machine.PLURAL,
-                "singular": "machine",
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": singular,
                 "categories": ["karpenter"],
             },
             "scope": "Cluster",
             "versions": [
                 {
-                    "name": machine.VERSION,
+                    "name": api.VERSION,
                     "served": True,
                     "storage": True,
                     "schema": {"openAPIV3Schema": schema},
@@ -215,6 +201,30 @@ def machine_crd() -> dict[str, Any]:
             ],
         },
     }
+
+
+_KARPENTER_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Type",
+        "type": "string",
+        "jsonPath": ".metadata.labels.node\\.kubernetes\\.io/instance-type",
+    },
+    {"name": "Node", "type": "string", "jsonPath": ".status.nodeName"},
+    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+_WORKSPACE_COLUMN = {
+    "name": "Workspace",
+    "type": "string",
+    "jsonPath": ".metadata.labels.kaito\\.sh/workspace",
+    "priority": 1,
+}
+
+
+def machine_crd() -> dict[str, Any]:
+    """The Machine CRD (karpenter.sh/v1alpha5, cluster-scoped), for clusters without Karpenter's own."""
+    columns = copy.deepcopy([*_KARPENTER_COLUMNS, _WORKSPACE_COLUMN])
+    return _karpenter_crd(machine, model_schema(machine.Machine), columns, "machine")
 
 
 def nodeclaim_crd() -> dict[str, Any]:
@@ -223,56 +233,20 @@ def nodeclaim_crd() -> dict[str, Any]:
     Upstream's v1 schema trimmed to the fields KAITO and the gpu-provisioner use (kaito/api/nodeclaim.py);
     served and stored as v1 only (no conversion webhook: v1beta1 was served by gpu-provisioner v0.3.0 only).
     """
-    schema = model_schema(nodeclaim.NodeClaim)
-    columns = [
-        {
-            "name": "Type",
-            "type": "string",
-            "jsonPath": ".metadata.labels.node\\.kubernetes\\.io/instance-type",
-        },
-        {"name": "Node", "type": "string", "jsonPath": ".status.nodeName"},
-        {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
-        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-        {"name": "ID", "type": "string", "jsonPath": ".status.providerID", "priority": 1},
-        {
-            "name": "NodePool",
-            "type": "string",
-            "jsonPath": ".metadata.labels.karpenter\\.sh/nodepool",
-            "priority": 1,
-        },
-        {
-            "name": "Workspace",
-            "type": "string",
-            "jsonPath": ".metadata.labels.kaito\\.sh/workspace",
-            "priority": 1,
-        },
-    ]
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{nodeclaim.PLURAL}.{nodeclaim.GROUP}"},
-        "spec": {
-            "group": nodeclaim.GROUP,
-            "names": {
-                "kind": nodeclaim.KIND,
-                "listKind": f"{nodeclaim.KIND}List",
-                "plural": nodeclaim.PLURAL,
-                "singular": "nodeclaim",
-                "categories": ["karpenter"],
+    columns = copy.deepcopy(
+        [
+            *_KARPENTER_COLUMNS,
+            {"name": "ID", "type": "string", "jsonPath": ".status.providerID", "priority": 1},
+            {
+                "name": "NodePool",
+                "type": "string",
+                "jsonPath": ".metadata.labels.karpenter\\.sh/nodepool",
+                "priority": 1,
             },
-            "scope": "Cluster",
-            "versions": [
-                {
-                    "name": nodeclaim.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "schema": {"openAPIV3Schema": schema},
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": columns,
-                }
-            ],
-        },
-    }
+            _WORKSPACE_COLUMN,
+        ]
+    )
+    return _karpenter_crd(nodeclaim, model_schema(nodeclaim.NodeClaim), columns, "nodeclaim")
 
 
 HEADER = "# Generated by hack/gen_crds.py from kaito/api; do not edit by hand.\n"
