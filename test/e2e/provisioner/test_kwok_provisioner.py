@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import signal
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +63,12 @@ async def reconcile_count(port: int) -> float:
 async def reconciled_after(p: ProvisionerProcess, before: float, what: str) -> float:
     """Wait until the lifecycle controller reconciled again after ``what``; the new count."""
 
-    async def more() -> float | None:
+    async def more() -> float:
         n = await reconcile_count(p.metrics_port)
-        return n if n > before else None
+        assert n > before, f"{n} reconciles, {before} before"
+        return n
 
     return await eventually(more, 30, f"the provisioner to reconcile {what}")
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def condition(machine: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -143,13 +140,33 @@ async def test_machine_becomes_ready_and_deletion_removes_node(
     # the provisioner (its reconcile count rises) and reconcile to "nothing changed".
     before = await write_requests(provisioner.metrics_port)
     reconciles = await reconcile_count(provisioner.metrics_port)
-    await core.patch_node_status(
+    # A heartbeat within the second of kwok's own would change nothing (no event): one second later.
+    current = await core.read_node(node_name)
+    beats = [c.last_heartbeat_time for c in current.status.conditions or [] if c.type == "Ready"]
+    beat = max([datetime.now(UTC), *(b + timedelta(seconds=1) for b in beats if b)])
+    patched = await core.patch_node_status(
         node_name,
-        {"status": {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": now_rfc3339()}]}},
+        {
+            "status": {
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "lastHeartbeatTime": beat.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    }
+                ]
+            }
+        },
     )
+    assert patched.metadata.resource_version != current.metadata.resource_version
     reconciles = await reconciled_after(provisioner, reconciles, "the Node heartbeat")
     await crd.patch_cluster_custom_object(
-        GROUP, VERSION, PLURAL, name, {"metadata": {"annotations": {"e2e.kaito.sh/touched": "1"}}}
+        GROUP,
+        VERSION,
+        PLURAL,
+        name,
+        {"metadata": {"annotations": {"e2e.kaito.sh/touched": "1"}}},
+        _content_type="application/merge-patch+json",
     )
     await reconciled_after(provisioner, reconciles, "the Machine touch")
     assert await write_requests(provisioner.metrics_port) == before
