@@ -18,16 +18,18 @@ from runtime_support import MODEL_ID, RunningServer, make_config, wait_for
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(120)]
 
 
-def watching_loader(widths: list[int], gate: threading.Event | None = None) -> Any:
-    """Load the real model and record the batch width of every forward pass (optionally holding the
-    first pass until ``gate`` opens, so that requests pile up and must join a running batch)."""
+def watching_loader(
+    widths: list[int], armed: threading.Event | None = None, go: threading.Event | None = None
+) -> Any:
+    """Load the real model and record the batch width of every forward pass; once ``armed`` is set,
+    forward passes wait for ``go`` (so that requests pile up however fast the model is)."""
 
     def load(cfg: ServerConfig) -> LoadedModel:
         loaded = load_model(cfg)
 
         def hook(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-            if gate is not None:
-                assert gate.wait(30), "test never opened the gate"
+            if armed is not None and go is not None and armed.is_set():
+                assert go.wait(30), "test never released the model"
             widths.append(int(kwargs["input_ids"].shape[0]))
 
         loaded.model.register_forward_pre_hook(hook, with_kwargs=True)
@@ -83,7 +85,11 @@ async def test_batched_answers_equal_answers_alone(tiny_model_dir: Path, server_
     """Requests with different lengths, prompts, sampling parameters and seeds, sent at once, get exactly
     what each gets alone; and they really ran in one batch."""
     widths: list[int] = []
-    server: RunningServer = server_factory(make_config(tiny_model_dir), load_fn=watching_loader(widths))
+    armed, go = threading.Event(), threading.Event()
+    server: RunningServer = server_factory(
+        make_config(tiny_model_dir), load_fn=watching_loader(widths, armed, go)
+    )
+    engine = server.runtime.engine
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as h:
         alone = []
         for path, body in REQUESTS:
@@ -98,31 +104,65 @@ async def test_batched_answers_equal_answers_alone(tiny_model_dir: Path, server_
             assert r.status_code == 200, r.text
             return answer(path, r.json())
 
-        together = await asyncio.gather(*(one(p, b) for p, b in REQUESTS))
+        async def release_when_all_admitted() -> None:
+            try:
+                await asyncio.to_thread(wait_for, lambda: engine.pending == len(REQUESTS), 20, "admission")
+            finally:
+                go.set()
+
+        armed.set()
+        together, _ = await asyncio.gather(
+            asyncio.gather(*(one(p, b) for p, b in REQUESTS)), release_when_all_admitted()
+        )
     assert together == alone
-    assert max(widths) >= 6, f"requests were not batched together (widths {sorted(set(widths))})"
+    # Held at the first request's first step, all ten joined the batch together: 12 rows (one has n=3).
+    assert max(widths) == 12, f"requests were not batched together (widths {sorted(set(widths))})"
 
 
 async def test_requests_join_a_running_batch(tiny_model_dir: Path, server_factory: Any) -> None:
-    """A request that arrives while others decode joins them between steps, and leaves when done."""
+    """A request that arrives while another decodes joins it between steps, and leaves when done."""
     widths: list[int] = []
-    server: RunningServer = server_factory(make_config(tiny_model_dir), load_fn=watching_loader(widths))
-    async with httpx.AsyncClient(base_url=server.url, timeout=60) as h:
-        long = completion("Kubernetes schedules pods", 60, temperature=0, stream=True)
-        async with h.stream("POST", "/v1/completions", json=long) as r:
-            lines = r.aiter_lines()
-            async for line in lines:
-                if line.startswith("data: {"):
-                    break
-            width_before = len(widths)
-            short = await h.post("/v1/completions", json=completion("Hello world", 4, temperature=0))
-            assert short.status_code == 200
-            rest = [line async for line in lines]
-        assert "data: [DONE]" in rest
-    joined = widths[width_before:]
-    # The short request's prefill ran alone (width 1), then both rows decoded together, then one again.
-    assert 2 in joined, joined
-    assert joined[-1] == 1
+    armed, go = threading.Event(), threading.Event()
+
+    def load(cfg: ServerConfig) -> LoadedModel:
+        loaded = load_model(cfg)
+
+        def hook(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+            if armed.is_set():
+                # Hold the running generation until the second request has been admitted, so that it
+                # must join a batch in progress however fast the model is.
+                assert go.wait(30), "test never released the model"
+                widths.append(int(kwargs["input_ids"].shape[0]))
+
+        loaded.model.register_forward_pre_hook(hook, with_kwargs=True)
+        return loaded
+
+    server: RunningServer = server_factory(make_config(tiny_model_dir), load_fn=load)
+    engine = server.runtime.engine
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as h:
+            long = completion("Kubernetes schedules pods", 100, temperature=0, stream=True)
+            async with h.stream("POST", "/v1/completions", json=long) as r:
+                lines = r.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: {"):
+                        break
+                armed.set()
+                short = asyncio.create_task(
+                    h.post("/v1/completions", json=completion("Hello world", 4, temperature=0))
+                )
+                await asyncio.to_thread(wait_for, lambda: engine.pending == 2, 20, "second request admitted")
+                go.set()
+                assert (await short).status_code == 200
+                rest = [line async for line in lines]
+            assert "data: [DONE]" in rest
+    finally:
+        go.set()
+    # The held step (width 1), the newcomer's prefill alone (width 1), then both rows decoding together
+    # (width 2) until the short one is done, then the long one alone again.
+    assert 2 in widths, widths
+    assert widths[-1] == 1, widths
+    assert widths.count(2) <= 4, widths
 
 
 async def test_cancelled_request_frees_its_row(tiny_model_dir: Path, server_factory: Any) -> None:

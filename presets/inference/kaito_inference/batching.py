@@ -72,8 +72,13 @@ class Job:
     cancel: threading.Event
     loop: asyncio.AbstractEventLoop
     deliver: Deliver
+    # False: tokens are handed over once, when every sequence has finished (a non-streamed request
+    # need not wake the event loop at every step).
+    stream: bool = True
     first_token_at: float | None = None
     started_at: float | None = None
+    open_rows: int = 0
+    held: list[Event] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -189,9 +194,10 @@ class BatchScheduler:
 
     @staticmethod
     def _fail_jobs(jobs: set[Job], exc: BaseException) -> None:
+        events: list[Event] = [exc]
         for job in jobs:
             with contextlib.suppress(RuntimeError):  # that loop is closed; nobody waits any more
-                job.loop.call_soon_threadsafe(job.deliver, [exc])
+                job.loop.call_soon_threadsafe(job.deliver, events)
 
     def _forward(self, input_ids: Any, mask: Any, positions: Any, cache: Any, cache_pos: Any) -> Any:
         kwargs: dict[str, Any] = {
@@ -238,9 +244,15 @@ class BatchScheduler:
             self._pick(rows, logits, events)
             self._drop_finished()
         for job, evs in events.items():
+            job.open_rows -= sum(1 for e in evs if isinstance(e, TokenEvent) and e.finish is not None)
+            if not job.stream and job.open_rows > 0:
+                job.held.extend(evs)
+                continue
+            out = [*job.held, *evs] if job.held else evs
+            job.held = []
             try:
-                job.loop.call_soon_threadsafe(job.deliver, evs)
-            except RuntimeError:
+                job.loop.call_soon_threadsafe(job.deliver, out)
+            except RuntimeError:  # that loop is closed; nobody waits any more
                 job.cancel.set()
 
     def _prefill(self, jobs: list[Job], events: dict[Job, list[Event]]) -> None:
@@ -265,6 +277,7 @@ class BatchScheduler:
             expand = [i for i, j in enumerate(group) for _ in range(j.params.n)]
             seqs: list[_Seq] = []
             for job in group:
+                job.open_rows = job.params.n
                 gen = make_generator(job.params.seed)
                 for k in range(job.params.n):
                     picker = None if job.params.plain_greedy else TokenPicker(job.params, length, gen)
@@ -276,7 +289,7 @@ class BatchScheduler:
             keep = [i for i, s in enumerate(seqs) if s.finish is None]
             if not keep:
                 continue
-            tensors = [(layer.keys, layer.values) for layer in cache.layers]
+            tensors: list[tuple[Any, Any]] = [(layer.keys, layer.values) for layer in cache.layers]
             rows_index = torch.tensor([expand[i] for i in keep], dtype=torch.long, device=device)
             if len(keep) != len(group) or expand != list(range(len(group))):
                 tensors = [(k.index_select(0, rows_index), v.index_select(0, rows_index)) for k, v in tensors]

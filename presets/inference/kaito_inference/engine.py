@@ -276,7 +276,7 @@ class Engine:
                 f"server busy: {len(self._controls)} generations already running or queued; retry later"
             )
 
-    def _start(self, req: GenerationRequest) -> tuple[_Control, Job]:
+    def _start(self, req: GenerationRequest, stream: bool) -> tuple[_Control, Job]:
         if self._closed:
             raise GenerationCancelled("server is shutting down")
         self.check_capacity()
@@ -287,6 +287,7 @@ class Engine:
             cancel=control.cancel,
             loop=asyncio.get_running_loop(),
             deliver=control.events.put_nowait,
+            stream=stream,
         )
         try:
             self.scheduler.submit(job)
@@ -329,7 +330,7 @@ class Engine:
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         """Generate without streaming; cancelling the awaiting task frees the request's rows."""
-        control, job = self._start(req)
+        control, job = self._start(req, stream=False)
         n = req.params.n
         tokens: list[list[int]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
@@ -352,7 +353,7 @@ class Engine:
         The concatenated deltas equal the non-streamed text for the same tokens: text that might turn
         into a stop string is held back, and the last delta reconciles with the final decode.
         """
-        control, job = self._start(req)
+        control, job = self._start(req, stream=True)
         stops = list(req.params.stop)
         detok = IncrementalDetokenizer(self.tokenizer)
         ids: list[int] = []

@@ -67,9 +67,7 @@ def error_headers(status: int) -> dict[str, str] | None:
     return None
 
 
-def error_response(
-    request: Request, status: int, message: str, param: str | None = None
-) -> SafeJSONResponse:
+def error_response(request: Request, status: int, message: str, param: str | None = None) -> SafeJSONResponse:
     """An error answer for ``request``."""
     return SafeJSONResponse(
         error_body(request.url.path, status, message, param),

@@ -114,7 +114,7 @@ class TokenPicker:
         raw = logits.unsqueeze(0)
         scores = raw
         if len(self._processors) or len(self._warpers):
-            ids = torch.tensor([history], dtype=torch.long)
+            ids: Any = torch.tensor([history], dtype=torch.long)
             if len(self._processors):
                 scores = self._processors(ids, scores)
             if not self.params.do_sample:
