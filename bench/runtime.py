@@ -309,6 +309,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
 
         rates: dict[str, list[float]] = {"direct": [], "static16": [], **{f"c{c}": [] for c in clients}}
         latencies: dict[int, list[float]] = {c: [] for c in clients}
+        per_round: dict[int, list[list[float]]] = {c: [] for c in clients}
         loads: list[float] = []
 
         async def bench() -> None:
@@ -332,6 +333,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
                             wall, lat = await run_clients(h, count)
                             rates[name].append(count * n / wall)
                             latencies[count].extend(lat)
+                            per_round[count].append(lat)
                     loads.append(os.getloadavg()[0])
 
         try:
@@ -361,22 +363,29 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         results[f"clients{c}_p50_ms"] = 1000 * statistics.median(latencies[c])
         results[f"clients{c}_p99_ms"] = 1000 * percentile(latencies[c], 99)
     one = clients[0]
+    # Tail latency against the same round's single client: a load spike from other processes on a shared
+    # machine then hits both sides of the ratio, as the interleaving intends.
+    tail_by_round = statistics.median(
+        percentile(hi, 99) / statistics.median(lo)
+        for hi, lo in zip(per_round[top], per_round[one], strict=True)
+    )
     checks = {
         f"clients{top} / clients{one} (>= 4)": (med[f"c{top}"] / med[f"c{one}"], 4.0, True),
         f"clients{top} / static batch 16 (>= 0.8)": (med[f"c{top}"] / med["static16"], 0.8, True),
-        f"p99 at {top} / p50 at {one} (<= 6)": (
+        f"p99 at {top} / p50 at {one}, pooled (<= 6)": (
             percentile(latencies[top], 99) / statistics.median(latencies[one]),
             6.0,
             False,
         ),
+        f"p99 at {top} / p50 at {one}, median of rounds (<= 6)": (tail_by_round, 6.0, False),
         f"clients{one} / direct generate() (>= 0.95)": (med[f"c{one}"] / med["direct"], 0.95, True),
     }
     for key, value in results.items():
-        print(f"{key:40s} {value:.1f}" if isinstance(value, float) else f"{key:40s} {value}")
+        print(f"{key:52s} {value:.1f}" if isinstance(value, float) else f"{key:52s} {value}")
     for key, (value, target, at_least) in checks.items():
         ok = value >= target if at_least else value <= target
         results[key] = value
-        print(f"{key:40s} {value:.2f} {'PASS' if ok else 'FAIL'}")
+        print(f"{key:52s} {value:.2f} {'PASS' if ok else 'FAIL'}")
     return results
 
 
