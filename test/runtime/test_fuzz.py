@@ -209,6 +209,12 @@ def cases() -> list[tuple[str, bytes]]:
             body.pop("prompt", None)
             out.append((path, json.dumps(body).encode()))
     out.append(("/v1/completions", json.dumps({**BASES["/v1/completions"], "prompt": ["a"] * 1000}).encode()))
+    # Nesting deeper than the JSON parser's recursion limit, an integer of more digits than Python parses.
+    out.append(("/v1/completions", b'{"model":"m","prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}"))
+    out.append(("/chat", b'{"prompt":"x","generate_kwargs":{"max_new_tokens":' + b"1" * 5000 + b"}}"))
+    out.append(
+        ("/v1/completions", json.dumps({**BASES["/v1/completions"], "stop": ["z" * 100_000]}).encode())
+    )
     out.append(
         ("/v1/completions", json.dumps({**BASES["/v1/completions"], "prompt": [[1, 2]] * 1000}).encode())
     )
@@ -266,6 +272,22 @@ async def test_no_input_gets_a_5xx_or_hangs(tiny_model_dir: Path, server_factory
                     failures.append(f"{status} {path} {body[:200]!r}: {data[:300]!r}")
 
         await asyncio.gather(*(one(p, b) for p, b in all_cases))
+        odd = [
+            ("GET", "/v1/models/%FF"),
+            ("GET", "/v1/models/%ED%A0%80"),
+            ("GET", "/v1/models/" + "a" * 5000),
+            ("GET", "/v1/models/a/b/../c"),
+            ("GET", "/health?x=%FF"),
+            ("PUT", "/chat"),
+            ("DELETE", "/v1/models"),
+            ("GET", "/v1/completions"),
+            ("POST", "/metrics"),
+        ]
+        for method, path in odd:
+            async with asyncio.timeout(DEADLINE):
+                r = await h.request(method, path)
+            if r.status_code >= 500:
+                failures.append(f"{r.status_code} {method} {path}: {r.text[:200]}")
     assert not failures, f"{len(failures)} of {len(all_cases)} failed:\n" + "\n".join(failures[:40])
     assert statuses.get(200, 0) > 20 and statuses.get(400, 0) + statuses.get(422, 0) > 100, statuses
     await assert_healthy(server)

@@ -97,7 +97,8 @@ def stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
 async def tokenize(fn: Callable[[T], list[int]], arg: T) -> list[int]:
     """Tokenize on a thread when the input is large; small inputs take microseconds, and a thread hop
     would cost more than it saves (it shows up in time to first token on a busy machine)."""
-    size = len(arg) if isinstance(arg, str) else sum(len(str(m.get("content") or "")) for m in arg)
+    # Many empty messages cost the chat template as much as long ones: count each as some characters.
+    size = len(arg) if isinstance(arg, str) else sum(64 + len(str(m.get("content") or "")) for m in arg)
     if size <= _INLINE_TOKENIZE_CHARS:
         return fn(arg)
     return await asyncio.to_thread(fn, arg)
