@@ -106,8 +106,11 @@ class BatchScheduler:
         self._rows: list[_Seq] = []
         self._cache: Any = None
         self._closed = False
+        # Only what this model's forward takes: remote-code models of older transformers releases lack
+        # cache_position and name logits_to_keep num_logits_to_keep.
         params = inspect.signature(model.forward).parameters
-        self._keep_arg = "logits_to_keep" in params
+        self._keep_arg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        self._cache_position_arg = "cache_position" in params
         self._thread = threading.Thread(target=self._run, name="batch-scheduler", daemon=True)
         self._thread.start()
 
@@ -205,11 +208,12 @@ class BatchScheduler:
             "attention_mask": mask,
             "position_ids": positions,
             "past_key_values": cache,
-            "cache_position": cache_pos,
             "use_cache": True,
         }
-        if self._keep_arg:
-            kwargs["logits_to_keep"] = 1
+        if self._cache_position_arg:
+            kwargs["cache_position"] = cache_pos
+        if self._keep_arg is not None:
+            kwargs[self._keep_arg] = 1
         return self.model(**kwargs).logits[:, -1, :]
 
     def _step(self, newcomers: list[Job]) -> None:
