@@ -53,3 +53,18 @@ def test_torch_threads_flag() -> None:
     assert parse_args([], environ={}).torch_threads is None
     with pytest.raises(ConfigError, match="torch_threads"):
         parse_args(["--torch_threads=0"], environ={})
+
+
+def test_load_model_applies_the_thread_budget(tiny_model_dir: Path) -> None:
+    import torch
+    from kaito_inference.engine import load_model
+    from runtime_support import make_config
+
+    before = torch.get_num_threads()
+    try:
+        load_model(make_config(tiny_model_dir, torch_threads=2))
+        assert torch.get_num_threads() == 2
+        load_model(make_config(tiny_model_dir, torch_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
