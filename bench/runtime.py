@@ -116,6 +116,37 @@ def start_server(
     raise SystemExit("server did not become healthy in 300 s")
 
 
+def prepare(model_dir: Path, args: argparse.Namespace) -> tuple[int, Any, list[int], dict[str, Any]]:
+    """Build the model in ``model_dir`` and load it with the server's loader; return its parameter
+    count, the model, the prompt's ids and fixed-length greedy generate() arguments."""
+    tokenizer = build_tokenizer(model_dir)
+    params = build_model(model_dir, tokenizer, args.hidden, args.layers)
+    cfg = ServerConfig(
+        pretrained_model_name_or_path=str(model_dir),
+        torch_dtype=args.dtype,
+        device_map=args.device_map,
+        adapters_dir=str(model_dir / "no-adapters"),
+        torch_threads=args.threads,
+    )
+    loaded = load_model(cfg)
+    tok = loaded.tokenizer
+    n = args.new_tokens
+    gen = {"do_sample": False, "max_new_tokens": n, "min_new_tokens": n, "pad_token_id": tok.pad_token_id}
+    return params, loaded.model, tok(PROMPT)["input_ids"], gen
+
+
+def timed_generate(model: Any, ids: list[int], gen: dict[str, Any], batch: int) -> float:
+    """Seconds for generate() on ``batch`` copies of the prompt (no padding needed)."""
+    inputs = torch.tensor([ids] * batch, device=model.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), **gen)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    assert out.shape[1] - len(ids) == gen["max_new_tokens"]
+    return time.perf_counter() - t0
+
+
 def overhead(args: argparse.Namespace) -> dict[str, Any]:
     """One client: /chat and streaming against direct generate() (SPEC §10's 0.95x)."""
     # Same intra-op thread count on both sides; one thread also keeps OpenMP spin-waiting from turning
@@ -124,30 +155,12 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="kaito-bench-") as tmp:
         model_dir = Path(tmp)
-        tokenizer = build_tokenizer(model_dir)
-        params = build_model(model_dir, tokenizer, args.hidden, args.layers)
-        cfg = ServerConfig(
-            pretrained_model_name_or_path=str(model_dir),
-            torch_dtype=args.dtype,
-            device_map=args.device_map,
-            adapters_dir=str(model_dir / "no-adapters"),
-            torch_threads=args.threads,
-        )
-        loaded = load_model(cfg)
-        model, tok = loaded.model, loaded.tokenizer
-        ids = tok(PROMPT)["input_ids"]
+        params, model, ids, gen = prepare(model_dir, args)
         n = args.new_tokens
-        gen = {"do_sample": False, "max_new_tokens": n, "min_new_tokens": n, "pad_token_id": tok.pad_token_id}
         inputs = torch.tensor([ids], device=model.device)
 
         def direct() -> float:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), **gen)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            assert out.shape[1] - len(ids) == n
-            return time.perf_counter() - t0
+            return timed_generate(model, ids, gen, 1)
 
         def direct_ttft() -> float:
             from transformers.generation.streamers import BaseStreamer
@@ -266,30 +279,11 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     clients = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory(prefix="kaito-bench-") as tmp:
         model_dir = Path(tmp)
-        tokenizer = build_tokenizer(model_dir)
-        params = build_model(model_dir, tokenizer, args.hidden, args.layers)
-        cfg = ServerConfig(
-            pretrained_model_name_or_path=str(model_dir),
-            torch_dtype=args.dtype,
-            device_map=args.device_map,
-            adapters_dir=str(model_dir / "no-adapters"),
-            torch_threads=args.threads,
-        )
-        loaded = load_model(cfg)
-        model, tok = loaded.model, loaded.tokenizer
-        ids = tok(PROMPT)["input_ids"]
+        params, model, ids, gen = prepare(model_dir, args)
         n = args.new_tokens
-        gen = {"do_sample": False, "max_new_tokens": n, "min_new_tokens": n, "pad_token_id": tok.pad_token_id}
 
         def generate(batch: int) -> float:
-            inputs = torch.tensor([ids] * batch, device=model.device)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), **gen)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            assert out.shape[1] - len(ids) == n
-            return time.perf_counter() - t0
+            return timed_generate(model, ids, gen, batch)
 
         port = free_port()
         proc = start_server(model_dir, port, args.dtype, args.device_map, args.threads)
