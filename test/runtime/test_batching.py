@@ -205,3 +205,34 @@ async def test_seeded_request_is_reproducible_under_load(tiny_model_dir: Path, s
     assert all(o.status_code == 200 for o in outs)
     assert outs[4].json()["choices"][0]["text"] == alone
     assert outs[-1].json()["choices"][0]["text"] == alone
+
+
+async def test_a_failing_step_fails_its_batch_and_the_server_goes_on(
+    tiny_model_dir: Path, server_factory: Any
+) -> None:
+    """If a forward pass raises, the requests in that batch get a JSON 500 that closes the connection; the
+    scheduler thread survives and serves the next request."""
+    armed = threading.Event()
+
+    def load(cfg: ServerConfig) -> LoadedModel:
+        loaded = load_model(cfg)
+
+        def hook(_module: Any, _args: Any) -> None:
+            if armed.is_set():
+                armed.clear()
+                raise RuntimeError("simulated kernel failure")
+
+        loaded.model.register_forward_pre_hook(hook)
+        return loaded
+
+    server: RunningServer = server_factory(make_config(tiny_model_dir), load_fn=load)
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as h:
+        armed.set()
+        r = await h.post("/v1/completions", json=completion("Hello", 4, temperature=0))
+        assert r.status_code == 500
+        assert r.headers["connection"] == "close"
+        assert r.json()["error"]["message"] == "Internal server error"
+        r = await h.post("/v1/completions", json=completion("Hello", 4, temperature=0))
+        assert r.status_code == 200
+        assert r.json()["usage"]["completion_tokens"] == 4
+    assert server.runtime.engine.scheduler.running_rows == 0

@@ -119,7 +119,7 @@ class BatchScheduler:
     def submit(self, job: Job) -> None:
         """Queue a request; it joins the batch at the next step with room for its ``n`` rows."""
         with self._cond:
-            if self._closed:
+            if self._closed or not self._thread.is_alive():
                 raise SchedulerClosed("server is shutting down")
             self._waiting.append(job)
             self._cond.notify()
@@ -152,7 +152,11 @@ class BatchScheduler:
                 try:
                     self._step(newcomers)
                 except Exception as exc:  # one failure must not kill the thread that serves everyone
-                    self._fail_all(newcomers, exc)
+                    try:
+                        self._fail_all(newcomers, exc)
+                    except Exception:
+                        log.exception("failing the batch failed")
+                        self._rows, self._cache = [], None
         waiting = list(self._waiting)
         self._waiting.clear()
         self._fail_jobs(
