@@ -236,3 +236,42 @@ async def test_a_failing_step_fails_its_batch_and_the_server_goes_on(
         assert r.status_code == 200
         assert r.json()["usage"]["completion_tokens"] == 4
     assert server.runtime.engine.scheduler.running_rows == 0
+
+
+async def test_beam_search_runs_beside_the_batch(tiny_model_dir: Path, server_factory: Any) -> None:
+    """Upstream's /chat num_beams: generate()'s own beam search, on its own between batch steps; the
+    batched requests around it still get their answers."""
+    import torch
+
+    server: RunningServer = server_factory(make_config(tiny_model_dir))
+    engine = server.runtime.engine
+    prompt = "Kubernetes schedules pods"
+    ids = engine.encode_prompt(prompt)
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            num_beams=3,
+            do_sample=False,
+            max_new_tokens=6,
+            pad_token_id=engine.tokenizer.pad_token_id,
+        )
+    expected = engine.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+    beams = {
+        "prompt": prompt,
+        "return_full_text": False,
+        "generate_kwargs": {"num_beams": 3, "do_sample": False, "max_new_tokens": 6},
+    }
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as h:
+        others = [completion(f"noise {i}", 12, temperature=0) for i in range(4)]
+        results = await asyncio.gather(
+            h.post("/chat", json=beams), *(h.post("/v1/completions", json=b) for b in others)
+        )
+        assert [r.status_code for r in results] == [200] * 5
+        assert results[0].json()["Result"] == expected
+        two = {**beams, "generate_kwargs": {**beams["generate_kwargs"], "num_return_sequences": 2}}
+        assert (await h.post("/chat", json=two)).status_code == 200
+        too_many = {**beams, "generate_kwargs": {**beams["generate_kwargs"], "num_return_sequences": 4}}
+        r = await h.post("/chat", json=too_many)
+        assert r.status_code == 400
+        assert "num_beams" in r.json()["detail"]

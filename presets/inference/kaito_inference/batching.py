@@ -42,6 +42,10 @@ class SchedulerClosed(RuntimeError):
     """The scheduler stopped (server shutdown) before or while the request ran."""
 
 
+class JobRejected(ValueError):
+    """generate() refused this request's options (beam search); only this request fails, with a 400."""
+
+
 class BatchFailed(RuntimeError):
     """The batched forward pass failed; every request in the batch gets this (``oom`` says why)."""
 
@@ -230,6 +234,9 @@ class BatchScheduler:
                 events.setdefault(s.job, []).append(TokenEvent(s.index, [], "stop"))
         self._drop_finished()
         live = [j for j in newcomers if not j.cancel.is_set()]
+        for job in [j for j in live if j.params.num_beams > 1]:
+            self._run_beams(job, events)
+        live = [j for j in live if j.params.num_beams == 1]
         if live:
             self._prefill(live, events)
         if self._rows:
@@ -262,6 +269,75 @@ class BatchScheduler:
                 job.loop.call_soon_threadsafe(job.deliver, out)
             except RuntimeError:  # that loop is closed; nobody waits any more
                 job.cancel.set()
+
+    def _run_beams(self, job: Job, events: dict[Job, list[Event]]) -> None:
+        """Beam search does not fit a batch of independent rows: run it with generate() on its own, while
+        the batch waits (cancellation still stops it within a step)."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        p = job.params
+        cancel = job.cancel
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                if job.first_token_at is None:
+                    job.first_token_at = time.perf_counter()
+                return torch.full(
+                    (input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device
+                )
+
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else min(p.eos_token_ids, default=0)
+        )
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": p.max_new_tokens,
+            "num_beams": p.num_beams,
+            "num_return_sequences": p.n,
+            "length_penalty": p.length_penalty,
+            "early_stopping": p.early_stopping,
+            "do_sample": p.do_sample,
+            "repetition_penalty": p.repetition_penalty,
+            "no_repeat_ngram_size": p.no_repeat_ngram_size,
+            "eos_token_id": list(p.eos_token_ids) or None,
+            "pad_token_id": pad,
+        }
+        if p.min_new_tokens:
+            kwargs["min_new_tokens"] = p.min_new_tokens
+        if p.do_sample:
+            kwargs.update(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p)
+            if p.min_p:
+                kwargs["min_p"] = p.min_p
+            if p.seed is not None:
+                torch.manual_seed(p.seed & 0xFFFF_FFFF_FFFF_FFFF)  # only this thread samples with it
+        job.started_at = time.perf_counter()
+        ids = torch.tensor([job.input_ids], dtype=torch.long, device=self.model.device)
+        try:
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+                **kwargs,
+            )
+        except (ValueError, TypeError) as exc:  # generate() validating the combination of options
+            events.setdefault(job, []).append(JobRejected(str(exc)))
+            job.open_rows = 0
+            return
+        evs = events.setdefault(job, [])
+        job.open_rows = p.n
+        for k, row in enumerate(out[:, len(job.input_ids) :].tolist()):
+            tokens: list[int] = []
+            finish = "length"
+            for tok in row:
+                if tok in self.eos:
+                    finish = "stop"
+                    break
+                if tok == pad and len(out) > 1:  # a shorter beam padded to the longest
+                    break
+                tokens.append(tok)
+            evs.append(TokenEvent(k, tokens, "stop" if cancel.is_set() else finish))
 
     def _prefill(self, jobs: list[Job], events: dict[Job, list[Event]]) -> None:
         import torch

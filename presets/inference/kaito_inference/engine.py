@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import AdapterSpec, discover_adapters, merge_adapters
-from .batching import BatchFailed, BatchScheduler, Event, Job, SchedulerClosed, TokenEvent
+from .batching import BatchFailed, BatchScheduler, Event, Job, JobRejected, SchedulerClosed, TokenEvent
 from .config import TORCH_DTYPES, ServerConfig
 from .sampling import SamplingParams
 from .text import IncrementalDetokenizer, find_stop, safe_prefix_length
@@ -211,6 +211,8 @@ class _Control:
 
 
 def _raise_for(exc: BaseException) -> None:
+    if isinstance(exc, JobRejected):
+        raise GenerationError(str(exc))
     if isinstance(exc, SchedulerClosed):
         raise GenerationCancelled(str(exc))
     if isinstance(exc, BatchFailed) and exc.oom:

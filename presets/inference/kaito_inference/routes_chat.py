@@ -59,10 +59,10 @@ def chat_sampling(kw: GenerateKwargs, engine: Engine, prompt_len: int) -> Sampli
             f"generate_kwargs cannot set {', '.join(extra)}; supported keys: "
             f"{', '.join(sorted(ALLOWED_GENERATE_KWARGS))}"
         )
-    if kw.num_beams != 1:
+    if kw.num_beams > 1 and kw.num_return_sequences > kw.num_beams:
         raise ClientError(
-            "generate_kwargs.num_beams must be 1: beam search is not supported by this runtime's "
-            "batched generation (use do_sample or greedy decoding)"
+            f"generate_kwargs.num_return_sequences ({kw.num_return_sequences}) must be at most "
+            f"num_beams ({kw.num_beams})"
         )
     ctx = engine.context_length
     fields = kw.model_fields_set
@@ -96,6 +96,9 @@ def chat_sampling(kw: GenerateKwargs, engine: Engine, prompt_len: int) -> Sampli
         # stop on all of them.
         eos_token_ids=tuple(eos if eos is not None else sorted(engine.loaded.eos_token_ids)),
         n=kw.num_return_sequences,
+        num_beams=kw.num_beams,
+        length_penalty=kw.length_penalty,
+        early_stopping=kw.early_stopping,
     )
 
 

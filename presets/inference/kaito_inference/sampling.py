@@ -38,6 +38,10 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # Beam search (upstream /chat's num_beams): runs through generate() on its own, between batch steps.
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
 
     @property
     def plain_greedy(self) -> bool:

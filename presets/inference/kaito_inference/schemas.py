@@ -31,6 +31,7 @@ class GenerateKwargs(BaseModel):
     do_sample: StrictBool = True
     early_stopping: StrictBool = False
     num_beams: int = Field(default=1, ge=1, le=16)
+    length_penalty: float = Field(default=1.0, ge=-100, le=100)
     temperature: float = Field(default=1.0, gt=0, le=100)
     top_k: int = Field(default=10, ge=0, le=INT32_MAX)
     top_p: float = Field(default=1.0, gt=0, le=1)
