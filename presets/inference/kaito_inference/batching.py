@@ -427,16 +427,19 @@ class BatchScheduler:
 
     def _pick(self, seqs: list[_Seq], logits: Any, events: dict[Job, list[Event]]) -> None:
         """Choose each sequence's next token and decide whether it is done."""
+        import torch
+
         greedy = logits.argmax(dim=-1).tolist()
         now = time.perf_counter()
-        cpu_rows: Any = None
+        # Only the rows that sample (or adjust their logits) leave the device, as float32 on the CPU where
+        # their generators live.
+        picked = [i for i, s in enumerate(seqs) if s.picker is not None]
+        rows: dict[int, Any] = {}
+        if picked:
+            index = torch.tensor(picked, dtype=torch.long, device=logits.device)
+            rows = dict(zip(picked, logits.index_select(0, index).float().cpu(), strict=True))
         for i, s in enumerate(seqs):
-            if s.picker is None:
-                token = int(greedy[i])
-            else:
-                if cpu_rows is None:
-                    cpu_rows = logits.float().cpu()
-                token = s.picker.pick(cpu_rows[i], s.history)
+            token = int(greedy[i]) if s.picker is None else s.picker.pick(rows[i], s.history)
             job = s.job
             if job.first_token_at is None:
                 job.first_token_at = now
