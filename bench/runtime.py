@@ -307,7 +307,9 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         loads: list[float] = []
 
         async def bench() -> None:
-            limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+            # Idle connections are dropped by the client well before the server's keep-alive timeout,
+            # so that a pooled connection is never reused just as the server closes it.
+            limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0)
             async with httpx.AsyncClient(
                 base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits
             ) as h:
