@@ -1,5 +1,9 @@
-"""A real Prometheus server (Debian's ``prometheus`` binary) that scrapes what the chart's ServiceMonitors
-select, for tests and by hand.
+"""A real Prometheus server that scrapes what the chart's ServiceMonitors select, for tests and by hand.
+
+The binary is Prometheus itself, built by ``hack/build-tools.sh`` from its Go module with only its
+Kubernetes service discovery compiled in: Debian's ``prometheus`` package leaves Kubernetes discovery
+out (its NEWS: "Kubernetes support has been completely removed"), so it cannot read
+``kubernetes_sd_configs`` at all. (Debian's ``promtool`` is still what proves the alerting rules.)
 
 There is no Prometheus Operator here, so this module does its job for our ServiceMonitors: each endpoint
 of each ServiceMonitor becomes a scrape job with Kubernetes service discovery and the relabel rules the
@@ -34,8 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import signal
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -51,6 +55,7 @@ import yaml
 from hack.localcluster import Component, free_port
 
 Obj = dict[str, Any]
+HACK_DIR = Path(__file__).resolve().parent
 
 ROLES = ("endpointslice", "endpoints")
 
@@ -88,11 +93,15 @@ def scrape_configs_from_servicemonitors(
     *,
     role: str = "endpointslice",
     scrape_interval: str | None = None,
+    address_rewrites: Sequence[tuple[str, str]] = (),
 ) -> list[Obj]:
     """Prometheus ``scrape_configs`` equivalent to what the Prometheus Operator makes of ``monitors``.
 
     One job per ServiceMonitor endpoint, named ``serviceMonitor/<namespace>/<name>/<index>`` as the
     operator names them. ``scrape_interval`` overrides the endpoints' intervals (tests want seconds).
+    ``address_rewrites`` -- (host regex, host) pairs applied to each target's address after selection --
+    let a test stand a server on 127.0.0.1 behind an endpoint the apiserver accepts (it refuses
+    loopback addresses in EndpointSlices); selection itself is never changed by them.
     Endpoints must name their port (``port``); ``targetPort``, TLS and auth are not needed by ours and
     are refused rather than ignored.
     """
@@ -145,6 +154,15 @@ def scrape_configs_from_servicemonitors(
                     {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "service"},
                     {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job"},
                     {"target_label": "endpoint", "replacement": port},
+                    *(
+                        {
+                            "source_labels": ["__address__"],
+                            "regex": f"(?:{host_regex}):(\\d+)",
+                            "target_label": "__address__",
+                            "replacement": f"{host}:${{1}}",
+                        }
+                        for host_regex, host in address_rewrites
+                    ),
                 ],
             }
             interval = scrape_interval or ep.get("interval")
@@ -159,6 +177,19 @@ class PrometheusError(RuntimeError):
     """Prometheus did not start, answered an error, or a wait ran out (the message carries its log)."""
 
 
+def prometheus_binary() -> Path:
+    """The Prometheus built by hack/build-tools.sh (built on first use, cached by version)."""
+    proc = subprocess.run(
+        ["bash", str(HACK_DIR / "build-tools.sh")], capture_output=True, text=True, check=False, timeout=3600
+    )
+    if proc.returncode != 0:
+        raise PrometheusError(f"hack/build-tools.sh failed:\n{proc.stderr[-4000:]}")
+    binary = Path(proc.stdout.strip().splitlines()[-1]) / "prometheus"
+    if not binary.is_file():
+        raise PrometheusError(f"hack/build-tools.sh built no {binary}")
+    return binary
+
+
 class PrometheusServer:
     """A ``prometheus`` process on 127.0.0.1 with its own config and temp storage (see the module doc)."""
 
@@ -167,14 +198,11 @@ class PrometheusServer:
         scrape_configs: Sequence[Mapping[str, Any]],
         *,
         workdir: Path | None = None,
-        binary: str = "prometheus",
+        binary: Path | None = None,
         evaluation_interval: str = "1s",
         rule_files: Sequence[Path] = (),
     ) -> None:
-        path = shutil.which(binary)
-        if path is None:
-            raise PrometheusError(f"{binary} is missing: make sysdeps (Debian's prometheus package)")
-        self.binary = path
+        self.binary = str(binary or prometheus_binary())
         self.scrape_configs = [dict(c) for c in scrape_configs]
         self.evaluation_interval = evaluation_interval
         self.rule_files = list(rule_files)

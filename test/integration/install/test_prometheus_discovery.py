@@ -1,9 +1,13 @@
-"""hack/prometheus.py against the local apiserver: a real Prometheus (Debian's binary) discovers, through
+"""hack/prometheus.py against the local apiserver: a real Prometheus (built from its Go module by
+hack/build-tools.sh: Debian's package has no Kubernetes discovery) discovers, through
 Kubernetes service discovery, exactly the endpoints the chart's ServiceMonitors select, scrapes them and
 answers a query with what they served.
 
 No pods run here: each metrics Service of the chart (rendered into this test's namespace, selector
-removed) gets an EndpointSlice pointing to a real /metrics server on 127.0.0.1 that this test runs. A
+removed) gets an EndpointSlice pointing to a real /metrics server on 127.0.0.1 that this test runs. The
+apiserver refuses loopback addresses in EndpointSlices, so the slices carry documentation addresses
+(192.0.2.0/24, never routed) that one relabel rule, after the ServiceMonitor-derived ones, maps to
+127.0.0.1 (``address_rewrites``). A
 decoy Service per wrong reason (webhook component, wrong port name, another namespace's selection)
 points to a server of its own, which must never be scraped.
 """
@@ -97,8 +101,12 @@ def test_namespace(control_plane: LocalCluster) -> Iterator[str]:
         control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+TEST_NET = r"192\.0\.2\.\d+"
+
+
 def endpoint_slice(namespace: str, service: str, port_name: str, port: int) -> dict[str, Any]:
-    """A slice for ``service`` with one ready endpoint on 127.0.0.1 (a pod's name as its target)."""
+    """A slice for ``service`` with one ready endpoint (a pod's name as its target) at a 192.0.2.x
+    address that the test's address rewrite sends to 127.0.0.1:``port``."""
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -110,7 +118,7 @@ def endpoint_slice(namespace: str, service: str, port_name: str, port: int) -> d
         "addressType": "IPv4",
         "endpoints": [
             {
-                "addresses": ["127.0.0.1"],
+                "addresses": [f"192.0.2.{1 + port % 250}"],
                 "conditions": {"ready": True},
                 "targetRef": {"kind": "Pod", "name": f"{service}-pod", "namespace": namespace},
             }
@@ -172,7 +180,12 @@ def test_prometheus_scrapes_exactly_what_the_servicemonitors_select(
             endpoint_slice(other, "kaito-workspace-metrics", "http-metrics", metrics_servers["decoy-2"].port)
         )
 
-        jobs = scrape_configs_from_servicemonitors(monitors, control_plane.kubeconfig, scrape_interval="1s")
+        jobs = scrape_configs_from_servicemonitors(
+            monitors,
+            control_plane.kubeconfig,
+            scrape_interval="1s",
+            address_rewrites=[(TEST_NET, "127.0.0.1")],
+        )
         with PrometheusServer(jobs, workdir=tmp_path / "prometheus") as prom:
             targets = prom.wait_targets_up(count=2, timeout=60)
             by_job = {t["labels"]["job"]: t for t in targets}
