@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from hack.localcluster import LocalCluster
 from hack.prometheus import PrometheusServer, scrape_configs_from_servicemonitors
-from test.integration.install.helpers import CHART, load_docs, run, tools_dir
+from test.integration.install.helpers import CHART, CONFIG, load_docs, run, tools_dir
 
 METRICS_SERVICES = {"kaito-workspace-metrics": 3.0, "gpu-provisioner-metrics": 1.0}
 
@@ -186,7 +186,9 @@ def test_prometheus_scrapes_exactly_what_the_servicemonitors_select(
             scrape_interval="1s",
             address_rewrites=[(TEST_NET, "127.0.0.1")],
         )
-        with PrometheusServer(jobs, workdir=tmp_path / "prometheus") as prom:
+        # The alerting rules load into this (newer) Prometheus too, not only into Debian's promtool.
+        rules = [CONFIG / "prometheus" / "alerts.yaml"]
+        with PrometheusServer(jobs, workdir=tmp_path / "prometheus", rule_files=rules) as prom:
             targets = prom.wait_targets_up(count=2, timeout=60)
             by_job = {t["labels"]["job"]: t for t in targets}
             assert set(by_job) == set(METRICS_SERVICES)
@@ -203,6 +205,15 @@ def test_prometheus_scrapes_exactly_what_the_servicemonitors_select(
             # Discovery saw the decoys (they are Services in the watched namespaces) and dropped them.
             assert all(metrics_servers[f"decoy-{i}"].scrapes == 0 for i in range(3))
             assert len(prom.targets()) == 2
+            loaded = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
+            in_file = [r for g in load_docs(rules[0].read_text())[0]["groups"] for r in g["rules"]]
+            assert len(loaded) == len(in_file) and all(r["health"] == "ok" for r in loaded), loaded
+            # Nothing here reports a leader: the no-leader alerts are pending (they fire after 5 min).
+            pending = prom.wait_query('ALERTS{alertstate="pending"}', timeout=30)
+            assert {a["metric"]["alertname"] for a in pending} == {
+                "KaitoWorkspaceControllerNoLeader",
+                "KaitoProvisionerNoLeader",
+            }
     finally:
         control_plane.kubectl("delete", "namespace", other, "--wait=false", check=False)
 
