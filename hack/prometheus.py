@@ -26,7 +26,8 @@ Interface::
 discovery uses it through ``kubeconfig_file``. Service discovery ``role`` is ``endpointslice`` by
 default (what the local cluster's controller-manager maintains; the Prometheus Operator's
 ``serviceDiscoveryRole: EndpointSlice``); ``endpoints`` is available for clusters that run the
-Endpoints controller. ``PrometheusServer`` owns its process: ``stop()`` (and leaving the ``with``)
+Endpoints controller. The methods block (subprocess, HTTP, polling): from an async test call them
+through ``asyncio.to_thread``. ``PrometheusServer`` owns its process: ``stop()`` (and leaving the ``with``)
 terminates and awaits it; it also dies with the test process (parent-death signal).
 
 Run by hand against a cluster: ``python -m hack.prometheus --kubeconfig K --servicemonitors F.yaml``
@@ -41,6 +42,7 @@ import re
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -359,12 +361,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = scrape_configs_from_servicemonitors(
         monitors, args.kubeconfig, role=args.role, scrape_interval=args.scrape_interval
     )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     with PrometheusServer(jobs) as prom:
         print(prom.url, flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        stop.wait()
     return 0
 
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     raise SystemExit(main())
