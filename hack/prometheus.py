@@ -23,10 +23,9 @@ Interface::
         prom.query('up')                                       # one query, possibly empty
 
 ``kubeconfig`` is any kubeconfig Prometheus can read (token + CA, e.g. ``LocalCluster.kubeconfig``);
-discovery uses it through ``kubeconfig_file``. Service discovery ``role`` is ``endpointslice`` by
-default (what the local cluster's controller-manager maintains; the Prometheus Operator's
-``serviceDiscoveryRole: EndpointSlice``); ``endpoints`` is available for clusters that run the
-Endpoints controller. The methods block (subprocess, HTTP, polling): from an async test call them
+discovery uses it through ``kubeconfig_file``, with role ``endpointslice`` (the Prometheus
+Operator's ``serviceDiscoveryRole: EndpointSlice``): the local cluster's controller-manager maintains
+EndpointSlices, not v1 Endpoints. The methods block (subprocess, HTTP, polling): from an async test call them
 through ``asyncio.to_thread``. ``PrometheusServer`` owns its process: ``stop()`` (and leaving the ``with``)
 terminates and awaits it; it also dies with the test process (parent-death signal).
 
@@ -58,8 +57,6 @@ from hack.localcluster import Component, free_port
 
 Obj = dict[str, Any]
 HACK_DIR = Path(__file__).resolve().parent
-
-ROLES = ("endpointslice", "endpoints")
 
 
 def _label_name(key: str) -> str:
@@ -93,7 +90,6 @@ def scrape_configs_from_servicemonitors(
     monitors: Iterable[Mapping[str, Any]],
     kubeconfig: Path,
     *,
-    role: str = "endpointslice",
     scrape_interval: str | None = None,
     address_rewrites: Sequence[tuple[str, str]] = (),
 ) -> list[Obj]:
@@ -107,9 +103,6 @@ def scrape_configs_from_servicemonitors(
     Endpoints must name their port (``port``); ``targetPort``, TLS and auth are not needed by ours and
     are refused rather than ignored.
     """
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
-    meta = "endpointslice" if role == "endpointslice" else "endpoint"
     jobs: list[Obj] = []
     for sm in monitors:
         if sm.get("kind") != "ServiceMonitor":
@@ -120,7 +113,7 @@ def scrape_configs_from_servicemonitors(
         spec = sm.get("spec") or {}
         ns_sel = spec.get("namespaceSelector") or {}
         names = [namespace] if not ns_sel else (None if ns_sel.get("any") else list(ns_sel["matchNames"]))
-        sd: Obj = {"role": role, "kubeconfig_file": str(kubeconfig)}
+        sd: Obj = {"role": "endpointslice", "kubeconfig_file": str(kubeconfig)}
         if names is not None:
             sd["namespaces"] = {"names": names}
         selection = _selector_rules(spec.get("selector") or {}, where)
@@ -141,13 +134,13 @@ def scrape_configs_from_servicemonitors(
                     *selection,
                     {
                         "action": "keep",
-                        "source_labels": [f"__meta_kubernetes_{meta}_port_name"],
+                        "source_labels": ["__meta_kubernetes_endpointslice_port_name"],
                         "regex": re.escape(port),
                     },
                     {
                         "source_labels": [
-                            f"__meta_kubernetes_{meta}_address_target_kind",
-                            f"__meta_kubernetes_{meta}_address_target_name",
+                            "__meta_kubernetes_endpointslice_address_target_kind",
+                            "__meta_kubernetes_endpointslice_address_target_name",
                         ],
                         "regex": "Pod;(.*)",
                         "target_label": "pod",
@@ -353,13 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--kubeconfig", type=Path, required=True)
     p.add_argument("--servicemonitors", type=Path, required=True, help="YAML stream (e.g. helm template)")
-    p.add_argument("--role", choices=ROLES, default="endpointslice")
     p.add_argument("--scrape-interval", default=None)
     args = p.parse_args(argv)
     docs = [d for d in yaml.safe_load_all(args.servicemonitors.read_text()) if d]
     monitors = [d for d in docs if d.get("kind") == "ServiceMonitor"]
     jobs = scrape_configs_from_servicemonitors(
-        monitors, args.kubeconfig, role=args.role, scrape_interval=args.scrape_interval
+        monitors, args.kubeconfig, scrape_interval=args.scrape_interval
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
