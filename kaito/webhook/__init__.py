@@ -2,7 +2,7 @@
 
 Wiring in the controller entry point (every replica, leader or not)::
 
-    validator = build_validator(api_client, cloud_provider=os.environ.get("CLOUD_PROVIDER"))
+    validator = build_validator(api_client, AdmissionPolicy(cloud_provider=..., default_runtime=...))
     certs = CertManager(api_client, namespace, cert_dir, service="kaito-workspace-webhook",
                         validating_webhooks=[...], mutating_webhooks=[...])
     await certs.ensure()
@@ -16,12 +16,19 @@ Wiring in the controller entry point (every replica, leader or not)::
 
 from kaito.webhook.certs import CertBundle, CertManager, CertPolicy
 from kaito.webhook.server import HEALTH_PATH, MUTATE_PATH, VALIDATE_PATH, WebhookServer
-from kaito.webhook.validation import Result, WorkspaceValidator, build_validator, kube_configmap_reader
+from kaito.webhook.validation import (
+    AdmissionPolicy,
+    Result,
+    WorkspaceValidator,
+    build_validator,
+    kube_configmap_reader,
+)
 
 __all__ = [
     "HEALTH_PATH",
     "MUTATE_PATH",
     "VALIDATE_PATH",
+    "AdmissionPolicy",
     "CertBundle",
     "CertManager",
     "CertPolicy",

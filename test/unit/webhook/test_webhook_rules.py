@@ -11,7 +11,7 @@ from kaito.api.workspace import Workspace
 from kaito.presets.registry import PresetRegistry
 from kaito.presets.skus import SkuCatalog
 from kaito.webhook.defaulting import apply_patch, default_patch
-from kaito.webhook.validation import WorkspaceValidator
+from kaito.webhook.validation import AdmissionPolicy, WorkspaceValidator
 
 BASE: dict[str, Any] = {
     "apiVersion": "kaito.sh/v1alpha1",
@@ -73,13 +73,15 @@ CREATE_CASES: list[tuple[str, dict[str, Any], str | None]] = [
     ("seed tuning", TUNING, None),
     ("unknown preset", build(BASE, inference__preset={"name": "phi-3-mini-4k"}), "inference.preset.name: unknown preset 'phi-3-mini-4k'; did you mean phi-3-mini-4k-instruct"),
     ("too small", build(BASE, inference__preset={"name": "falcon-40b"}), "resource.instanceType: Standard_NC6s_v3 (1x NVIDIA V100, 16Gi GPU memory) is too small for preset falcon-40b"),
-    ("unknown sku", build(BASE, resource__instanceType="Standard_NC6s_v9"), "resource.instanceType: unknown instance type 'Standard_NC6s_v9'"),
+    ("unknown sku", build(BASE, resource__instanceType="Standard_HB120rs_v3"), "resource.instanceType: unknown instance type 'Standard_HB120rs_v3'"),
+    ("unknown sku, upstream's case", build(BASE, resource__instanceType="Standard_invalid_sku"), "resource.instanceType: unknown instance type 'Standard_invalid_sku'"),
     ("private preset", build(BASE, inference__preset={"name": "llama-2-7b"}, resource__instanceType="Standard_NC12s_v3"), "inference.preset.accessMode: preset llama-2-7b has no public image"),
     ("private without image", build(BASE, inference__preset={"name": "llama-2-7b", "accessMode": "private"}, resource__instanceType="Standard_NC12s_v3"), "inference.preset.presetOptions.image: required when accessMode is private"),
     ("adapter without source", build(BASE, inference__adapters=[{"strength": "0.5"}]), "inference.adapters[0].source: required"),
     ("adapter strength", build(BASE, inference__adapters=[{"source": {"name": "a", "image": "r.io/a:1"}, "strength": "2"}]), "inference.adapters[0].strength: '2' must be a number between"),
     ("duplicate adapters", build(BASE, inference__adapters=[{"source": {"name": "a", "image": "r.io/a:1"}}, {"source": {"name": "a", "image": "r.io/b:1"}}]), "inference.adapters[1].source.name: duplicate adapter name 'a'"),
-    ("adapter bad image", build(BASE, inference__adapters=[{"source": {"name": "a", "image": "noslash"}}]), "inference.adapters[0].source.image: 'noslash' is not a full image reference"),
+    ("adapter bad image", build(BASE, inference__adapters=[{"source": {"name": "a", "image": "<YOUR_IMAGE>"}}]), "inference.adapters[0].source.image: '<YOUR_IMAGE>' is not a valid image reference"),
+    ("adapter image with docker defaults", build(BASE, inference__adapters=[{"source": {"name": "a", "image": "noslash"}}]), None),
     ("both", build(BASE, tuning=TUNING["tuning"]), "inference: inference and tuning cannot both be set"),
     ("neither", build(BASE, inference=None), "inference: set exactly one of inference"),
     ("match expressions only", build(BASE, resource__labelSelector={"matchExpressions": [{"key": "a", "operator": "Exists"}]}), "resource.labelSelector.matchLabels: required"),
@@ -97,7 +99,8 @@ CREATE_CASES: list[tuple[str, dict[str, Any], str | None]] = [
     ("tuning config section", build(TUNING, tuning__config="unknown-section"), "unrecognized section 'Foo'"),
     ("tuning qlora quantization", build(TUNING, tuning__config="escape", tuning__method="qlora"), "qlora needs a QuantizationConfig"),
     ("inference config ok", build(BASE, inference__config="inference-ok"), None),
-    ("inference config key", build(BASE, inference__config="no-key"), "inference.config: ConfigMap 'no-key' must have the key inference_config.yaml"),
+    ("inference config key not needed by transformers", build(BASE, inference__config="no-key"), None),
+    ("inference config must exist under transformers too", build(BASE, inference__config="nope"), "inference.config: ConfigMap 'nope' not found in namespace 'ns'"),
     ("template ok", build(BASE, inference={"template": {"spec": {"containers": [{"name": "c", "image": "nginx:1"}]}}}), None),
     ("template empty", build(BASE, inference={"template": {"spec": {}}}), "inference.template.spec.containers: a pod template needs at least one container"),
     ("runtime annotation", build(BASE, metadata={"name": "ws", "namespace": "ns", "annotations": {"kaito.sh/runtime": "tgi"}}), "metadata.annotations[kaito.sh/runtime]: unknown runtime 'tgi'"),
@@ -131,7 +134,7 @@ async def test_bypass_annotation_turns_fit_errors_into_warnings(validator: Works
 
 
 async def test_byo_mode_accepts_unknown_instance_types() -> None:
-    byo = WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), allow_unknown_instance_types=True)
+    byo = WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), AdmissionPolicy(provisioning="byo"))
     result = await byo.validate_create(
         Workspace.model_validate(build(BASE, resource__instanceType="my-node-type"))
     )
@@ -158,13 +161,13 @@ async def test_placeholder_images_warn(validator: WorkspaceValidator) -> None:
 
 
 async def test_cloud_provider_restricts_skus() -> None:
-    aws = WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), cloud_provider="aws")
+    aws = WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), AdmissionPolicy(cloud_provider="aws"))
     result = await aws.validate_create(Workspace.model_validate(BASE))
     assert any("not in the aws SKU catalog" in e for e in result.errors)
     ok = await aws.validate_create(Workspace.model_validate(build(BASE, resource__instanceType="g5.4xlarge")))
     assert ok.allowed
     with pytest.raises(ValueError, match="unknown cloud provider"):
-        WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), cloud_provider="gcp")
+        AdmissionPolicy(cloud_provider="gcp")
 
 
 async def test_configmap_without_client_is_a_clear_error() -> None:

@@ -174,17 +174,19 @@ async def test_certificate_reload(
     assert rotated is not None and rotated.cert != bundle.cert and rotated.ca_key == bundle.ca_key
     assert server.cert_dir is not None
     write_cert_dir(server.cert_dir, rotated)
-    server.reload_certificates()
+    await server.reload_certificates()
     async with aiohttp.ClientSession() as s, s.get(base + "/healthz", ssl=ctx) as r:
         assert r.status == 200
-    _, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=ctx, server_hostname="localhost")
-    peer = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    writer.close()
-    await writer.wait_closed()
-    assert (
-        x509.load_der_x509_certificate(peer).serial_number
-        == x509.load_pem_x509_certificate(rotated.cert).serial_number
-    )
+    # With SNI (a DNS name) and without it (the apiserver calling https://127.0.0.1): both see the new pair.
+    for hostname in ("localhost", "127.0.0.1"):
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=ctx, server_hostname=hostname)
+        peer = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        await writer.wait_closed()
+        assert (
+            x509.load_der_x509_certificate(peer).serial_number
+            == x509.load_pem_x509_certificate(rotated.cert).serial_number
+        ), hostname
 
 
 def test_plan_bundle_rotation_policy() -> None:
