@@ -31,6 +31,16 @@ def cel(rule: str, message: str, **extra: str) -> Any:
     return {"rule": rule, "message": message, **extra}
 
 
+def with_rules(*rules: Any) -> ConfigDict:
+    """The :class:`KubeModel` config plus model-level CEL rules (``x-kubernetes-validations``)."""
+    return ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        json_schema_extra={"x-kubernetes-validations": list(rules)},
+    )
+
+
 def required(field: str, message: str) -> Any:
     """A ``has(self.<field>)`` rule that replaces the schema's bare ``required`` entry for ``field``.
 

@@ -11,11 +11,19 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Final, Literal
 
-from pydantic import ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
 from kaito.api.conditions import Condition, WorkspaceState
-from kaito.api.meta import DNS1123_LABEL, KubeModel, LabelSelector, ObjectMeta, cel, immutable, required
+from kaito.api.meta import (
+    DNS1123_LABEL,
+    KubeModel,
+    LabelSelector,
+    ObjectMeta,
+    cel,
+    immutable,
+    required,
+    with_rules,
+)
 
 GROUP = "kaito.sh"
 VERSION = "v1alpha1"
@@ -64,19 +72,12 @@ class RuntimeName(StrEnum):
 class ResourceSpec(KubeModel):
     """GPU nodes the workload runs on."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                required(
-                    "labelSelector",
-                    "resource.labelSelector is required: the labels of the nodes to use (and to put on the "
-                    "nodes it provisions), e.g. labelSelector: {matchLabels: {apps: phi-3}}",
-                )
-            ]
-        },
+    model_config = with_rules(
+        required(
+            "labelSelector",
+            "resource.labelSelector is required: the labels of the nodes to use (and to put on the "
+            "nodes it provisions), e.g. labelSelector: {matchLabels: {apps: phi-3}}",
+        )
     )
 
     count: int = Field(
@@ -136,18 +137,11 @@ class PresetOptions(KubeModel):
 class PresetSpec(KubeModel):
     """A preset model from the catalog (``presets/models``)."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                required(
-                    "name",
-                    "preset.name is required: a model of the preset catalog, e.g. name: phi-3-mini-4k-instruct",
-                )
-            ]
-        },
+    model_config = with_rules(
+        required(
+            "name",
+            "preset.name is required: a model of the preset catalog, e.g. name: phi-3-mini-4k-instruct",
+        )
     )
 
     name: str = Field(
@@ -209,23 +203,16 @@ class AdapterSpec(KubeModel):
 class InferenceSpec(KubeModel):
     """Serve a preset model (or a custom pod template)."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "has(self.preset) != has(self.template)",
-                    "inference needs exactly one of preset (a catalog model) or template (a custom pod)",
-                ),
-                cel(
-                    "has(self.preset) == has(oldSelf.preset) && has(self.template) == has(oldSelf.template)",
-                    "inference.preset and inference.template cannot be added or removed after creation; delete "
-                    "the workspace and create a new one",
-                ),
-            ]
-        },
+    model_config = with_rules(
+        cel(
+            "has(self.preset) != has(self.template)",
+            "inference needs exactly one of preset (a catalog model) or template (a custom pod)",
+        ),
+        cel(
+            "has(self.preset) == has(oldSelf.preset) && has(self.template) == has(oldSelf.template)",
+            "inference.preset and inference.template cannot be added or removed after creation; delete "
+            "the workspace and create a new one",
+        ),
     )
 
     preset: PresetSpec | None = Field(
@@ -243,29 +230,22 @@ class InferenceSpec(KubeModel):
 class TuningSpec(KubeModel):
     """Fine-tune a preset model with LoRA or QLoRA and push the adapter as an image."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                required(
-                    "preset",
-                    "tuning.preset is required: the model to tune, e.g. preset: {name: phi-3-mini-4k-instruct}",
-                ),
-                required("method", "tuning.method is required: lora or qlora"),
-                required(
-                    "input",
-                    "tuning.input is required: the training data, as urls (e.g. urls: "
-                    "[https://example.com/train.parquet]) or an image",
-                ),
-                required(
-                    "output",
-                    "tuning.output is required: the image to push the adapter to and a Secret that can push "
-                    "it, e.g. output: {image: myregistry.azurecr.io/adapter:0.0.1, imagePushSecret: push-secret}",
-                ),
-            ]
-        },
+    model_config = with_rules(
+        required(
+            "preset",
+            "tuning.preset is required: the model to tune, e.g. preset: {name: phi-3-mini-4k-instruct}",
+        ),
+        required("method", "tuning.method is required: lora or qlora"),
+        required(
+            "input",
+            "tuning.input is required: the training data, as urls (e.g. urls: "
+            "[https://example.com/train.parquet]) or an image",
+        ),
+        required(
+            "output",
+            "tuning.output is required: the image to push the adapter to and a Secret that can push "
+            "it, e.g. output: {image: myregistry.azurecr.io/adapter:0.0.1, imagePushSecret: push-secret}",
+        ),
     )
 
     preset: PresetSpec = Field(
@@ -310,56 +290,49 @@ class WorkspaceStatus(KubeModel):
 class Workspace(KubeModel):
     """A model served (inference) or fine-tuned (tuning) on GPU nodes described by ``resource``."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "has(self.inference) || has(self.tuning)",
-                    "set either inference (to serve a model) or tuning (to fine-tune one)",
-                    fieldPath=".inference",
-                    reason="FieldValueRequired",
-                ),
-                cel(
-                    "!(has(self.inference) && has(self.tuning))",
-                    "inference and tuning cannot both be set in one workspace; use two workspaces",
-                    fieldPath=".tuning",
-                    reason="FieldValueForbidden",
-                ),
-                cel(
-                    "has(self.inference) == has(oldSelf.inference)",
-                    "inference cannot be added or removed after creation (inference and tuning are set once); "
-                    "delete the workspace and create a new one",
-                    fieldPath=".inference",
-                    reason="FieldValueForbidden",
-                ),
-                cel(
-                    "has(self.tuning) == has(oldSelf.tuning)",
-                    "tuning cannot be added or removed after creation (inference and tuning are set once); "
-                    "delete the workspace and create a new one",
-                    fieldPath=".tuning",
-                    reason="FieldValueForbidden",
-                ),
-                cel(
-                    "!has(self.tuning) || !has(self.resource) || self.resource.count == 1",
-                    "tuning runs on one node: set resource.count to 1",
-                    fieldPath=".resource.count",
-                ),
-                cel(
-                    "size(self.metadata.name) <= 63 && self.metadata.name.matches('" + DNS1123_LABEL + "')",
-                    "metadata.name must be a DNS-1123 label: at most 63 lowercase letters, digits and '-', "
-                    "starting and ending with a letter or digit (e.g. workspace-phi-3-mini)",
-                    fieldPath=".metadata.name",
-                ),
-                required(
-                    "resource",
-                    "resource is required: the nodes to run on, e.g. resource: {instanceType: Standard_NC12s_v3, "
-                    "labelSelector: {matchLabels: {apps: phi-3}}}",
-                ),
-            ]
-        },
+    model_config = with_rules(
+        cel(
+            "has(self.inference) || has(self.tuning)",
+            "set either inference (to serve a model) or tuning (to fine-tune one)",
+            fieldPath=".inference",
+            reason="FieldValueRequired",
+        ),
+        cel(
+            "!(has(self.inference) && has(self.tuning))",
+            "inference and tuning cannot both be set in one workspace; use two workspaces",
+            fieldPath=".tuning",
+            reason="FieldValueForbidden",
+        ),
+        cel(
+            "has(self.inference) == has(oldSelf.inference)",
+            "inference cannot be added or removed after creation (inference and tuning are set once); "
+            "delete the workspace and create a new one",
+            fieldPath=".inference",
+            reason="FieldValueForbidden",
+        ),
+        cel(
+            "has(self.tuning) == has(oldSelf.tuning)",
+            "tuning cannot be added or removed after creation (inference and tuning are set once); "
+            "delete the workspace and create a new one",
+            fieldPath=".tuning",
+            reason="FieldValueForbidden",
+        ),
+        cel(
+            "!has(self.tuning) || !has(self.resource) || self.resource.count == 1",
+            "tuning runs on one node: set resource.count to 1",
+            fieldPath=".resource.count",
+        ),
+        cel(
+            "size(self.metadata.name) <= 63 && self.metadata.name.matches('" + DNS1123_LABEL + "')",
+            "metadata.name must be a DNS-1123 label: at most 63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit (e.g. workspace-phi-3-mini)",
+            fieldPath=".metadata.name",
+        ),
+        required(
+            "resource",
+            "resource is required: the nodes to run on, e.g. resource: {instanceType: Standard_NC12s_v3, "
+            "labelSelector: {matchLabels: {apps: phi-3}}}",
+        ),
     )
 
     api_version: Literal["kaito.sh/v1alpha1", "kaito.sh/v1beta1"] = API_VERSION

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from kubernetes_asyncio.client import CoreV1Api, CustomObjectsApi
 
@@ -500,24 +501,19 @@ def test_parity_table_covers_every_class_both_ways_on_create_and_update() -> Non
     assert not missing, missing
 
 
-async def test_parity_with_upstream_on_the_default_runtime(
-    webhook: WebhookEnv, crds: Any, api_client: Any
+@pytest.mark.parametrize(
+    ("flags", "cases"),
+    [([], PARITY_CASES), (["--default-runtime", "vllm"], VLLM_DEFAULT_CASES)],
+    ids=["shipped-default", "vllm-default"],
+)
+async def test_parity_with_upstream(
+    flags: list[str], cases: list[Case], webhook: WebhookEnv, crds: Any, api_client: Any
 ) -> None:
-    """The controller as shipped (transformers by default, tuning enabled) behind the real apiserver."""
+    """The controller as shipped (transformers by default), then with ``--default-runtime vllm`` (upstream's
+    default): the runtime rules follow the annotation, else the flag."""
+    webhook.server.validator = webhook_validator(parse_args(["--enable-tuning", *flags]), api_client)
     await create_configmaps(api_client, webhook.namespace)
-    failures = await run_cases(PARITY_CASES, crds, webhook.namespace)
-    assert not failures, "\n".join(failures)
-
-
-async def test_parity_with_upstream_on_a_vllm_default(
-    webhook: WebhookEnv, crds: Any, api_client: Any
-) -> None:
-    """``--default-runtime vllm`` (upstream's default): the runtime rules follow the flag, not the annotation alone."""
-    webhook.server.validator = webhook_validator(
-        parse_args(["--enable-tuning", "--default-runtime", "vllm"]), api_client
-    )
-    await create_configmaps(api_client, webhook.namespace)
-    failures = await run_cases(VLLM_DEFAULT_CASES, crds, webhook.namespace)
+    failures = await run_cases(cases, crds, webhook.namespace)
     assert not failures, "\n".join(failures)
 
 

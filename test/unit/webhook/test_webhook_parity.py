@@ -8,7 +8,6 @@ run through the real apiserver in ``test/integration/webhook/test_webhook_admiss
 from __future__ import annotations
 
 import asyncio
-import copy
 import time
 from typing import Any
 
@@ -23,25 +22,11 @@ from kaito.presets.skus import SkuCatalog
 from kaito.webhook import userconfig
 from kaito.webhook.userconfig import MAX_DOCUMENT_BYTES
 from kaito.webhook.validation import AdmissionPolicy, Result, WorkspaceValidator
+from test.unit.webhook.workspaces import BASE as INFERENCE
+from test.unit.webhook.workspaces import TUNING, build
 
 SMALL_MULTI_GPU = "Standard_NC12s_v3"  # 2 x 16Gi V100
 
-INFERENCE: dict[str, Any] = {
-    "apiVersion": "kaito.sh/v1alpha1",
-    "kind": "Workspace",
-    "metadata": {"name": "ws", "namespace": "ns"},
-    "resource": {"instanceType": "Standard_NC6s_v3", "labelSelector": {"matchLabels": {"apps": "phi-3"}}},
-    "inference": {"preset": {"name": "phi-3-mini-4k-instruct"}},
-}
-TUNING: dict[str, Any] = {
-    **{k: v for k, v in INFERENCE.items() if k != "inference"},
-    "tuning": {
-        "preset": {"name": "phi-3-mini-4k-instruct"},
-        "method": "qlora",
-        "input": {"urls": ["https://example.com/data.parquet"]},
-        "output": {"image": "myregistry.azurecr.io/adapter:0.0.1", "imagePushSecret": "push"},
-    },
-}
 ADAPTER = {"source": {"name": "a1", "image": "myregistry.azurecr.io/a1:1"}}
 
 CONFIGMAPS: dict[tuple[str, str], dict[str, str]] = {
@@ -64,18 +49,8 @@ def validator(**policy: Any) -> WorkspaceValidator:
 
 
 def make(base: dict[str, Any], **changes: Any) -> Workspace:
-    """A copy of ``base`` with ``a__b`` paths set (None deletes)."""
-    obj = copy.deepcopy(base)
-    for dotted, value in changes.items():
-        *parents, last = dotted.split("__")
-        target = obj
-        for p in parents:
-            target = target.setdefault(p, {})
-        if value is None:
-            target.pop(last, None)
-        else:
-            target[last] = value
-    return Workspace.model_validate(obj)
+    """A copy of ``base`` with ``a__b`` paths set (None deletes), as a Workspace."""
+    return Workspace.model_validate(build(base, **changes))
 
 
 def annotated(base: dict[str, Any], runtime: str, **changes: Any) -> Workspace:

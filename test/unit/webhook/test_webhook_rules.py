@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
@@ -12,23 +11,7 @@ from kaito.presets.registry import PresetRegistry
 from kaito.presets.skus import SkuCatalog
 from kaito.webhook.defaulting import apply_patch, default_patch
 from kaito.webhook.validation import AdmissionPolicy, WorkspaceValidator
-
-BASE: dict[str, Any] = {
-    "apiVersion": "kaito.sh/v1alpha1",
-    "kind": "Workspace",
-    "metadata": {"name": "ws", "namespace": "ns"},
-    "resource": {"instanceType": "Standard_NC6s_v3", "labelSelector": {"matchLabels": {"apps": "phi-3"}}},
-    "inference": {"preset": {"name": "phi-3-mini-4k-instruct"}},
-}
-TUNING: dict[str, Any] = {
-    **{k: v for k, v in BASE.items() if k != "inference"},
-    "tuning": {
-        "preset": {"name": "phi-3-mini-4k-instruct"},
-        "method": "qlora",
-        "input": {"urls": ["https://example.com/data.parquet"]},
-        "output": {"image": "myregistry.azurecr.io/adapter:0.0.1", "imagePushSecret": "push"},
-    },
-}
+from test.unit.webhook.workspaces import BASE, TUNING, build
 
 CONFIGMAPS: dict[tuple[str, str], dict[str, str]] = {
     ("ns", "good-qlora"): {
@@ -51,21 +34,6 @@ async def read_configmap(namespace: str, name: str) -> dict[str, str] | None:
 @pytest.fixture(scope="module")
 def validator() -> WorkspaceValidator:
     return WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), configmaps=read_configmap)
-
-
-def build(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    """A copy of ``base`` with dotted-path changes (value None deletes)."""
-    obj = copy.deepcopy(base)
-    for dotted, value in changes.items():
-        parts = dotted.split("__")
-        target = obj
-        for p in parts[:-1]:
-            target = target.setdefault(p, {})
-        if value is None:
-            target.pop(parts[-1], None)
-        else:
-            target[parts[-1]] = value
-    return obj
 
 
 CREATE_CASES: list[tuple[str, dict[str, Any], str | None]] = [
