@@ -39,6 +39,7 @@ HEALTH_PATH = "/healthz"
 TLS_CERT_FILE = "tls.crt"
 TLS_KEY_FILE = "tls.key"
 MAX_BODY_BYTES = 8 * 1024 * 1024  # the apiserver allows ~3 MiB objects; old + new object both travel
+INLINE_PARSE_BYTES = 256 * 1024  # larger request bodies are decoded in a worker thread
 
 log = structlog.get_logger("kaito.webhook")
 
@@ -260,7 +261,11 @@ class WebhookServer:
 
     async def _read(self, request: web.Request) -> dict[str, Any] | web.Response:
         try:
-            return _parse_request(await request.read())
+            body = await request.read()
+            # A review near the apiserver's object size limit takes tens of ms to decode: not on the loop.
+            if len(body) > INLINE_PARSE_BYTES:
+                return await asyncio.to_thread(_parse_request, body)
+            return _parse_request(body)
         except BadReview as e:
             log.warning("bad admission request", path=request.path, error=str(e))
             return web.json_response({"error": str(e)}, status=400)
