@@ -368,13 +368,19 @@ class WorkspaceValidator:
                 )
             else:
                 _check_image(result, f"{path}.presetOptions.image", image, lowercase_required=False)
-        if preset.download_auth_required and not (
-            spec.preset_options and spec.preset_options.model_access_secret
-        ):
+        secret = spec.preset_options.model_access_secret if spec.preset_options else None
+        if preset.download_auth_required and not secret:
             result.error(
                 f"{path}.presetOptions.modelAccessSecret",
                 f"preset {preset.name} downloads gated weights at runtime; set it to a Secret (same namespace) "
                 "with key HF_TOKEN",
+            )
+        elif secret and not preset.download_at_runtime:
+            # Upstream (v1beta1) refuses it too: the token would be handed to a pod that never uses it.
+            result.error(
+                f"{path}.presetOptions.modelAccessSecret",
+                f"preset {preset.name} ships its weights in the model image and downloads nothing; remove "
+                "modelAccessSecret",
             )
 
     def _check_node_count(self, result: Result, ws: Workspace, preset: Preset) -> None:

@@ -225,6 +225,10 @@ CASES: list[Case] = [
          [WEBHOOK, "metadata.annotations[kaito.sh/runtime]: unknown runtime 'tgi'; use transformers or vllm"]),
     Case("gated-no-token", ws("gated", "Standard_NC24ads_A100_v4", inference=preset("llama-3.1-8b-instruct")),
          [WEBHOOK, "inference.preset.presetOptions.modelAccessSecret"]),
+    Case("token-for-packaged-weights", ws("token", inference=preset("phi-2", presetOptions={"modelAccessSecret": "hf"}),
+                                           api_version="kaito.sh/v1beta1"),
+         [WEBHOOK, "inference.preset.presetOptions.modelAccessSecret: preset phi-2 ships its weights in the model "
+          "image", "remove modelAccessSecret"]),
     Case("template-no-containers", ws("tpl", inference={"template": {"spec": {"containers": []}}}),
          [WEBHOOK, "inference.template.spec.containers: a pod template needs at least one container"]),
     Case("image-not-a-reference", ws("badimg", tuning=tuning_spec(output={"image": "adapter:", "imagePushSecret": "s"})),

@@ -74,6 +74,7 @@ CREATE_CASES: list[tuple[str, dict[str, Any], str | None]] = [
     ("runtime annotation", build(BASE, metadata={"name": "ws", "namespace": "ns", "annotations": {"kaito.sh/runtime": "tgi"}}), "metadata.annotations[kaito.sh/runtime]: unknown runtime 'tgi'"),
     ("distributed count ok", build(BASE, inference__preset={"name": "llama-2-13b-chat", "accessMode": "private", "presetOptions": {"image": "my.io/llama-2-13b-chat:1"}}, resource__count=2), None),
     ("distributed count", build(BASE, inference__preset={"name": "llama-2-13b-chat", "accessMode": "private", "presetOptions": {"image": "my.io/llama-2-13b-chat:1"}}, resource__count=3), "resource.count: preset llama-2-13b-chat runs as 2 torch ranks, which 3 nodes cannot share evenly; use one of 1, 2"),
+    ("token for packaged weights", build(BASE, inference__preset={"name": "phi-3-mini-4k-instruct", "presetOptions": {"modelAccessSecret": "hf"}}), "inference.preset.presetOptions.modelAccessSecret: preset phi-3-mini-4k-instruct ships its weights in the model image"),
     ("gated download", build(BASE, inference__preset={"name": "llama-3.1-8b-instruct"}, resource__instanceType="Standard_NC24ads_A100_v4"), "inference.preset.presetOptions.modelAccessSecret: preset llama-3.1-8b-instruct downloads gated weights"),
 ]  # fmt: skip
 
