@@ -77,7 +77,7 @@ def test_catalog_rejects_incomplete_or_impossible_entries(
     monkeypatch.setenv(ENV_CATALOG_DIR, str(tmp_path))
     sku_file = tmp_path / "skus" / "x.yaml"
     sku_file.write_text("cloud: azure\nskus:\n  - {name: Standard_D2x, vcpus: 2}\n")
-    with pytest.raises(CatalogError, match="a CPU SKU .gpuCount 0. needs vcpus and memory"):
+    with pytest.raises(CatalogError, match=r"a CPU SKU \(gpuCount 0\) needs vcpus and memory"):
         SkuCatalog.load()
     sku_file.write_text("cloud: azure\nskus:\n  - {name: Standard_NCx, gpuCount: 1}\n")
     with pytest.raises(CatalogError, match="a GPU SKU needs gpuMemory and gpuModel"):
