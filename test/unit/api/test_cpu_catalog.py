@@ -13,16 +13,6 @@ from kaito.presets.registry import PresetRegistry, check_fit
 from kaito.presets.skus import Sku, SkuCatalog
 
 
-@pytest.fixture(scope="module")
-def registry() -> PresetRegistry:
-    return PresetRegistry.load()
-
-
-@pytest.fixture(scope="module")
-def skus() -> SkuCatalog:
-    return SkuCatalog.load()
-
-
 def get(skus: SkuCatalog, name: str) -> Sku:
     found = skus.get(name)
     assert found is not None, name

@@ -12,7 +12,7 @@ from kaito.api.workspace import Workspace
 from kaito.presets.registry import PresetRegistry
 from kaito.presets.skus import SkuCatalog
 from kaito.workspace import manifests as mf
-from kaito.workspace import tuning as tn
+from test.unit.workspace.test_tuning import job_for as job
 
 SAMPLES = Path(__file__).resolve().parents[3] / "config" / "samples"
 OPTIONS = mf.ManifestOptions(registry="example.io/kaito")
@@ -158,18 +158,6 @@ def tuning_ws(instance_type: str, method: str, preset: str = "tiny-llama") -> Wo
     raw["tuning"]["method"] = method
     raw["tuning"]["preset"]["name"] = preset
     return Workspace.model_validate(raw)
-
-
-def job(ws: Workspace, registry: PresetRegistry, skus: SkuCatalog, **kw: Any) -> dict[str, Any]:
-    assert ws.tuning is not None
-    return tn.build_job(
-        ws,
-        registry.get(ws.tuning.preset.name),
-        OPTIONS,
-        sku=skus.get(ws.resource.instance_type),
-        nodes=["cpu-node"],
-        **kw,
-    )
 
 
 def test_lora_job_on_cpu(registry: PresetRegistry, skus: SkuCatalog) -> None:
