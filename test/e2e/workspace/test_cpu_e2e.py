@@ -5,7 +5,8 @@ cloud) as processes, the admission webhook served to the apiserver.
   VM size's CPU and memory and no ``nvidia.com/gpu``, the Deployment's pod requests no GPU and gets its CPU,
   memory and ``--torch_threads`` from the VM size, the real scheduler places it, WORKSPACEREADY turns True.
 * Bring your own: an existing Ready node labelled with a CPU instance type is used as it is (no Machine).
-* Admission through the apiserver: too little memory, and qlora on a CPU node, are refused with the fix.
+* Admission through the apiserver: too little memory, and qlora on a CPU node, are refused with the fix;
+  pushed through with the bypass annotation, too little memory ends in a typed reason and an Event.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from test.e2e.workspace.test_inference_e2e import (
     machines_of,
     wait_condition,
 )
+from test.waiting import eventually
 
 CPU_SAMPLE = "kaito_workspace_cpu_phi_3.yaml"
 CPU_NAME = "workspace-phi-3-mini-cpu"
@@ -148,3 +150,35 @@ async def test_webhook_explains_cpu_misfits(operator: Operator) -> None:
     assert out.returncode != 0
     assert "qlora quantizes the base model with bitsandbytes, which needs an NVIDIA GPU" in out.stderr
     assert kget(op, "workspace", CPU_NAME, "-n", op.namespace) is None
+
+
+async def test_bypassed_memory_misfit_ends_in_a_typed_reason(operator: Operator, byo_cpu_node: str) -> None:
+    """phi-3-mini (12 GiB on CPU) forced onto the 8 GiB node: the pod cannot schedule, and the workspace
+    says so (reason Unschedulable, the scheduler's "Insufficient memory") with a Warning Event."""
+    op = operator
+    name = "phi-3-too-big"
+
+    def forced(doc: dict[str, Any]) -> None:
+        doc["metadata"]["name"] = name
+        doc["metadata"]["annotations"] = {"kaito.sh/bypass-resource-checks": "true"}
+        doc["resource"]["instanceType"] = "Standard_D2s_v3"
+        doc["resource"]["labelSelector"]["matchLabels"] = {"apps": BYO_LABEL}
+
+    apply_sample(op, CPU_SAMPLE, forced)
+
+    async def unschedulable() -> dict[str, Any] | None:
+        ws: dict[str, Any] = kget(op, "workspace", name, "-n", op.namespace) or {}
+        return ws if (ws.get("status") or {}).get("reason") == "Unschedulable" else None
+
+    ws = await eventually(unschedulable, 60, "the workspace reason to become Unschedulable")
+    assert conditions(ws)["ResourceReady"] == "True" and conditions(ws)["WorkspaceReady"] == "False"
+    msg = next(c["message"] for c in ws["status"]["conditions"] if c["type"] == "InferenceReady")
+    assert "Insufficient memory" in msg
+
+    async def warning() -> bool:
+        out = kget(op, "events", "-n", op.namespace, "--field-selector", f"involvedObject.name={name}")
+        return any(
+            e["type"] == "Warning" and "Unschedulable" in e["message"] for e in (out or {}).get("items", [])
+        )
+
+    await eventually(warning, 20, "a Warning Event naming Unschedulable")
