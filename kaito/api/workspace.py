@@ -90,7 +90,8 @@ class ResourceSpec(KubeModel):
         default=DEFAULT_INSTANCE_TYPE,
         min_length=1,
         max_length=128,
-        description="GPU node SKU, e.g. Standard_NC24ads_A100_v4 or g5.4xlarge. Immutable.",
+        description="Node SKU: a GPU size, e.g. Standard_NC24ads_A100_v4 or g5.4xlarge, or a CPU size, e.g. "
+        "Standard_D4s_v3 or m5.2xlarge, for presets that run on CPU. Immutable.",
         json_schema_extra=immutable("resource.instanceType"),
     )
     label_selector: LabelSelector = Field(

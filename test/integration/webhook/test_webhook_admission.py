@@ -189,7 +189,7 @@ CASES: list[Case] = [
           "kaito.sh/bypass-resource-checks"]),
     Case("unknown-sku", ws("unknown-sku", "Standard_HC6s_v3", inference=preset("phi-2")),
          [WEBHOOK, "resource.instanceType: unknown instance type 'Standard_HC6s_v3'", "did you mean Standard_NC6s_v3",
-          "use a known GPU SKU that fits phi-2, e.g. Standard_NC16as_T4_v3"]),
+          "use a known SKU that fits phi-2, e.g. Standard_NC16as_T4_v3"]),
     Case("private-needed", ws("private", inference=preset("llama-2-7b")),
          [WEBHOOK, "inference.preset.accessMode: preset llama-2-7b has no public image; set accessMode: private"]),
     Case("private-no-image", ws("private-noimg", inference=preset("llama-2-7b", accessMode="private")),
@@ -288,8 +288,8 @@ def tuning_images(input_image: str | None = None, output_image: str | None = Non
 # Issue 16's classes of difference from upstream v0.4.6, on the controller as shipped (transformers default).
 PARITY_CASES: list[Case] = [
     # 1. Azure sizes outside the catalog that start with Standard_N / Standard_D: admitted, with a warning.
-    Case("azure-unlisted-d-template", ws("az-d", "Standard_D4s_v3", inference=TEMPLATE), parity=1,
-         warnings=["resource.instanceType: 'Standard_D4s_v3' is not in the SKU catalog",
+    Case("azure-unlisted-d-template", ws("az-d", "Standard_D4ds_v4", inference=TEMPLATE), parity=1,
+         warnings=["resource.instanceType: 'Standard_D4ds_v4' is not in the SKU catalog",
                    "without the GPU count and memory checks"]),
     Case("azure-unlisted-n-preset", ws("az-n", "Standard_NC6s_v4", inference=preset("phi-2")), parity=1,
          warnings=["did you mean Standard_NC6s_v3", "make sure it has the GPUs that preset phi-2 needs"]),
@@ -298,10 +298,10 @@ PARITY_CASES: list[Case] = [
     Case("unlisted-not-n-or-d", ws("az-h", "Standard_HB120rs_v3", inference=preset("phi-2")), parity=1,
          expect=[WEBHOOK, "resource.instanceType: unknown instance type 'Standard_HB120rs_v3'",
                  'kaito.sh/bypass-resource-checks: "true"']),
-    Case("azure-unlisted-update-template", ws("az-upd", "Standard_D4s_v3", inference=TEMPLATE), parity=1,
-         update=ws("az-upd", "Standard_D4s_v3", inference={"template": {"spec": {"containers": [
+    Case("azure-unlisted-update-template", ws("az-upd", "Standard_D4ds_v4", inference=TEMPLATE), parity=1,
+         update=ws("az-upd", "Standard_D4ds_v4", inference={"template": {"spec": {"containers": [
              {"name": "server", "image": "nginx:1.28"}]}}})),
-    Case("azure-unlisted-update-instance", ws("az-upd2", "Standard_D4s_v3", inference=TEMPLATE), parity=1,
+    Case("azure-unlisted-update-instance", ws("az-upd2", "Standard_D4ds_v4", inference=TEMPLATE), parity=1,
          expect=["resource.instanceType is immutable; delete and re-create the workspace"],
          update=ws("az-upd2", "Standard_D8s_v3", inference=TEMPLATE)),
     # 2. Upper-case repository names in tuning images: refused, as upstream does.

@@ -73,7 +73,7 @@ TRANSFORMERS = validator()
 
 
 @pytest.mark.parametrize(
-    "instance", ["Standard_D4s_v3", "Standard_NC6s_v4", "Standard_Nsku", "Standard_Dsku"]
+    "instance", ["Standard_D4ds_v4", "Standard_NC6s_v4", "Standard_Nsku", "Standard_Dsku"]
 )
 async def test_unlisted_azure_sizes_are_admitted_with_a_warning(instance: str) -> None:
     for obj in (
