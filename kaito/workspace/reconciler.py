@@ -97,8 +97,10 @@ class ReconcilerOptions:
     machine_deletion_timeout: float = 300.0
     not_ready_requeue: float = 60.0
     deletion_requeue: float = 5.0
-    # Tuning Jobs need batch/jobs permissions the installed RBAC does not grant yet: off by default,
-    # tuning workspaces then only get the finalizer and the deletion path.
+    # --enable-tuning. Off for a bare process (the flag's default); the shipped manifests and Helm chart
+    # turn it on and their role grants batch/jobs. When off, the webhook refuses new tuning workspaces
+    # (kaito.webhook.validation.AdmissionPolicy.tuning_enabled); any that exist only get the finalizer
+    # and the deletion path.
     tuning: bool = False
 
 
