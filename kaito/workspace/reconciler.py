@@ -30,7 +30,6 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -64,6 +63,7 @@ from kaito.runtime.kube import (
     Resource,
     deepcopy,
     split_key,
+    unix_time,
 )
 from kaito.runtime.manager import Manager
 from kaito.workspace import events as ev
@@ -157,15 +157,6 @@ def node_predicate(old: Obj | None, new: Obj) -> bool:
 def _rv_int(rv: str | None) -> int | None:
     try:
         return int(rv) if rv else None
-    except ValueError:
-        return None
-
-
-def _parse_time(value: Any) -> float | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
 
@@ -317,7 +308,7 @@ class WorkspaceReconciler:
             if req.phase != RequestPhase.DELETING and await self._delete_machine(req.name):
                 log.info("machine deleted", machine=req.name)
         if remaining:
-            started = _parse_time(meta.get("deletionTimestamp")) or time.time()
+            started = unix_time(meta.get("deletionTimestamp")) or time.time()
             waited = time.time() - started
             if waited < self.options.machine_deletion_timeout:
                 return Result(requeue_after=self.options.deletion_requeue)
