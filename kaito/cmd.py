@@ -7,8 +7,9 @@ with its self-managed certificate (served on every replica, leader or not)::
     kaito-controller --kubeconfig ~/.kube/config --provisioning machine --node-api nodeclaim --workers 5 \\
         --webhook-port 9443 --webhook-ip 127.0.0.1     # local: the apiserver calls https://127.0.0.1
 
-Exit status: 0 after SIGTERM/SIGINT, 1 when leadership was lost (restart as a standby) or the caches did
-not sync, 2 for bad flags.
+Exit status: 0 after SIGTERM/SIGINT, 1 when leadership was lost (restart as a standby), the caches did
+not sync or a runnable failed (the webhook could not bind, its certificate loop died; the log line
+``exiting: runnable failed`` names it), 2 for bad flags.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from kaito.api.workspace import RuntimeName
 from kaito.machine import NODE_APIS
 from kaito.presets.registry import DEFAULT_REGISTRY, default_registry
 from kaito.presets.skus import CLOUDS, default_sku_catalog
-from kaito.runtime.kube import CONFIGMAPS, KubeClient, load_api_client
+from kaito.runtime.kube import KubeClient, load_api_client
 from kaito.runtime.logging import configure_logging
 from kaito.runtime.manager import Manager, ManagerOptions
+from kaito.webhook.validation import AdmissionPolicy, WorkspaceValidator, build_validator
 from kaito.workspace.manifests import ManifestOptions
 from kaito.workspace.reconciler import PROVISIONING_MODES, ReconcilerOptions, register
 from kaito.workspace.tuning import default_templates
@@ -92,7 +94,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--enable-tuning",
         action="store_true",
         default=env.get("KAITO_ENABLE_TUNING", "").lower() in ("1", "true", "yes"),
-        help="run tuning workspaces as Jobs (needs batch/jobs get, list, watch, create)",
+        help="run tuning workspaces as Jobs (needs batch/jobs get, list, watch, create; the shipped "
+        "manifests and Helm chart pass it). Without it the webhook refuses tuning workspaces",
     )
     p.add_argument("--namespace", default=None, help="watch one namespace only (default: all)")
     p.add_argument("--leader-elect", action="store_true", help="Lease leader election (for 2+ replicas)")
@@ -197,20 +200,8 @@ async def _setup_webhook(
     """Issue/load the serving certificate, then serve the webhook on every replica (not leader-gated)."""
     from kaito.webhook.certs import CertManager
     from kaito.webhook.server import WebhookServer
-    from kaito.webhook.validation import WorkspaceValidator
 
-    async def read_configmap(namespace: str, name: str) -> dict[str, str] | None:
-        cm = await client.get_or_none(CONFIGMAPS, name, namespace)
-        return None if cm is None else dict(cm.get("data") or {})
-
-    validator = WorkspaceValidator(
-        default_registry(),
-        default_sku_catalog(),
-        cloud_provider=args.cloud_provider,
-        configmaps=read_configmap,
-        # Bring-your-own nodes may be of any type; Machines need a SKU the provisioner knows.
-        allow_unknown_instance_types=args.provisioning == "byo",
-    )
+    validator = webhook_validator(args, client)
     certs = CertManager(
         api,  # type: ignore[arg-type]
         namespace=args.webhook_namespace,
@@ -227,6 +218,23 @@ async def _setup_webhook(
     certs.on_change = server.reload_certificates
     # /readyz stays 500 until the webhook accepts connections.
     server.add_to_manager(mgr, alongside=certs.run)
+
+
+def admission_policy(args: argparse.Namespace) -> AdmissionPolicy:
+    """The flags the admission rules depend on, so the webhook admits what this controller can run."""
+    return AdmissionPolicy(
+        cloud_provider=args.cloud_provider,
+        provisioning=args.provisioning,
+        default_runtime=RuntimeName(args.default_runtime),
+        tuning_enabled=args.enable_tuning,
+    )
+
+
+def webhook_validator(args: argparse.Namespace, api: object) -> WorkspaceValidator:
+    """The validator this controller serves: :func:`~kaito.webhook.validation.build_validator` over its flags."""
+    return build_validator(
+        api, admission_policy(args), registry=default_registry(), skus=default_sku_catalog()
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

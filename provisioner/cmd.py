@@ -15,8 +15,8 @@ Azure: ``ARM_SUBSCRIPTION_ID``, ``ARM_RESOURCE_GROUP``, ``AZURE_CLUSTER_NAME``, 
 the optional ``ARM_*`` overrides (see :meth:`provisioner.cloud.azure.AzureConfig.from_env`).
 
 Exit status: 0 after SIGTERM/SIGINT (in-flight reconciles finish, the Lease is released), 1 when
-leadership was lost, the caches did not sync or the cloud provider could not be configured, 2 for bad
-flags.
+leadership was lost, the caches did not sync, the cloud provider could not be configured or a runnable
+failed (the instance GC loop died; ``exiting: runnable failed`` names it), 2 for bad flags.
 """
 
 from __future__ import annotations
@@ -62,6 +62,16 @@ def gpu_count(sku: str) -> int:
     if found is None:
         raise KeyError(sku)
     return found.gpu_count
+
+
+def node_capacity(sku: str) -> dict[str, str]:
+    """A CPU instance type's ``cpu``/``memory`` capacity from the SKU catalog (empty for GPU or unknown ones)."""
+    from kaito.presets.skus import default_sku_catalog
+
+    found = default_sku_catalog().get(sku)
+    if found is None or not found.is_cpu or found.vcpus is None or found.memory is None:
+        return {}
+    return {"cpu": str(found.vcpus), "memory": found.memory}
 
 
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
@@ -175,7 +185,11 @@ async def amain(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             cloud = await open_provider(
-                args.cloud, api_client=api, gpu_count=gpu_count, kwok_delay=args.kwok_node_delay
+                args.cloud,
+                api_client=api,
+                gpu_count=gpu_count,
+                node_capacity=node_capacity,
+                kwok_delay=args.kwok_node_delay,
             )
         except ValueError as e:  # ConfigError is a ValueError: a missing/malformed Azure variable
             log.error("cannot configure the cloud provider", cloud=args.cloud, error=str(e))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from kaito.machine import MachineEncoding, RequestPhase, machine_name
 from kaito.workspace import nodes as nd
 
@@ -147,6 +149,21 @@ def test_machine_observation() -> None:
     assert enc.observe(deleting).phase == RequestPhase.DELETING
 
 
+@pytest.mark.parametrize("reason", ["RegistrationTimeout", "InstanceNotFound"])
+def test_a_provisioner_relaunch_is_progress_not_failure(reason: str) -> None:
+    """What the gpu-provisioner writes while it deletes and relaunches an instance on its own
+    (provisioner/lifecycle/reconciler.py): the workspace keeps waiting and says why."""
+    relaunching = MachineEncoding().observe(
+        with_conditions(
+            {"type": "MachineLaunched", "status": "False", "reason": reason, "message": "launching it again"},
+            {"type": "MachineRegistered", "status": "Unknown", "reason": "NodeNotFound"},
+            {"type": "Ready", "status": "False", "reason": reason},
+        )
+    )
+    assert relaunching.phase == RequestPhase.PENDING, relaunching
+    assert "launching it again" in relaunching.message
+
+
 def test_nodes_provisioned_for_another_workspace_are_skipped() -> None:
     mine = node("mine", **{"kaito.sh/workspace": "a", "kaito.sh/workspacenamespace": "ns"})
     theirs = node("theirs", **{"kaito.sh/workspace": "b", "kaito.sh/workspacenamespace": "ns"})
@@ -157,3 +174,14 @@ def test_nodes_provisioned_for_another_workspace_are_skipped() -> None:
     assert not q.usable and q.why == "provisioned for workspace ns/b"
     # Naming it in preferredNodes is an explicit choice that wins.
     assert "theirs" in names(nd.qualifying_nodes([theirs], SEL, "x", preferred=["theirs"], owner=("ns", "a")))
+
+
+def test_cpu_node_without_gpu_capacity_qualifies() -> None:
+    # A bring-your-own CPU node: labelled with a CPU instance type, no nvidia.com/gpu at all.
+    cpu_node = node("cpu-1", itype="Standard_D4s_v3")
+    cpu_node["status"]["allocatable"] = {"cpu": "4", "memory": "16Gi"}
+    ns = [cpu_node, node("gpu-1"), node("cpu-2-notready", itype="Standard_D4s_v3", ready=False, gpus=0)]
+    assert names(nd.qualifying_nodes(ns, SEL, "Standard_D4s_v3")) == ["cpu-1"]
+    assert nd.node_gpus(cpu_node) == 0
+    q = nd.qualify(ns[1], SEL, "Standard_D4s_v3", [])
+    assert not q.usable and q.why == "instance type is not Standard_D4s_v3"
