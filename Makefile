@@ -30,11 +30,13 @@ sysdeps:
 # containerd, runc, CNI plugins, buildah, mmdebstrap (hack/install-node-deps.sh); kubelet, kube-proxy and
 # crictl from Go modules (hack/build-node-binaries.sh); the images from a Debian rootfs (hack/images.py).
 # All cached in ~/.cache/kaito-py; an unchanged tree rebuilds nothing.
+# The image builds (mostly downloads) run while Go compiles the binaries (CPU): a cold CI run overlaps them.
 realnode-prereqs: venv
 	@if [ "$$(id -u)" = 0 ]; then \
-	  bash hack/install-node-deps.sh && \
-	  bash hack/build-node-binaries.sh >/dev/null && \
-	  $(BIN)/python hack/images.py build pause base controller provisioner >/dev/null; \
+	  bash hack/install-node-deps.sh || exit 1; \
+	  $(BIN)/python hack/images.py build pause base controller provisioner >/dev/null & images=$$!; \
+	  bash hack/build-binaries.sh >/dev/null && bash hack/build-node-binaries.sh >/dev/null; rc=$$?; \
+	  wait $$images && exit $$rc; \
 	else echo "realnode-prereqs: not root, the real-node e2e tests will be skipped"; fi
 
 images: venv
@@ -82,7 +84,7 @@ test-runtime: lint-runtime
 
 # Everything: lint + types, then unit, integration (real apiserver) and e2e (full local cluster) suites,
 # then the model runtime's suite.
-test: venv binaries sysdeps realnode-prereqs lint
+test: venv realnode-prereqs binaries sysdeps lint
 	$(BIN)/python -m pytest test/unit test/integration test/e2e
 	$(MAKE) --no-print-directory test-runtime
 

@@ -398,6 +398,78 @@ def teardown(bins: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# The machine-wide lock
+# --------------------------------------------------------------------------------------------------
+
+
+class MachineLock:
+    """``~/.cache/kaito-py/realnode.lock``, re-entrant within this process.
+
+    flock belongs to an open file, so a second flock from the same process would wait for itself; here
+    the process holds one open file and counts holders. A test session holds it across its modules so
+    another run cannot slip in between two of its nodes.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._file: IO[str] | None = None
+        self._depth = 0
+
+    def _flock(self) -> IO[str]:
+        home().mkdir(parents=True, exist_ok=True)
+        f = open(images.cache_root() / "realnode.lock", "w")  # noqa: SIM115 - kept open while held
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log("another real node runs on this machine; waiting for realnode.lock")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        return f
+
+    def acquire(self) -> None:
+        """Take the lock (waiting for another process that holds it) or add a holder."""
+        with self._mutex:
+            if self._depth == 0:
+                self._file = self._flock()
+            self._depth += 1
+
+    def release(self) -> None:
+        """Drop a holder; the last one unlocks."""
+        with self._mutex:
+            self._depth -= 1
+            if self._depth == 0 and self._file is not None:
+                self._file.close()
+                self._file = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the lock for the ``with`` block."""
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    @contextlib.contextmanager
+    def lent(self) -> Iterator[None]:
+        """Unlock for the ``with`` block (a child process of ours needs the node), then take it back."""
+        with self._mutex:
+            depth, self._depth = self._depth, 0
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        try:
+            yield
+        finally:
+            with self._mutex:
+                if depth:
+                    self._file = self._flock()
+                self._depth = depth
+
+
+MACHINE_LOCK = MachineLock()
+
+
+# --------------------------------------------------------------------------------------------------
 # The node
 # --------------------------------------------------------------------------------------------------
 
@@ -410,7 +482,7 @@ class RealNode:
         self.bin_dir = bin_dir
         self.name = name
         self.pause_ref = ""
-        self._lock_file: IO[str] | None = None
+        self._locked = False
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: dict[str, IO[bytes]] = {}
         self._forwarder: TcpForwarder | None = None
@@ -442,13 +514,8 @@ class RealNode:
         if self.bin_dir is None:
             self.bin_dir = build_node_binaries()
         self.pause_ref = images.build(["pause"])["pause"]
-        home().mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(images.cache_root() / "realnode.lock", "w")  # noqa: SIM115 - held until stop()
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _log("another real node runs on this machine; waiting for realnode.lock")
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        MACHINE_LOCK.acquire()
+        self._locked = True
         try:
             teardown(self.bin_dir)
             _record_host()
@@ -532,7 +599,7 @@ class RealNode:
 
     def stop(self) -> None:
         """Tear the node down (see ``teardown``), delete its Node object, release the lock. Idempotent."""
-        if self._lock_file is None:
+        if not self._locked:
             return
         if self._forwarder is not None:
             self._forwarder.stop()
@@ -561,8 +628,8 @@ class RealNode:
                     "--ignore-not-found",
                     timeout=10,
                 )
-            self._lock_file.close()
-            self._lock_file = None
+            self._locked = False
+            MACHINE_LOCK.release()
 
     # ---- images --------------------------------------------------------------------------------
     def images(self) -> set[str]:
@@ -830,20 +897,11 @@ def pod_placement() -> dict[str, Any]:
     return {"nodeSelector": dict(NODE_SELECTOR), "tolerations": [dict(TOLERATION)]}
 
 
-@contextlib.contextmanager
-def locked() -> Iterator[None]:
-    """Hold the machine-wide node lock (for a manual teardown)."""
-    home().mkdir(parents=True, exist_ok=True)
-    with open(images.cache_root() / "realnode.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``teardown``: sweep what a real node left on this machine; ``leftovers``: print it as JSON."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["teardown"]:
-        with locked():
+        with MACHINE_LOCK.held():
             teardown(build_node_binaries())
         return 0
     if args == ["leftovers"]:

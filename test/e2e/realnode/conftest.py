@@ -20,7 +20,7 @@ import pytest
 
 from hack import images
 from hack.localcluster import LocalCluster
-from hack.realnode import RealNode, unmet_requirements
+from hack.realnode import MACHINE_LOCK, RealNode, unmet_requirements
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -42,8 +42,16 @@ def project_images() -> dict[str, str]:
     return refs
 
 
+@pytest.fixture(scope="session")
+def machine_lock() -> Iterator[None]:
+    """The machine-wide real-node lock for the whole session, so no other run's node slips in between
+    two modules' nodes (another run waits; so does this one, for a run already holding it)."""
+    with MACHINE_LOCK.held():
+        yield
+
+
 @pytest.fixture(scope="module")
-def node_cluster() -> Iterator[LocalCluster]:
+def node_cluster(machine_lock: None) -> Iterator[LocalCluster]:
     """A full cluster of this module's own."""
     plane = LocalCluster(profile="full", keep_workdir=bool(os.environ.get("KAITO_KEEP_CLUSTER_DIR")))
     plane.start(timeout=float(os.environ.get("KAITO_CLUSTER_START_TIMEOUT", "90")))

@@ -170,7 +170,7 @@ async def test_chart_on_a_real_node(
     out = cluster.kubectl("apply", "--dry-run=server", "-n", "default", "-f", "-", input=bad, check=False)
     assert out.returncode != 0
     assert 'admission webhook "validation.workspace.kaito.sh" denied the request' in out.stderr, out.stderr
-    assert "unknown instance type 'Standard_Bogus_v9'" in out.stderr, out.stderr
+    assert "resource.instanceType" in out.stderr and "Standard_Bogus_v9" in out.stderr, out.stderr
 
     # 3. the seed's phi-3 Workspace, driven by the controllers in the pods -------------------------
     t0 = time.monotonic()
@@ -223,10 +223,11 @@ async def test_chart_on_a_real_node(
         expected = {p["metadata"]["name"] for p in await pods(cluster, "kaito-workspace")}
         expected |= {p["metadata"]["name"] for p in provisioner_pods}
         assert scraped == expected, (scraped, expected)
+        # Every replica serves the gauge; the one with the workspaces in its cache counts both Ready.
         series = await asyncio.to_thread(prom.wait_query, 'kaito_workspace_count{state="Ready"}', timeout=60)
         from_pods = {s["metric"].get("pod") for s in series}
         assert from_pods == {p["metadata"]["name"] for p in await pods(cluster, "kaito-workspace")}, series
-        assert all(s["value"][1] == "2" for s in series), series
+        assert max(float(s["value"][1]) for s in series) == 2, series
     timings["prometheus_targets_up_s"] = time.monotonic() - t0
 
     # 6. helm upgrade to a changed image ---------------------------------------------------------------

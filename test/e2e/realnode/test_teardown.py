@@ -72,43 +72,45 @@ def test_a_killed_run_is_swept_by_the_next_start(node_cluster: LocalCluster) -> 
         "kubectl wait --for=condition=Ready pod/survivor --timeout=120s && echo READY && sleep 600"
     )
     repo = Path(realnode.__file__).resolve().parents[1]
-    launcher = subprocess.Popen(
-        [
-            sys.executable,
-            "hack/localcluster.py",
-            "run",
-            "--profile",
-            "full",
-            "--real-node",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
-        cwd=repo,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert launcher.stdout is not None
-        lines = []
-        for line in launcher.stdout:
-            lines.append(line)
-            if line.strip() == "READY":
-                break
-        assert lines and lines[-1].strip() == "READY", lines
-    finally:
-        # The whole run dies at once, as when CI kills a job: no teardown code runs.
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.wait(10)
-    # Its kubelet, containerd and kube-proxy die with it (parent-death signal); the rest stays.
-    deadline = time.monotonic() + 30
-    while realnode._pids_mentioning(str(realnode.state_dir() / "kubelet")):
-        assert time.monotonic() < deadline, "the killed run's kubelet outlived it"
-        time.sleep(0.2)
-    left = realnode.leftovers()
-    assert left["bridge"] and left["mounts"] and left["nft_tables"] and left["processes"], left
+    # The launcher is another process: lend it the machine lock this session holds.
+    with realnode.MACHINE_LOCK.lent():
+        launcher = subprocess.Popen(
+            [
+                sys.executable,
+                "hack/localcluster.py",
+                "run",
+                "--profile",
+                "full",
+                "--real-node",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert launcher.stdout is not None
+            lines = []
+            for line in launcher.stdout:
+                lines.append(line)
+                if line.strip() == "READY":
+                    break
+            assert lines and lines[-1].strip() == "READY", lines
+        finally:
+            # The whole run dies at once, as when CI kills a job: no teardown code runs.
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(10)
+        # Its kubelet, containerd and kube-proxy die with it (parent-death signal); the rest stays.
+        deadline = time.monotonic() + 30
+        while realnode._pids_mentioning(str(realnode.state_dir() / "kubelet")):
+            assert time.monotonic() < deadline, "the killed run's kubelet outlived it"
+            time.sleep(0.2)
+        left = realnode.leftovers()
+        assert left["bridge"] and left["mounts"] and left["nft_tables"] and left["processes"], left
 
     # The next start sweeps it all, then runs normally; its own stop leaves nothing.
     with RealNode(node_cluster) as node:
