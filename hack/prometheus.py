@@ -1,5 +1,9 @@
-"""A real Prometheus server (Debian's ``prometheus`` binary) that scrapes what the chart's ServiceMonitors
-select, for tests and by hand.
+"""A real Prometheus server that scrapes what the chart's ServiceMonitors select, for tests and by hand.
+
+The binary is Prometheus itself, built by ``hack/build-tools.sh`` from its Go module with only its
+Kubernetes service discovery compiled in: Debian's ``prometheus`` package leaves Kubernetes discovery
+out (its NEWS: "Kubernetes support has been completely removed"), so it cannot read
+``kubernetes_sd_configs`` at all. (Debian's ``promtool`` is still what proves the alerting rules.)
 
 There is no Prometheus Operator here, so this module does its job for our ServiceMonitors: each endpoint
 of each ServiceMonitor becomes a scrape job with Kubernetes service discovery and the relabel rules the
@@ -19,10 +23,10 @@ Interface::
         prom.query('up')                                       # one query, possibly empty
 
 ``kubeconfig`` is any kubeconfig Prometheus can read (token + CA, e.g. ``LocalCluster.kubeconfig``);
-discovery uses it through ``kubeconfig_file``. Service discovery ``role`` is ``endpointslice`` by
-default (what the local cluster's controller-manager maintains; the Prometheus Operator's
-``serviceDiscoveryRole: EndpointSlice``); ``endpoints`` is available for clusters that run the
-Endpoints controller. ``PrometheusServer`` owns its process: ``stop()`` (and leaving the ``with``)
+discovery uses it through ``kubeconfig_file``, with role ``endpointslice`` (the Prometheus
+Operator's ``serviceDiscoveryRole: EndpointSlice``): the local cluster's controller-manager maintains
+EndpointSlices, not v1 Endpoints. The methods block (subprocess, HTTP, polling): from an async test call them
+through ``asyncio.to_thread``. ``PrometheusServer`` owns its process: ``stop()`` (and leaving the ``with``)
 terminates and awaits it; it also dies with the test process (parent-death signal).
 
 Run by hand against a cluster: ``python -m hack.prometheus --kubeconfig K --servicemonitors F.yaml``
@@ -34,9 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import signal
+import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -51,8 +56,7 @@ import yaml
 from hack.localcluster import Component, free_port
 
 Obj = dict[str, Any]
-
-ROLES = ("endpointslice", "endpoints")
+HACK_DIR = Path(__file__).resolve().parent
 
 
 def _label_name(key: str) -> str:
@@ -86,19 +90,19 @@ def scrape_configs_from_servicemonitors(
     monitors: Iterable[Mapping[str, Any]],
     kubeconfig: Path,
     *,
-    role: str = "endpointslice",
     scrape_interval: str | None = None,
+    address_rewrites: Sequence[tuple[str, str]] = (),
 ) -> list[Obj]:
     """Prometheus ``scrape_configs`` equivalent to what the Prometheus Operator makes of ``monitors``.
 
     One job per ServiceMonitor endpoint, named ``serviceMonitor/<namespace>/<name>/<index>`` as the
     operator names them. ``scrape_interval`` overrides the endpoints' intervals (tests want seconds).
+    ``address_rewrites`` -- (host regex, host) pairs applied to each target's address after selection --
+    let a test stand a server on 127.0.0.1 behind an endpoint the apiserver accepts (it refuses
+    loopback addresses in EndpointSlices); selection itself is never changed by them.
     Endpoints must name their port (``port``); ``targetPort``, TLS and auth are not needed by ours and
     are refused rather than ignored.
     """
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
-    meta = "endpointslice" if role == "endpointslice" else "endpoint"
     jobs: list[Obj] = []
     for sm in monitors:
         if sm.get("kind") != "ServiceMonitor":
@@ -109,7 +113,7 @@ def scrape_configs_from_servicemonitors(
         spec = sm.get("spec") or {}
         ns_sel = spec.get("namespaceSelector") or {}
         names = [namespace] if not ns_sel else (None if ns_sel.get("any") else list(ns_sel["matchNames"]))
-        sd: Obj = {"role": role, "kubeconfig_file": str(kubeconfig)}
+        sd: Obj = {"role": "endpointslice", "kubeconfig_file": str(kubeconfig)}
         if names is not None:
             sd["namespaces"] = {"names": names}
         selection = _selector_rules(spec.get("selector") or {}, where)
@@ -130,13 +134,13 @@ def scrape_configs_from_servicemonitors(
                     *selection,
                     {
                         "action": "keep",
-                        "source_labels": [f"__meta_kubernetes_{meta}_port_name"],
+                        "source_labels": ["__meta_kubernetes_endpointslice_port_name"],
                         "regex": re.escape(port),
                     },
                     {
                         "source_labels": [
-                            f"__meta_kubernetes_{meta}_address_target_kind",
-                            f"__meta_kubernetes_{meta}_address_target_name",
+                            "__meta_kubernetes_endpointslice_address_target_kind",
+                            "__meta_kubernetes_endpointslice_address_target_name",
                         ],
                         "regex": "Pod;(.*)",
                         "target_label": "pod",
@@ -145,6 +149,15 @@ def scrape_configs_from_servicemonitors(
                     {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "service"},
                     {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job"},
                     {"target_label": "endpoint", "replacement": port},
+                    *(
+                        {
+                            "source_labels": ["__address__"],
+                            "regex": f"(?:{host_regex}):(\\d+)",
+                            "target_label": "__address__",
+                            "replacement": f"{host}:${{1}}",
+                        }
+                        for host_regex, host in address_rewrites
+                    ),
                 ],
             }
             interval = scrape_interval or ep.get("interval")
@@ -159,6 +172,19 @@ class PrometheusError(RuntimeError):
     """Prometheus did not start, answered an error, or a wait ran out (the message carries its log)."""
 
 
+def prometheus_binary() -> Path:
+    """The Prometheus built by hack/build-tools.sh (built on first use, cached by version)."""
+    proc = subprocess.run(
+        ["bash", str(HACK_DIR / "build-tools.sh")], capture_output=True, text=True, check=False, timeout=3600
+    )
+    if proc.returncode != 0:
+        raise PrometheusError(f"hack/build-tools.sh failed:\n{proc.stderr[-4000:]}")
+    binary = Path(proc.stdout.strip().splitlines()[-1]) / "prometheus"
+    if not binary.is_file():
+        raise PrometheusError(f"hack/build-tools.sh built no {binary}")
+    return binary
+
+
 class PrometheusServer:
     """A ``prometheus`` process on 127.0.0.1 with its own config and temp storage (see the module doc)."""
 
@@ -167,14 +193,11 @@ class PrometheusServer:
         scrape_configs: Sequence[Mapping[str, Any]],
         *,
         workdir: Path | None = None,
-        binary: str = "prometheus",
+        binary: Path | None = None,
         evaluation_interval: str = "1s",
         rule_files: Sequence[Path] = (),
     ) -> None:
-        path = shutil.which(binary)
-        if path is None:
-            raise PrometheusError(f"{binary} is missing: make sysdeps (Debian's prometheus package)")
-        self.binary = path
+        self.binary = str(binary or prometheus_binary())
         self.scrape_configs = [dict(c) for c in scrape_configs]
         self.evaluation_interval = evaluation_interval
         self.rule_files = list(rule_files)
@@ -323,20 +346,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--kubeconfig", type=Path, required=True)
     p.add_argument("--servicemonitors", type=Path, required=True, help="YAML stream (e.g. helm template)")
-    p.add_argument("--role", choices=ROLES, default="endpointslice")
     p.add_argument("--scrape-interval", default=None)
     args = p.parse_args(argv)
     docs = [d for d in yaml.safe_load_all(args.servicemonitors.read_text()) if d]
     monitors = [d for d in docs if d.get("kind") == "ServiceMonitor"]
     jobs = scrape_configs_from_servicemonitors(
-        monitors, args.kubeconfig, role=args.role, scrape_interval=args.scrape_interval
+        monitors, args.kubeconfig, scrape_interval=args.scrape_interval
     )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     with PrometheusServer(jobs) as prom:
         print(prom.url, flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        stop.wait()
     return 0
 
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     raise SystemExit(main())

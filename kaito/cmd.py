@@ -26,9 +26,10 @@ import structlog
 from kaito.api.workspace import RuntimeName
 from kaito.presets.registry import DEFAULT_REGISTRY, default_registry
 from kaito.presets.skus import CLOUDS, default_sku_catalog
-from kaito.runtime.kube import CONFIGMAPS, KubeClient, load_api_client
+from kaito.runtime.kube import KubeClient, load_api_client
 from kaito.runtime.logging import configure_logging
 from kaito.runtime.manager import Manager, ManagerOptions
+from kaito.webhook.validation import AdmissionPolicy, WorkspaceValidator, build_validator
 from kaito.workspace.manifests import ManifestOptions
 from kaito.workspace.reconciler import PROVISIONING_MODES, ReconcilerOptions, register
 from kaito.workspace.tuning import default_templates
@@ -76,7 +77,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--enable-tuning",
         action="store_true",
         default=env.get("KAITO_ENABLE_TUNING", "").lower() in ("1", "true", "yes"),
-        help="run tuning workspaces as Jobs (needs batch/jobs get, list, watch, create)",
+        help="run tuning workspaces as Jobs (needs batch/jobs get, list, watch, create; the shipped "
+        "manifests and Helm chart pass it). Without it the webhook refuses tuning workspaces",
     )
     p.add_argument("--namespace", default=None, help="watch one namespace only (default: all)")
     p.add_argument("--leader-elect", action="store_true", help="Lease leader election (for 2+ replicas)")
@@ -178,20 +180,8 @@ async def _setup_webhook(
     """Issue/load the serving certificate, then serve the webhook on every replica (not leader-gated)."""
     from kaito.webhook.certs import CertManager
     from kaito.webhook.server import WebhookServer
-    from kaito.webhook.validation import WorkspaceValidator
 
-    async def read_configmap(namespace: str, name: str) -> dict[str, str] | None:
-        cm = await client.get_or_none(CONFIGMAPS, name, namespace)
-        return None if cm is None else dict(cm.get("data") or {})
-
-    validator = WorkspaceValidator(
-        default_registry(),
-        default_sku_catalog(),
-        cloud_provider=args.cloud_provider,
-        configmaps=read_configmap,
-        # Bring-your-own nodes may be of any type; Machines need a SKU the provisioner knows.
-        allow_unknown_instance_types=args.provisioning == "byo",
-    )
+    validator = webhook_validator(args, client)
     certs = CertManager(
         api,  # type: ignore[arg-type]
         namespace=args.webhook_namespace,
@@ -208,6 +198,23 @@ async def _setup_webhook(
     certs.on_change = server.reload_certificates
     # /readyz stays 500 until the webhook accepts connections.
     server.add_to_manager(mgr, alongside=certs.run)
+
+
+def admission_policy(args: argparse.Namespace) -> AdmissionPolicy:
+    """The flags the admission rules depend on, so the webhook admits what this controller can run."""
+    return AdmissionPolicy(
+        cloud_provider=args.cloud_provider,
+        provisioning=args.provisioning,
+        default_runtime=RuntimeName(args.default_runtime),
+        tuning_enabled=args.enable_tuning,
+    )
+
+
+def webhook_validator(args: argparse.Namespace, api: object) -> WorkspaceValidator:
+    """The validator this controller serves: :func:`~kaito.webhook.validation.build_validator` over its flags."""
+    return build_validator(
+        api, admission_policy(args), registry=default_registry(), skus=default_sku_catalog()
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

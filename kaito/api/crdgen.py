@@ -21,15 +21,40 @@ from kaito.api import machine, workspace
 _DROP_KEYS = {"title"}
 
 
+_VALIDATIONS = "x-kubernetes-validations"
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``extra`` into a copy of ``base`` (``extra`` wins on scalars, dicts merge)."""
+    """Deep-merge ``extra`` into a copy of ``base`` (``extra`` wins on scalars, dicts merge).
+
+    CEL rules add up: a field's own rules (e.g. immutability) join its model's rules.
+    """
     out = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
+        elif key == _VALIDATIONS and isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = out[key] + [v for v in copy.deepcopy(value) if v not in out[key]]
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _required_by_cel(node: dict[str, Any]) -> None:
+    """Drop from ``required`` the fields a ``has(self.x)`` FieldValueRequired rule reports with a message."""
+    covered = {
+        rule["rule"][len("has(self.") : -1]
+        for rule in node.get(_VALIDATIONS, [])
+        if rule.get("reason") == "FieldValueRequired"
+        and rule["rule"].startswith("has(self.")
+        and rule["rule"].endswith(")")
+        and "&&" not in rule["rule"]
+        and "||" not in rule["rule"]
+    }
+    if covered and "required" in node:
+        node["required"] = [name for name in node["required"] if name not in covered]
+        if not node["required"]:
+            del node["required"]
 
 
 def _is_empty_default(value: Any) -> bool:
@@ -84,6 +109,7 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out[key] = value
     if "properties" in out or out.get("x-kubernetes-preserve-unknown-fields"):
         out.setdefault("type", "object")
+    _required_by_cel(out)
     return out
 
 
@@ -101,11 +127,14 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
         "type": "string",
         "description": "Kind is a string value representing the REST resource.",
     }
-    props["metadata"] = {"type": "object"}
+    # Declared so that CEL rules can report ``fieldPath: .metadata.name`` (only name and generateName
+    # may be constrained in a CRD's metadata schema).
+    props["metadata"] = {"type": "object", "properties": {"name": {"type": "string"}}}
     root.pop("required", None)
     required = [name for name in raw.get("required", []) if name not in ("apiVersion", "kind", "metadata")]
     if required:
         root["required"] = required
+    _required_by_cel(root)
     return root
 
 

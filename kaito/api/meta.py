@@ -31,6 +31,26 @@ def cel(rule: str, message: str, **extra: str) -> Any:
     return {"rule": rule, "message": message, **extra}
 
 
+def with_rules(*rules: Any) -> ConfigDict:
+    """The :class:`KubeModel` config plus model-level CEL rules (``x-kubernetes-validations``)."""
+    return ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        json_schema_extra={"x-kubernetes-validations": list(rules)},
+    )
+
+
+def required(field: str, message: str) -> Any:
+    """A ``has(self.<field>)`` rule that replaces the schema's bare ``required`` entry for ``field``.
+
+    The apiserver's own "Required value" error says nothing about what to put there; this one reports
+    ``<path>.<field>: Required value: <message>``. The CRD generator drops ``field`` from ``required``
+    when it sees this rule (the pydantic model still requires it).
+    """
+    return cel(f"has(self.{field})", message, fieldPath=f".{field}", reason="FieldValueRequired")
+
+
 def immutable(field: str) -> dict[str, Any]:
     """``json_schema_extra`` making a field immutable by a CEL transition rule (holds with no webhook)."""
     return {

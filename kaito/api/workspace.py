@@ -11,11 +11,19 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Final, Literal
 
-from pydantic import ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
 from kaito.api.conditions import Condition, WorkspaceState
-from kaito.api.meta import DNS1123_LABEL, KubeModel, LabelSelector, ObjectMeta, cel, immutable
+from kaito.api.meta import (
+    DNS1123_LABEL,
+    KubeModel,
+    LabelSelector,
+    ObjectMeta,
+    cel,
+    immutable,
+    required,
+    with_rules,
+)
 
 GROUP = "kaito.sh"
 VERSION = "v1alpha1"
@@ -64,6 +72,14 @@ class RuntimeName(StrEnum):
 class ResourceSpec(KubeModel):
     """GPU nodes the workload runs on."""
 
+    model_config = with_rules(
+        required(
+            "labelSelector",
+            "resource.labelSelector is required: the labels of the nodes to use (and to put on the "
+            "nodes it provisions), e.g. labelSelector: {matchLabels: {apps: phi-3}}",
+        )
+    )
+
     count: int = Field(
         default=1,
         ge=1,
@@ -74,7 +90,8 @@ class ResourceSpec(KubeModel):
         default=DEFAULT_INSTANCE_TYPE,
         min_length=1,
         max_length=128,
-        description="GPU node SKU, e.g. Standard_NC24ads_A100_v4 or g5.4xlarge. Immutable.",
+        description="Node SKU: a GPU size, e.g. Standard_NC24ads_A100_v4 or g5.4xlarge, or a CPU size, e.g. "
+        "Standard_D4s_v3 or m5.2xlarge, for presets that run on CPU. Immutable.",
         json_schema_extra=immutable("resource.instanceType"),
     )
     label_selector: LabelSelector = Field(
@@ -120,6 +137,13 @@ class PresetOptions(KubeModel):
 
 class PresetSpec(KubeModel):
     """A preset model from the catalog (``presets/models``)."""
+
+    model_config = with_rules(
+        required(
+            "name",
+            "preset.name is required: a model of the preset catalog, e.g. name: phi-3-mini-4k-instruct",
+        )
+    )
 
     name: str = Field(
         min_length=1, max_length=128, description="Preset name, e.g. phi-3-mini-4k-instruct or falcon-7b."
@@ -180,22 +204,16 @@ class AdapterSpec(KubeModel):
 class InferenceSpec(KubeModel):
     """Serve a preset model (or a custom pod template)."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "has(self.preset) != has(self.template)",
-                    "inference needs exactly one of preset (a catalog model) or template (a custom pod)",
-                ),
-                cel(
-                    "has(self.preset) == has(oldSelf.preset) && has(self.template) == has(oldSelf.template)",
-                    "inference.preset and inference.template cannot be added or removed after creation",
-                ),
-            ]
-        },
+    model_config = with_rules(
+        cel(
+            "has(self.preset) != has(self.template)",
+            "inference needs exactly one of preset (a catalog model) or template (a custom pod)",
+        ),
+        cel(
+            "has(self.preset) == has(oldSelf.preset) && has(self.template) == has(oldSelf.template)",
+            "inference.preset and inference.template cannot be added or removed after creation; delete "
+            "the workspace and create a new one",
+        ),
     )
 
     preset: PresetSpec | None = Field(
@@ -212,6 +230,24 @@ class InferenceSpec(KubeModel):
 
 class TuningSpec(KubeModel):
     """Fine-tune a preset model with LoRA or QLoRA and push the adapter as an image."""
+
+    model_config = with_rules(
+        required(
+            "preset",
+            "tuning.preset is required: the model to tune, e.g. preset: {name: phi-3-mini-4k-instruct}",
+        ),
+        required("method", "tuning.method is required: lora or qlora"),
+        required(
+            "input",
+            "tuning.input is required: the training data, as urls (e.g. urls: "
+            "[https://example.com/train.parquet]) or an image",
+        ),
+        required(
+            "output",
+            "tuning.output is required: the image to push the adapter to and a Secret that can push "
+            "it, e.g. output: {image: myregistry.azurecr.io/adapter:0.0.1, imagePushSecret: push-secret}",
+        ),
+    )
 
     preset: PresetSpec = Field(
         description="Model to tune. Immutable.", json_schema_extra=immutable("tuning.preset")
@@ -255,42 +291,49 @@ class WorkspaceStatus(KubeModel):
 class Workspace(KubeModel):
     """A model served (inference) or fine-tuned (tuning) on GPU nodes described by ``resource``."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "has(self.inference) || has(self.tuning)",
-                    "set either inference (to serve a model) or tuning (to fine-tune one)",
-                    fieldPath=".inference",
-                    reason="FieldValueRequired",
-                ),
-                cel(
-                    "!(has(self.inference) && has(self.tuning))",
-                    "inference and tuning cannot both be set in one workspace; use two workspaces",
-                    fieldPath=".tuning",
-                    reason="FieldValueForbidden",
-                ),
-                cel(
-                    "has(self.inference) == has(oldSelf.inference) && has(self.tuning) == has(oldSelf.tuning)",
-                    "inference and tuning cannot be added or removed after creation",
-                    fieldPath=".inference",
-                    reason="FieldValueForbidden",
-                ),
-                cel(
-                    "!has(self.tuning) || self.resource.count == 1",
-                    "tuning runs on one node: set resource.count to 1",
-                    fieldPath=".resource.count",
-                ),
-                cel(
-                    "size(self.metadata.name) <= 63 && self.metadata.name.matches('" + DNS1123_LABEL + "')",
-                    "metadata.name must be a DNS-1123 label: at most 63 lowercase letters, digits and '-', "
-                    "starting and ending with a letter or digit",
-                ),
-            ]
-        },
+    model_config = with_rules(
+        cel(
+            "has(self.inference) || has(self.tuning)",
+            "set either inference (to serve a model) or tuning (to fine-tune one)",
+            fieldPath=".inference",
+            reason="FieldValueRequired",
+        ),
+        cel(
+            "!(has(self.inference) && has(self.tuning))",
+            "inference and tuning cannot both be set in one workspace; use two workspaces",
+            fieldPath=".tuning",
+            reason="FieldValueForbidden",
+        ),
+        cel(
+            "has(self.inference) == has(oldSelf.inference)",
+            "inference cannot be added or removed after creation (inference and tuning are set once); "
+            "delete the workspace and create a new one",
+            fieldPath=".inference",
+            reason="FieldValueForbidden",
+        ),
+        cel(
+            "has(self.tuning) == has(oldSelf.tuning)",
+            "tuning cannot be added or removed after creation (inference and tuning are set once); "
+            "delete the workspace and create a new one",
+            fieldPath=".tuning",
+            reason="FieldValueForbidden",
+        ),
+        cel(
+            "!has(self.tuning) || !has(self.resource) || self.resource.count == 1",
+            "tuning runs on one node: set resource.count to 1",
+            fieldPath=".resource.count",
+        ),
+        cel(
+            "size(self.metadata.name) <= 63 && self.metadata.name.matches('" + DNS1123_LABEL + "')",
+            "metadata.name must be a DNS-1123 label: at most 63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit (e.g. workspace-phi-3-mini)",
+            fieldPath=".metadata.name",
+        ),
+        required(
+            "resource",
+            "resource is required: the nodes to run on, e.g. resource: {instanceType: Standard_NC12s_v3, "
+            "labelSelector: {matchLabels: {apps: phi-3}}}",
+        ),
     )
 
     api_version: Literal["kaito.sh/v1alpha1", "kaito.sh/v1beta1"] = API_VERSION

@@ -14,6 +14,7 @@ import json
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import quote, urlparse
 
@@ -163,6 +164,16 @@ def split_key(key: str) -> tuple[str | None, str]:
 def resource_version(obj: Mapping[str, Any]) -> str:
     """``metadata.resourceVersion`` (``""`` if absent)."""
     return str((obj.get("metadata") or {}).get("resourceVersion", ""))
+
+
+def unix_time(value: Any) -> float | None:
+    """A Kubernetes timestamp (RFC 3339, ``...Z``) as Unix time; None when absent or malformed."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def owner_reference(owner: Mapping[str, Any], *, controller: bool = True, block: bool = True) -> Obj:

@@ -10,7 +10,9 @@ writes a new one with the Secret's resourceVersion, so two replicas cannot both 
 is close to expiry a new CA is made and the old one stays in ``ca.crt`` until it expires, so replicas
 still presenting a certificate from the old CA stay trusted during the hand-over. Each pass also writes
 the bundle into the validating and mutating webhook configurations (``clientConfig.caBundle``) when it
-differs, and hands the key pair to the server through ``cert_dir`` + ``on_change``.
+differs, and hands the key pair to the server through ``cert_dir`` + ``on_change`` (a coroutine: the
+server re-reads the files in a worker thread, never on the loop). Key generation, signing and the file
+writes run in worker threads too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import asyncio
 import base64
 import ipaddress
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -305,7 +307,7 @@ class CertManager:
         mutating_webhooks: Sequence[str] = (),
         policy: CertPolicy | None = None,
         check_interval: float = 300.0,
-        on_change: Callable[[], None] | None = None,
+        on_change: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._api_client = api_client
         self.core = CoreV1Api(api_client)
@@ -396,7 +398,7 @@ class CertManager:
         self.bundle = bundle
         await self.patch_ca_bundles(bundle.ca_bundle)
         if changed and self.on_change is not None:
-            self.on_change()
+            await self.on_change()
         return bundle
 
     async def patch_ca_bundles(self, ca_bundle: bytes) -> None:

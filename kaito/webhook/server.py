@@ -39,6 +39,7 @@ HEALTH_PATH = "/healthz"
 TLS_CERT_FILE = "tls.crt"
 TLS_KEY_FILE = "tls.key"
 MAX_BODY_BYTES = 8 * 1024 * 1024  # the apiserver allows ~3 MiB objects; old + new object both travel
+INLINE_PARSE_BYTES = 256 * 1024  # larger request bodies are decoded in a worker thread
 
 log = structlog.get_logger("kaito.webhook")
 
@@ -135,7 +136,8 @@ class WebhookServer:
         self.host = host
         self._port = port
         self.cert_dir = cert_dir
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl: ssl.SSLContext | None = None  # the listening context
+        self._current_ssl: ssl.SSLContext | None = None  # the newest key pair (see _select_context)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -158,22 +160,39 @@ class WebhookServer:
         return self._port
 
     def _load_ssl(self) -> ssl.SSLContext:
+        """A server context with the key pair of ``cert_dir`` (file reads and key parsing: call in a thread)."""
         assert self.cert_dir is not None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.cert_dir / TLS_CERT_FILE, self.cert_dir / TLS_KEY_FILE)
         return ctx
 
-    def reload_certificates(self) -> None:
-        """Re-read the key pair from ``cert_dir``; connections opened afterwards present the new one."""
-        if self._ssl is not None and self.cert_dir is not None:
-            self._ssl.load_cert_chain(self.cert_dir / TLS_CERT_FILE, self.cert_dir / TLS_KEY_FILE)
-            log.info("webhook certificate reloaded", cert_dir=str(self.cert_dir))
+    def _select_context(
+        self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, ctx: ssl.SSLContext
+    ) -> None:
+        """SNI callback of the listening context: hand each new handshake the newest key pair.
+
+        Called for every ClientHello, with or without a server name. Swapping the whole context is
+        what the ssl module supports; loading into the listening context from a worker thread while
+        the loop starts handshakes on it would race inside OpenSSL.
+        """
+        current = self._current_ssl
+        if current is not None and current is not ctx:
+            conn.context = current
+
+    async def reload_certificates(self) -> None:
+        """Re-read the key pair from ``cert_dir`` off the event loop; new handshakes present the new one."""
+        if self._ssl is None or self.cert_dir is None:
+            return
+        self._current_ssl = await asyncio.to_thread(self._load_ssl)
+        log.info("webhook certificate reloaded", cert_dir=str(self.cert_dir))
 
     async def start(self) -> None:
         """Start listening (the certificate files must exist when ``cert_dir`` is set)."""
         if self.cert_dir is not None:
             self._ssl = await asyncio.to_thread(self._load_ssl)
+            self._current_ssl = self._ssl
+            self._ssl.sni_callback = self._select_context
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self._port, ssl_context=self._ssl, backlog=512)
@@ -242,7 +261,11 @@ class WebhookServer:
 
     async def _read(self, request: web.Request) -> dict[str, Any] | web.Response:
         try:
-            return _parse_request(await request.read())
+            body = await request.read()
+            # A review near the apiserver's object size limit takes tens of ms to decode: not on the loop.
+            if len(body) > INLINE_PARSE_BYTES:
+                return await asyncio.to_thread(_parse_request, body)
+            return _parse_request(body)
         except BadReview as e:
             log.warning("bad admission request", path=request.path, error=str(e))
             return web.json_response({"error": str(e)}, status=400)

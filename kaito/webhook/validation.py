@@ -1,9 +1,16 @@
 """Workspace admission rules that need the preset registry, the SKU catalog or a live lookup.
 
-Upstream's rules (reference §2.2-2.5) with the §2.8 hazards fixed: unknown presets, adapters without a
-source, count < 1, matchExpressions-only selectors and tuning of untunable presets get a clean error
-that names the field and what would be accepted. Static rules are also in the CRD (CEL), so they hold
-when this webhook is down; they are repeated here with the same wording for direct callers.
+Upstream v0.4.6's rules (reference §2.2-2.7, ``api/v1alpha1/workspace_validation.go``) with the §2.8
+hazards fixed; the deliberate differences are listed, with reasons, in ``kaito/webhook/README.md``.
+Static rules are also in the CRD (CEL), so they hold when this webhook is down; they are repeated here
+with the same wording for direct callers.
+
+Runtime-specific rules follow the runtime the controller will actually use
+(:func:`kaito.workspace.manifests.runtime_of`: the ``kaito.sh/runtime`` annotation, else
+``--default-runtime``), and what the controller cannot run at all (tuning without ``--enable-tuning``)
+is refused here instead of being admitted and left without a status. The flags reach the rules through
+one :class:`AdmissionPolicy`, and :func:`build_validator` is the one assembly used by the controller
+and by the tests.
 
 Every message has the form ``<field path>: <what is wrong>; <what would be accepted>``.
 """
@@ -12,19 +19,18 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
-
 from kaito.api.meta import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from kaito.api.workspace import (
     ANNOTATION_BYPASS_RESOURCE_CHECKS,
     ANNOTATION_RUNTIME,
+    DEFAULT_ADAPTER_STRENGTH,
     MAX_ADAPTERS,
+    AdapterSpec,
     DataDestination,
     DataSource,
     InferenceSpec,
@@ -33,6 +39,7 @@ from kaito.api.workspace import (
     TuningSpec,
     Workspace,
 )
+from kaito.presets.cpu import explain_cpu_misfit
 from kaito.presets.registry import (
     Preset,
     PresetRegistry,
@@ -41,6 +48,9 @@ from kaito.presets.registry import (
     check_tuning_fit,
 )
 from kaito.presets.skus import CLOUDS, GPUSku, SkuCatalog
+from kaito.webhook.imageref import ImageReferenceError, parse_docker_ref
+from kaito.webhook.userconfig import ConfigMapReader, DocumentError, kube_configmap_reader, parse_document
+from kaito.workspace.manifests import DEFAULT_INFERENCE_CONFIG, ManifestOptions, runtime_of
 
 INFERENCE_CONFIG_KEY = "inference_config.yaml"
 TRAINING_CONFIG_KEY = "training_config.yaml"
@@ -52,19 +62,49 @@ TRAINING_SECTIONS = (
     "DatasetConfig",
     "DataCollator",
 )
-
-# Fetches ConfigMap data: (namespace, name) -> data, or None when the ConfigMap does not exist.
-ConfigMapReader = Callable[[str, str], Awaitable[dict[str, str] | None]]
-
-# "registry/path:tag" or "registry/path@sha256:..." -- the shape upstream required (a "/" and a tag).
-_IMAGE_SHAPE = re.compile(r"^[^\s/]+(/[^\s/:@]+)+(:[^\s/:@]+|@sha256:[a-fA-F0-9]{64})$")
-# The distribution reference grammar, which registries enforce (lowercase repository paths).
-_IMAGE_STRICT = re.compile(
-    r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::\d+)?/)?"
-    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
-)
+# Upstream admits Azure sizes it has no table entry for when they look like GPU (N) or general purpose
+# (D) series, skipping the checks that need the table (reference §2.2).
+AZURE_UNLISTED_PREFIXES = ("Standard_N", "Standard_D")
+# vLLM on several GPUs of less than this much memory each needs an explicit max-model-len (upstream).
+VLLM_SMALL_GPU_GIB = 20
 _IMAGE_EXAMPLE = "myregistry.azurecr.io/my-model:0.0.1"
+_DELETE_RECREATE = "delete and re-create the workspace to change it"
+
+__all__ = [
+    "AdmissionPolicy",
+    "ConfigMapReader",
+    "Result",
+    "WorkspaceValidator",
+    "build_validator",
+    "kube_configmap_reader",
+]
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """What the controller will do with an admitted workspace: the flags the rules depend on.
+
+    ``cloud_provider`` (``azure``, ``aws``, ``arc`` or None for "any catalog") picks the SKU table;
+    ``provisioning`` ``byo`` admits any instance type (the nodes exist already); ``default_runtime`` is
+    the runtime of workspaces without the ``kaito.sh/runtime`` annotation; ``tuning_enabled`` says
+    whether tuning workspaces are run at all (``--enable-tuning``).
+    """
+
+    cloud_provider: str | None = None
+    provisioning: str = "machine"
+    default_runtime: RuntimeName = RuntimeName.TRANSFORMERS
+    tuning_enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cloud_provider is not None and self.cloud_provider not in CLOUDS:
+            raise ValueError(
+                f"unknown cloud provider {self.cloud_provider!r}; expected one of {', '.join(CLOUDS)}"
+            )
+
+    @property
+    def allow_unknown_instance_types(self) -> bool:
+        """Bring-your-own nodes may be of any type; Machines need a SKU the provisioner knows."""
+        return self.provisioning == "byo"
 
 
 @dataclass
@@ -93,48 +133,71 @@ def _shortlist(names: list[str], limit: int = 6) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _check_image(result: Result, path: str, image: str) -> None:
-    if not _IMAGE_SHAPE.match(image):
-        result.error(
-            path,
-            f"{image!r} is not a full image reference; use registry/repository:tag, e.g. {_IMAGE_EXAMPLE}",
-        )
-    elif not _IMAGE_STRICT.match(image):
-        # Kept a warning so the documented placeholders (ACR_REPO_HERE.azurecr.io/ADAPTER_HERE:0.0.1) apply.
-        result.warn(
-            path,
-            f"{image!r} is not a valid image reference (repository names must be lowercase letters, digits, "
-            f"'.', '_' or '-'); pulling or pushing it will fail",
-        )
+def _check_image(result: Result, path: str, image: str, *, lowercase_required: bool = True) -> None:
+    """Parse ``image`` as Docker does (distribution reference grammar, Docker Hub defaults).
+
+    With ``lowercase_required=False`` an upper-case repository is only a warning (adapter and private
+    model images, which upstream does not parse at create: its examples carry ``ACR_REPO_HERE``
+    placeholders); any other syntax error is still a rejection.
+    """
+    try:
+        parse_docker_ref(image)
+        return
+    except ImageReferenceError as e:
+        problem = str(e)
+    accepted = (
+        f"use [registry/]repository[:tag] with a lower-case repository, e.g. {_IMAGE_EXAMPLE} "
+        "(replace any placeholder with your registry and image)"
+    )
+    case_only = "lowercase" in problem and _parses(image.lower())
+    if case_only and not lowercase_required:
+        result.warn(path, f"{image!r} is not a valid image reference: {problem}; pulling it will fail")
+        return
+    result.error(path, f"{image!r} is not a valid image reference: {problem}; {accepted}")
+
+
+def _parses(image: str) -> bool:
+    try:
+        parse_docker_ref(image)
+    except ImageReferenceError:
+        return False
+    return True
+
+
+def _strength_value(strength: str | None) -> Decimal | None:
+    """The adapter strength as a number in [0, 1] (None: not a valid strength)."""
+    text = strength if strength is not None else DEFAULT_ADAPTER_STRENGTH
+    try:
+        value = Decimal(text)
+    except ArithmeticError:
+        return None
+    return value if value.is_finite() and Decimal(0) <= value <= Decimal(1) else None
 
 
 class WorkspaceValidator:
-    """Validates Workspace creates and updates.
+    """Validates Workspace creates and updates under one :class:`AdmissionPolicy`.
 
-    ``cloud_provider`` (``azure``, ``aws``, ``arc`` or None for "any catalog") picks the SKU table.
     ``configmaps`` reads ConfigMaps for ``inference.config`` / ``tuning.config``; without it a named
     ConfigMap cannot be checked and the request is denied with a message saying so.
-    ``allow_unknown_instance_types`` (for bring-your-own nodes) turns an unknown SKU into a warning
-    without the bypass annotation.
     """
 
     def __init__(
         self,
         registry: PresetRegistry,
         skus: SkuCatalog,
-        cloud_provider: str | None = None,
+        policy: AdmissionPolicy | None = None,
         configmaps: ConfigMapReader | None = None,
-        allow_unknown_instance_types: bool = False,
     ) -> None:
-        if cloud_provider is not None and cloud_provider not in CLOUDS:
-            raise ValueError(
-                f"unknown cloud provider {cloud_provider!r}; expected one of {', '.join(CLOUDS)}"
-            )
         self.registry = registry
         self.skus = skus
-        self.cloud_provider = cloud_provider
+        self.policy = policy or AdmissionPolicy()
         self.configmaps = configmaps
-        self.allow_unknown_instance_types = allow_unknown_instance_types
+        self._manifest_options = ManifestOptions(default_runtime=self.policy.default_runtime)
+
+    @property
+    def cloud_provider(self) -> str | None:
+        """The SKU table in use (None: every cloud's)."""
+        return self.policy.cloud_provider
 
     # ----------------------------------------------------------------------------------------- create
 
@@ -155,6 +218,14 @@ class WorkspaceValidator:
         if ws.inference is not None:
             await self._check_inference_create(result, ws, ws.inference)
         elif ws.tuning is not None:
+            if not self.policy.tuning_enabled:
+                result.error(
+                    "tuning",
+                    "this KAITO controller does not run tuning workspaces (it was started without "
+                    "--enable-tuning), so the workspace would never start; ask the cluster admin to enable "
+                    "tuning (the Helm chart and config/manager enable it), or serve the model with inference",
+                )
+                return result
             await self._check_tuning_create(result, ws, ws.tuning)
         return result
 
@@ -182,24 +253,47 @@ class WorkspaceValidator:
 
     def _check_annotations(self, result: Result, ws: Workspace) -> None:
         runtime = ws.annotations().get(ANNOTATION_RUNTIME)
-        if runtime is not None and runtime not in {r.value for r in RuntimeName}:
+        if runtime is not None and runtime.strip().lower() not in {r.value for r in RuntimeName}:
             result.error(
                 f"metadata.annotations[{ANNOTATION_RUNTIME}]",
-                f"unknown runtime {runtime!r}; use {' or '.join(r.value for r in RuntimeName)}",
+                f"unknown runtime {runtime!r}; use {' or '.join(r.value for r in RuntimeName)} (or remove "
+                f"the annotation for the operator's default, {self.policy.default_runtime.value})",
             )
+
+    def _runtime(self, ws: Workspace, preset: Preset | None) -> RuntimeName | None:
+        """The runtime the controller will serve ``ws`` with (None: the annotation is invalid)."""
+        try:
+            return runtime_of(ws, preset, self._manifest_options)
+        except ValueError:
+            return None
 
     def _bypass(self, ws: Workspace) -> bool:
         return ANNOTATION_BYPASS_RESOURCE_CHECKS in ws.annotations()
 
+    def _azure_unlisted(self, name: str) -> bool:
+        """An Azure size upstream admits without a table entry (Azure, or no cloud configured)."""
+        return self.cloud_provider in (None, "azure") and name.startswith(AZURE_UNLISTED_PREFIXES)
+
     def _lookup_sku(self, result: Result, ws: Workspace, preset: Preset | None = None) -> GPUSku | None:
+        """The catalog entry of ``resource.instanceType``; None (with a warning or an error) when unknown."""
         name = ws.resource.instance_type
         sku = self.skus.get(name, self.cloud_provider)
         if sku is not None:
             return sku
-        if self._bypass(ws) or self.allow_unknown_instance_types:
+        suggestions = self.skus.suggest(name, self.cloud_provider)
+        hint = f"did you mean {', '.join(suggestions)}? " if suggestions else ""
+        where = f"the {self.cloud_provider} SKU catalog" if self.cloud_provider else "the SKU catalog"
+        needs = f" that preset {preset.name} needs" if preset else ""
+        if self._azure_unlisted(name):
+            result.warn(
+                "resource.instanceType",
+                f"{name!r} is not in {where} ({hint.strip() or 'no close match'}); admitted as an Azure N/D-series "
+                f"size without the GPU count and memory checks: make sure it has the GPUs{needs}",
+            )
+            return None
+        if self._bypass(ws) or self.policy.allow_unknown_instance_types:
             result.warn("resource.instanceType", f"unknown instance type {name!r}: GPU fit not checked")
             return None
-        suggestions = self.skus.suggest(name, self.cloud_provider)
         # Examples from the cloud the user is most likely on, fitting the preset when there is one.
         cloud = self.cloud_provider
         if cloud is None:
@@ -207,12 +301,10 @@ class WorkspaceValidator:
             cloud = guess.cloud if guess else ("azure" if name.startswith("Standard_") else "aws")
         examples = [s.name for s in self.registry.fitting_skus(preset, self.skus, cloud)] if preset else []
         examples = examples or [s.name for s in self.skus.list(cloud)]
-        where = f"the {self.cloud_provider} SKU catalog" if self.cloud_provider else "the SKU catalog"
-        hint = f"did you mean {', '.join(suggestions)}? " if suggestions else ""
         fits = f" that fits {preset.name}" if preset else ""
         result.error(
             "resource.instanceType",
-            f"unknown instance type {name!r} (not in {where}); {hint}use a known GPU SKU{fits}, e.g. "
+            f"unknown instance type {name!r} (not in {where}); {hint}use a known SKU{fits}, e.g. "
             f'{_shortlist(examples, 4)}, or add the annotation {ANNOTATION_BYPASS_RESOURCE_CHECKS}: "true" '
             "to use it without GPU checks",
         )
@@ -244,13 +336,22 @@ class WorkspaceValidator:
             if preset is not None:
                 self._check_preset_access(result, "inference.preset", ws, preset)
                 self._check_node_count(result, ws, preset)
-                if sku is not None:
-                    self._check_fit(result, ws, preset, sku)
+                if sku is not None and sku.is_cpu:
+                    self._report_cpu_misfit(
+                        result, ws, explain_cpu_misfit(preset, sku, self.skus, self.registry)
+                    )
+                elif sku is not None:
+                    self._check_gpu_fit(result, ws, preset, sku)
         else:
             self._check_template(result, inf.template or {})
-        self._check_adapters(result, ws, inf, preset)
-        if inf.config:
-            await self._check_inference_config(result, ws, inf.config, sku)
+        self._check_adapters(result, inf.adapters or [])
+        if inf.preset is not None and preset is None:
+            return  # runtime rules need the preset
+        runtime = self._runtime(ws, preset)
+        if preset is not None and runtime is not None:
+            self._check_runtime_supported(result, ws, preset, runtime)
+            self._check_adapters_on_runtime(result, inf.adapters or [], preset, runtime)
+        await self._check_inference_config(result, ws, inf, preset, runtime, sku)
 
     def _check_preset_access(self, result: Result, path: str, ws: Workspace, preset: Preset) -> None:
         spec = ws.inference.preset if ws.inference is not None else (ws.tuning.preset if ws.tuning else None)
@@ -271,14 +372,20 @@ class WorkspaceValidator:
                     f"required when accessMode is private; set it to your model image (e.g. {_IMAGE_EXAMPLE})",
                 )
             else:
-                _check_image(result, f"{path}.presetOptions.image", image)
-        if preset.download_auth_required and not (
-            spec.preset_options and spec.preset_options.model_access_secret
-        ):
+                _check_image(result, f"{path}.presetOptions.image", image, lowercase_required=False)
+        secret = spec.preset_options.model_access_secret if spec.preset_options else None
+        if preset.download_auth_required and not secret:
             result.error(
                 f"{path}.presetOptions.modelAccessSecret",
                 f"preset {preset.name} downloads gated weights at runtime; set it to a Secret (same namespace) "
                 "with key HF_TOKEN",
+            )
+        elif secret and not preset.download_at_runtime:
+            # Upstream (v1beta1) refuses it too: the token would be handed to a pod that never uses it.
+            result.error(
+                f"{path}.presetOptions.modelAccessSecret",
+                f"preset {preset.name} ships its weights in the model image and downloads nothing; remove "
+                "modelAccessSecret",
             )
 
     def _check_node_count(self, result: Result, ws: Workspace, preset: Preset) -> None:
@@ -293,7 +400,8 @@ class WorkspaceValidator:
             f"use one of {fits}",
         )
 
-    def _check_fit(self, result: Result, ws: Workspace, preset: Preset, sku: GPUSku) -> None:
+    def _check_gpu_fit(self, result: Result, ws: Workspace, preset: Preset, sku: GPUSku) -> None:
+        """Whether ``count`` nodes of a catalog GPU SKU have the GPUs and GPU memory the preset needs."""
         problems = check_fit(preset, sku, ws.resource.count)
         if not problems:
             return
@@ -316,6 +424,19 @@ class WorkspaceValidator:
             f'annotation {ANNOTATION_BYPASS_RESOURCE_CHECKS}: "true" to skip this check',
         )
 
+    def _report_cpu_misfit(self, result: Result, ws: Workspace, misfit: str | None) -> None:
+        """A CPU SKU that cannot serve or tune the preset (kaito.presets.cpu): an error, or a warning
+        under the bypass annotation."""
+        if misfit is None:
+            return
+        if self._bypass(ws):
+            result.warn("resource.instanceType", f"{misfit} (ignored: {ANNOTATION_BYPASS_RESOURCE_CHECKS})")
+            return
+        result.error(
+            "resource.instanceType",
+            f'{misfit}; or add the annotation {ANNOTATION_BYPASS_RESOURCE_CHECKS}: "true" to skip this check',
+        )
+
     def _check_template(self, result: Result, template: dict[str, Any]) -> None:
         spec = template.get("spec")
         containers = spec.get("containers") if isinstance(spec, dict) else None
@@ -331,10 +452,8 @@ class WorkspaceValidator:
                     f"inference.template.spec.containers[{i}]", "each container needs a name and an image"
                 )
 
-    def _check_adapters(
-        self, result: Result, ws: Workspace, inf: InferenceSpec, preset: Preset | None
-    ) -> None:
-        adapters = inf.adapters or []
+    def _check_adapters(self, result: Result, adapters: list[AdapterSpec]) -> None:
+        """Upstream's adapter rules (run on update there; here on create as well)."""
         if len(adapters) > MAX_ADAPTERS:
             result.error(
                 "inference.adapters", f"at most {MAX_ADAPTERS} adapters are supported (got {len(adapters)})"
@@ -372,25 +491,50 @@ class WorkspaceValidator:
             if not source.image:
                 result.error(f"{path}.source.image", f"required: the adapter image, e.g. {_IMAGE_EXAMPLE}")
             else:
-                _check_image(result, f"{path}.source.image", source.image)
-            strength = adapter.strength if adapter.strength is not None else "1.0"
-            try:
-                value = Decimal(strength)
-                ok = value.is_finite() and Decimal(0) <= value <= Decimal(1)
-            except ArithmeticError:
-                ok = False
-            if not ok:
+                _check_image(result, f"{path}.source.image", source.image, lowercase_required=False)
+            if _strength_value(adapter.strength) is None:
                 result.error(
-                    f"{path}.strength", f'{strength!r} must be a number between "0" and "1" (e.g. "1.0")'
+                    f"{path}.strength",
+                    f'{adapter.strength!r} must be a number between "0" and "1" (e.g. "1.0")',
                 )
-        vllm = preset.runtime.vllm if preset is not None else None
-        uses_vllm = ws.annotations().get(ANNOTATION_RUNTIME) == RuntimeName.VLLM
-        if adapters and uses_vllm and preset is not None and vllm is not None and vllm.disallow_lora:
+
+    def _check_runtime_supported(
+        self, result: Result, ws: Workspace, preset: Preset, runtime: RuntimeName
+    ) -> None:
+        """An explicit annotation the preset cannot run on (the default falls back by itself)."""
+        if runtime != RuntimeName.VLLM or ANNOTATION_RUNTIME not in ws.annotations():
+            return
+        path = f"metadata.annotations[{ANNOTATION_RUNTIME}]"
+        if preset.runtime.vllm is None:
+            result.error(path, f"preset {preset.name} cannot run on vllm; use transformers")
+        elif preset.distributed_inference:
+            result.error(
+                path,
+                f"distributed inference of preset {preset.name} is not supported on vllm; use transformers",
+            )
+
+    def _check_adapters_on_runtime(
+        self, result: Result, adapters: list[AdapterSpec], preset: Preset, runtime: RuntimeName
+    ) -> None:
+        """vLLM cannot apply an adapter strength, and some presets cannot load LoRA adapters at all."""
+        if runtime != RuntimeName.VLLM or not adapters:
+            return
+        switch = f"or set the annotation {ANNOTATION_RUNTIME}: transformers"
+        vllm = preset.runtime.vllm
+        if vllm is not None and vllm.disallow_lora:
             result.error(
                 "inference.adapters",
-                f"preset {preset.name} cannot load LoRA adapters with the vllm runtime; remove the adapters or "
-                f"set the annotation {ANNOTATION_RUNTIME}: transformers",
+                f"preset {preset.name} cannot load LoRA adapters with the vllm runtime; remove the adapters "
+                f"{switch}",
             )
+        for i, adapter in enumerate(adapters):
+            value = _strength_value(adapter.strength)
+            if value is not None and value != Decimal(DEFAULT_ADAPTER_STRENGTH):
+                result.error(
+                    f"inference.adapters[{i}].strength",
+                    f"the vllm runtime cannot apply an adapter strength ({adapter.strength!r} would be ignored); "
+                    f'remove strength (or set "{DEFAULT_ADAPTER_STRENGTH}") {switch}',
+                )
 
     async def _read_configmap(
         self, result: Result, path: str, namespace: str, name: str
@@ -407,42 +551,65 @@ class WorkspaceValidator:
         return data
 
     async def _check_inference_config(
-        self, result: Result, ws: Workspace, name: str, sku: GPUSku | None
+        self,
+        result: Result,
+        ws: Workspace,
+        inf: InferenceSpec,
+        preset: Preset | None,
+        runtime: RuntimeName | None,
+        sku: GPUSku | None,
     ) -> None:
-        namespace = ws.metadata.namespace or "default"
-        data = await self._read_configmap(result, "inference.config", namespace, name)
-        if data is None:
+        """``inference.config`` (or the default the controller generates) against the serving runtime.
+
+        Only vLLM reads ``inference_config.yaml``; under transformers (and for a custom template) the
+        ConfigMap is only mounted, so it must exist but need not hold the key.
+        """
+        path = "inference.config"
+        uses_vllm = preset is not None and runtime == RuntimeName.VLLM
+        vllm_section: Any = DEFAULT_INFERENCE_CONFIG.get("vllm")
+        source = "the default inference config the controller generates"
+        if inf.config:
+            namespace = ws.metadata.namespace or "default"
+            data = await self._read_configmap(result, path, namespace, inf.config)
+            if data is None or not uses_vllm:
+                return
+            if INFERENCE_CONFIG_KEY not in data:
+                result.error(
+                    path,
+                    f"ConfigMap {inf.config!r} must have the key {INFERENCE_CONFIG_KEY} (the vllm runtime reads "
+                    "it); add it, or remove inference.config to use the defaults",
+                )
+                return
+            where = f"{INFERENCE_CONFIG_KEY} of ConfigMap {inf.config!r}"
+            try:
+                parsed = await parse_document(data[INFERENCE_CONFIG_KEY], where)
+            except DocumentError as e:
+                result.error(path, str(e))
+                return
+            parsed = {} if parsed is None else parsed
+            if not isinstance(parsed, dict):
+                result.error(path, f"{where} must be a YAML mapping (e.g. vllm: {{max-model-len: 4096}})")
+                return
+            vllm_section = parsed.get("vllm")
+            if vllm_section is not None and not isinstance(vllm_section, dict):
+                result.error(
+                    path, f"the vllm section of {where} must be a mapping (e.g. max-model-len: 4096)"
+                )
+                return
+            source = where
+        if not uses_vllm or sku is None:
             return
-        if INFERENCE_CONFIG_KEY not in data:
-            result.error("inference.config", f"ConfigMap {name!r} must have the key {INFERENCE_CONFIG_KEY}")
-            return
-        try:
-            parsed = yaml.safe_load(data[INFERENCE_CONFIG_KEY]) or {}
-        except yaml.YAMLError as e:
-            result.error(
-                "inference.config", f"{INFERENCE_CONFIG_KEY} in ConfigMap {name!r} is not valid YAML: {e}"
-            )
-            return
-        if not isinstance(parsed, dict):
-            result.error(
-                "inference.config", f"{INFERENCE_CONFIG_KEY} in ConfigMap {name!r} must be a YAML mapping"
-            )
-            return
-        vllm = parsed.get("vllm")
-        if vllm is not None and not isinstance(vllm, dict):
-            result.error("inference.config", f"the vllm section of {INFERENCE_CONFIG_KEY} must be a mapping")
-        elif (
-            ws.annotations().get(ANNOTATION_RUNTIME) == RuntimeName.VLLM
-            and sku is not None
-            and sku.gpu_count > 1
-            and sku.per_gpu_memory_gib < 20
-            and not (vllm or {}).get("max-model-len")
-        ):
-            result.error(
-                "inference.config",
-                f"{sku.name} has {sku.gpu_count} GPUs with less than 20Gi each: set vllm.max-model-len in "
-                f"{INFERENCE_CONFIG_KEY} of ConfigMap {name!r}",
-            )
+        if sku.gpu_count > 1 and sku.per_gpu_memory_gib < VLLM_SMALL_GPU_GIB:
+            value = (vllm_section or {}).get("max-model-len")
+            if value is None or value == "":
+                result.error(
+                    path,
+                    f"{sku.name} has {sku.gpu_count} GPUs with less than {VLLM_SMALL_GPU_GIB}Gi each, where the "
+                    f"vllm runtime needs vllm.max-model-len, which {source} does not set; put "
+                    f"'vllm: {{max-model-len: 4096}}' (or another length) in {INFERENCE_CONFIG_KEY} of a ConfigMap "
+                    f"named by inference.config, set the annotation {ANNOTATION_RUNTIME}: transformers, or "
+                    f"use an instance type with at least {VLLM_SMALL_GPU_GIB}Gi per GPU",
+                )
 
     async def _check_tuning_create(self, result: Result, ws: Workspace, tuning: TuningSpec) -> None:
         if ws.resource.count != 1:
@@ -463,7 +630,10 @@ class WorkspaceValidator:
                     "tuning.method", f"preset {preset.name} supports {', '.join(preset.tuning.methods)}"
                 )
         sku = self._lookup_sku(result, ws)
-        if sku is not None and preset is not None:
+        if sku is not None and sku.is_cpu and preset is not None and preset.tuning is not None:
+            misfit = explain_cpu_misfit(preset, sku, self.skus, self.registry, method=method)
+            self._report_cpu_misfit(result, ws, misfit)
+        elif sku is not None and preset is not None:
             for p in check_tuning_fit(preset, sku, method):
                 result.warn("resource.instanceType", p.message)
         self._check_input(result, tuning.input)
@@ -517,9 +687,9 @@ class WorkspaceValidator:
             result.error("tuning.config", f"ConfigMap {name!r} must have the key {TRAINING_CONFIG_KEY}")
             return
         try:
-            parsed = yaml.safe_load(data[TRAINING_CONFIG_KEY])
-        except yaml.YAMLError as e:
-            result.error("tuning.config", f"{where} is not valid YAML: {e}")
+            parsed = await parse_document(data[TRAINING_CONFIG_KEY], where)
+        except DocumentError as e:
+            result.error("tuning.config", str(e))
             return
         sections = parsed.get("training_config") if isinstance(parsed, dict) else None
         if not isinstance(sections, dict):
@@ -579,9 +749,13 @@ class WorkspaceValidator:
             # Finalizer removal must always go through, whatever the spec holds (upstream could wedge here).
             return result
         if (old.inference is None) != (new.inference is None) or (old.tuning is None) != (new.tuning is None):
-            result.error("inference", "inference and tuning cannot be added or removed after creation")
+            result.error(
+                "inference" if (old.inference is None) != (new.inference is None) else "tuning",
+                "inference and tuning cannot be added or removed after creation; delete the workspace and "
+                "create a new one",
+            )
             return result
-        immutable_hint = "is immutable; delete and re-create the workspace to change it"
+        immutable_hint = f"is immutable; {_DELETE_RECREATE}"
         if old.resource.count != new.resource.count:
             result.error("resource.count", f"{immutable_hint} (was {old.resource.count})")
         if old.resource.instance_type != new.resource.instance_type:
@@ -600,35 +774,40 @@ class WorkspaceValidator:
         self, result: Result, old: Workspace, new: Workspace, was: InferenceSpec, now: InferenceSpec
     ) -> None:
         if was.preset != now.preset:
-            result.error(
-                "inference.preset", "is immutable; delete and re-create the workspace to change the model"
-            )
+            result.error("inference.preset", f"is immutable; {_DELETE_RECREATE} with another model")
         if (was.template is None) != (now.template is None):
-            result.error("inference.template", "cannot be added or removed after creation")
+            result.error(
+                "inference.template", f"cannot be added or removed after creation; {_DELETE_RECREATE}"
+            )
         if now.template is not None and now.template != was.template:
             self._check_template(result, now.template)
         preset = None
         if now.preset is not None and self.registry.has(now.preset.name):
             preset = self.registry.get(now.preset.name)
         # Only what changed is re-checked, so metadata-only writes (the controller's finalizer and
-        # annotations) always pass even if an older object would not satisfy today's rules.
+        # annotations) always pass even if an older object would not satisfy today's rules. A changed
+        # runtime annotation re-checks everything that depends on the runtime.
+        runtime = self._runtime(new, preset)
+        runtime_changed = runtime != self._runtime(old, preset)
         if now.adapters != was.adapters:
-            self._check_adapters(result, new, now, preset)
-        if now.config and now.config != was.config:
+            self._check_adapters(result, now.adapters or [])
+        if preset is not None and runtime is not None and (now.adapters != was.adapters or runtime_changed):
+            if runtime_changed:
+                self._check_runtime_supported(result, new, preset, runtime)
+            self._check_adapters_on_runtime(result, now.adapters or [], preset, runtime)
+        if now.config != was.config or runtime_changed:
             sku = self.skus.get(new.resource.instance_type, self.cloud_provider)
-            await self._check_inference_config(result, new, now.config, sku)
+            await self._check_inference_config(result, new, now, preset, runtime, sku)
 
     async def _check_tuning_update(
         self, result: Result, new: Workspace, was: TuningSpec, now: TuningSpec
     ) -> None:
         if was.preset != now.preset:
-            result.error(
-                "tuning.preset", "is immutable; delete and re-create the workspace to change the model"
-            )
+            result.error("tuning.preset", f"is immutable; {_DELETE_RECREATE} with another model")
         if was.method.lower() != now.method.lower():
-            result.error("tuning.method", f"is immutable (was {was.method})")
+            result.error("tuning.method", f"is immutable (was {was.method}); {_DELETE_RECREATE}")
         if (was.input.name or "") != (now.input.name or ""):
-            result.error("tuning.input.name", f"is immutable (was {was.input.name!r})")
+            result.error("tuning.input.name", f"is immutable (was {was.input.name!r}); {_DELETE_RECREATE}")
         if now.input != was.input:
             self._check_input(result, now.input)
         if now.output != was.output:
@@ -637,40 +816,24 @@ class WorkspaceValidator:
             await self._check_tuning_config(result, new, now.config, now.method.lower())
 
 
-def kube_configmap_reader(api_client: Any) -> ConfigMapReader:
-    """A :data:`ConfigMapReader` over a kubernetes_asyncio ``ApiClient`` (needs ``get configmaps``)."""
-    from kubernetes_asyncio.client import CoreV1Api
-    from kubernetes_asyncio.client.exceptions import ApiException
-
-    core = CoreV1Api(api_client)
-
-    async def read(namespace: str, name: str) -> dict[str, str] | None:
-        try:
-            cm = await core.read_namespaced_config_map(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return dict(cm.data or {})
-
-    return read
-
-
 def build_validator(
     api_client: Any | None = None,
-    cloud_provider: str | None = None,
+    policy: AdmissionPolicy | None = None,
     registry: PresetRegistry | None = None,
     skus: SkuCatalog | None = None,
-    allow_unknown_instance_types: bool = False,
 ) -> WorkspaceValidator:
-    """A validator over the default catalogs (loaded once; call at startup, it reads files)."""
+    """The validator the controller serves (and the tests admit through): one assembly for both.
+
+    ``api_client`` (a kubernetes_asyncio ``ApiClient`` or a :class:`~kaito.runtime.kube.KubeClient`)
+    reads the ConfigMaps that ``inference.config`` / ``tuning.config`` name; ``policy`` carries the
+    controller's flags. The default catalogs are loaded once (call at startup: it reads files).
+    """
     from kaito.presets.registry import default_registry
     from kaito.presets.skus import default_sku_catalog
 
     return WorkspaceValidator(
         registry or default_registry(),
         skus or default_sku_catalog(),
-        cloud_provider=cloud_provider,
+        policy=policy,
         configmaps=kube_configmap_reader(api_client) if api_client is not None else None,
-        allow_unknown_instance_types=allow_unknown_instance_types,
     )

@@ -8,7 +8,6 @@ Messages are truncated to 1 KiB and never include secret values (they are built 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -19,7 +18,7 @@ from prometheus_client.registry import Collector
 from kaito.api.conditions import ConditionType, WorkspaceState
 from kaito.runtime import events as runtime_events
 from kaito.runtime import metrics as runtime_metrics
-from kaito.runtime.kube import KubeClient
+from kaito.runtime.kube import KubeClient, unix_time
 
 log = structlog.get_logger("kaito.workspace.events")
 
@@ -61,15 +60,6 @@ RECONCILE_STEP = Histogram(
 )
 
 
-def _unix_time(raw: Any) -> float | None:
-    if not isinstance(raw, str) or not raw:
-        return None
-    try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def not_ready_since(ws: Mapping[str, Any]) -> float | None:
     """Unix time since which a workspace has not been in a healthy state; None when it is healthy.
 
@@ -77,7 +67,7 @@ def not_ready_since(ws: Mapping[str, Any]) -> float | None:
     condition (when it stopped succeeding), or its creation when it never had that condition.
     """
     meta = ws.get("metadata") or {}
-    deleting = _unix_time(meta.get("deletionTimestamp"))
+    deleting = unix_time(meta.get("deletionTimestamp"))
     if deleting is not None:
         return deleting
     status = ws.get("status") or {}
@@ -85,10 +75,10 @@ def not_ready_since(ws: Mapping[str, Any]) -> float | None:
         return None
     for c in status.get("conditions") or ():
         if isinstance(c, Mapping) and c.get("type") == ConditionType.WORKSPACE_SUCCEEDED:
-            since = _unix_time(c.get("lastTransitionTime"))
+            since = unix_time(c.get("lastTransitionTime"))
             if since is not None:
                 return since
-    return _unix_time(meta.get("creationTimestamp"))
+    return unix_time(meta.get("creationTimestamp"))
 
 
 class WorkspaceCountCollector(Collector):

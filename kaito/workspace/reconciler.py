@@ -30,7 +30,6 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -64,6 +63,7 @@ from kaito.runtime.kube import (
     Resource,
     deepcopy,
     split_key,
+    unix_time,
 )
 from kaito.runtime.manager import Manager
 from kaito.workspace import events as ev
@@ -97,8 +97,10 @@ class ReconcilerOptions:
     machine_deletion_timeout: float = 300.0
     not_ready_requeue: float = 60.0
     deletion_requeue: float = 5.0
-    # Tuning Jobs need batch/jobs permissions the installed RBAC does not grant yet: off by default,
-    # tuning workspaces then only get the finalizer and the deletion path.
+    # --enable-tuning. Off for a bare process (the flag's default); the shipped manifests and Helm chart
+    # turn it on and their role grants batch/jobs. When off, the webhook refuses new tuning workspaces
+    # (kaito.webhook.validation.AdmissionPolicy.tuning_enabled); any that exist only get the finalizer
+    # and the deletion path.
     tuning: bool = False
 
 
@@ -155,15 +157,6 @@ def node_predicate(old: Obj | None, new: Obj) -> bool:
 def _rv_int(rv: str | None) -> int | None:
     try:
         return int(rv) if rv else None
-    except ValueError:
-        return None
-
-
-def _parse_time(value: Any) -> float | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
 
@@ -315,7 +308,7 @@ class WorkspaceReconciler:
             if req.phase != RequestPhase.DELETING and await self._delete_machine(req.name):
                 log.info("machine deleted", machine=req.name)
         if remaining:
-            started = _parse_time(meta.get("deletionTimestamp")) or time.time()
+            started = unix_time(meta.get("deletionTimestamp")) or time.time()
             waited = time.time() - started
             if waited < self.options.machine_deletion_timeout:
                 return Result(requeue_after=self.options.deletion_requeue)

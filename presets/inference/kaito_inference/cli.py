@@ -81,6 +81,10 @@ async def serve(cfg: ServerConfig) -> int:
         port=cfg.port,
         log_level=cfg.log_level,
         timeout_graceful_shutdown=30,
+        # Longer than the idle timeouts of clients' connection pools (httpx: 5 s, uvicorn's own default)
+        # and of load balancers in front (typically 60 s): otherwise the server closes an idle keep-alive
+        # connection just as a client sends its next request on it, which fails with a reset.
+        timeout_keep_alive=75,
         ws="none",  # no websocket endpoints; avoids importing the websockets package
         # Default access logs on every probe would drown the model's own messages.
         access_log=cfg.log_level == "debug",

@@ -38,8 +38,10 @@ RELEASE = "kaito"
 NODE = "uninstall-node"
 TAINT = {"key": "kaito.test/dedicated", "value": "controllers", "effect": "NoSchedule"}
 WEBHOOKS = ("validation.workspace.kaito.sh", "mutation.workspace.kaito.sh")
-# The CRDs stay after an uninstall (Helm never deletes a chart's crds/).
+# The CRDs stay after an uninstall (Helm never deletes a chart's crds/), and with them the local
+# APIServices the apiserver registers for their groups.
 KEPT_CRDS = {"workspaces.kaito.sh", "machines.karpenter.sh"}
+KEPT_GROUPS = {crd.split(".", 1)[1] for crd in KEPT_CRDS}
 # Names that are ours wherever they appear.
 OUR_NAMES = ("kaito", "gpu-provisioner", "workspace-webhook")
 
@@ -89,7 +91,7 @@ def is_ours(obj: dict[str, Any]) -> bool:
 def leftovers(cluster: LocalCluster) -> list[str]:
     """Every object of every listable kind, namespaced or not, that is ours (see :func:`is_ours`).
 
-    Not counted: the CRDs (kept by design), the release Namespace itself (``--create-namespace``
+    Not counted: the CRDs (kept by design) and their groups' local APIServices, the release Namespace itself (``--create-namespace``
     makes it outside the release, so Helm leaves it, empty of ours), and Events (records of what
     happened, expired by the apiserver's TTL, never owned by an installer).
     """
@@ -100,6 +102,9 @@ def leftovers(cluster: LocalCluster) -> list[str]:
     for obj in items:
         meta = obj["metadata"]
         if obj["kind"] == "CustomResourceDefinition" and meta["name"] in KEPT_CRDS:
+            continue
+        spec = obj.get("spec") or {}
+        if obj["kind"] == "APIService" and spec.get("group") in KEPT_GROUPS and not spec.get("service"):
             continue
         if obj["kind"] == "Namespace" and meta["name"] == NAMESPACE:
             continue
@@ -135,7 +140,10 @@ async def act_as_the_controllers(cluster: LocalCluster) -> None:
         "gpu-provisioner-leader-election-pod",
     ]
     for obj in (secret, *leases):
-        assert obj["metadata"]["annotations"]["meta.helm.sh/release-name"] == RELEASE
+        annotations = obj["metadata"].get("annotations") or {}
+        assert annotations.get("meta.helm.sh/release-name") == RELEASE, (
+            f"{obj['kind']} {obj['metadata']['name']} was created outside the release: uninstall would leave it"
+        )
     for kind, name in zip(
         ("validatingwebhookconfiguration", "mutatingwebhookconfiguration"), WEBHOOKS, strict=True
     ):

@@ -292,6 +292,8 @@ async def test_tuning_sample_runs_its_job_under_least_privilege(installed: Insta
     name = doc["metadata"]["name"] = "install-tuning"
     # The sample's placeholder is no valid object name; the Secret itself is only mounted by the pod.
     doc["tuning"]["output"]["imagePushSecret"] = "acr-push-secret"
+    # Its image placeholder is upper case, which the webhook refuses (as upstream): fill it in.
+    doc["tuning"]["output"]["image"] = "myregistry.azurecr.io/phi-3-adapter:0.0.1"
     inst.cluster.kubectl("apply", "-n", inst.namespace, "-f", "-", input=yaml.safe_dump(doc))
 
     def succeeded() -> Any:

@@ -17,6 +17,7 @@ from test.waiting import eventually
 NAME = "workspace-phi-3-mini"
 # The sample's placeholder is no valid object name; the test names a real Secret instead.
 PUSH_SECRET = "acr-push-secret"
+OUTPUT_IMAGE = "myregistry.azurecr.io/phi-3-adapter:0.0.1"
 
 
 def create_push_secret(op: Operator) -> None:
@@ -39,6 +40,8 @@ async def test_tuning_sample_job_succeeds(operator: Operator) -> None:
 
     def use_secret(doc: dict[str, Any]) -> None:
         doc["tuning"]["output"]["imagePushSecret"] = PUSH_SECRET
+        # The placeholder is not a valid image reference (upper case): the webhook refuses it, as upstream.
+        doc["tuning"]["output"]["image"] = OUTPUT_IMAGE
 
     apply_sample(op, "kaito_workspace_tuning_phi_3.yaml", use_secret)
 
@@ -84,6 +87,7 @@ async def test_tuning_job_failure_is_reported(operator: Operator) -> None:
 
     def failing(doc: dict[str, Any]) -> None:
         doc["tuning"]["output"]["imagePushSecret"] = PUSH_SECRET
+        doc["tuning"]["output"]["image"] = OUTPUT_IMAGE
         doc["tuning"]["input"]["urls"] = ["https://kwok.kaito.sh/simulate/fail.parquet"]
 
     apply_sample(op, "kaito_workspace_tuning_phi_3.yaml", failing)

@@ -1,9 +1,13 @@
-"""hack/prometheus.py against the local apiserver: a real Prometheus (Debian's binary) discovers, through
+"""hack/prometheus.py against the local apiserver: a real Prometheus (built from its Go module by
+hack/build-tools.sh: Debian's package has no Kubernetes discovery) discovers, through
 Kubernetes service discovery, exactly the endpoints the chart's ServiceMonitors select, scrapes them and
 answers a query with what they served.
 
 No pods run here: each metrics Service of the chart (rendered into this test's namespace, selector
-removed) gets an EndpointSlice pointing to a real /metrics server on 127.0.0.1 that this test runs. A
+removed) gets an EndpointSlice pointing to a real /metrics server on 127.0.0.1 that this test runs. The
+apiserver refuses loopback addresses in EndpointSlices, so the slices carry documentation addresses
+(192.0.2.0/24, never routed) that one relabel rule, after the ServiceMonitor-derived ones, maps to
+127.0.0.1 (``address_rewrites``). A
 decoy Service per wrong reason (webhook component, wrong port name, another namespace's selection)
 points to a server of its own, which must never be scraped.
 """
@@ -23,7 +27,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from hack.localcluster import LocalCluster
 from hack.prometheus import PrometheusServer, scrape_configs_from_servicemonitors
-from test.integration.install.helpers import CHART, load_docs, run, tools_dir
+from test.integration.install.helpers import CHART, CONFIG, load_docs, run, tools_dir
 
 METRICS_SERVICES = {"kaito-workspace-metrics": 3.0, "gpu-provisioner-metrics": 1.0}
 
@@ -97,8 +101,12 @@ def test_namespace(control_plane: LocalCluster) -> Iterator[str]:
         control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+TEST_NET = r"192\.0\.2\.\d+"
+
+
 def endpoint_slice(namespace: str, service: str, port_name: str, port: int) -> dict[str, Any]:
-    """A slice for ``service`` with one ready endpoint on 127.0.0.1 (a pod's name as its target)."""
+    """A slice for ``service`` with one ready endpoint (a pod's name as its target) at a 192.0.2.x
+    address that the test's address rewrite sends to 127.0.0.1:``port``."""
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -110,7 +118,7 @@ def endpoint_slice(namespace: str, service: str, port_name: str, port: int) -> d
         "addressType": "IPv4",
         "endpoints": [
             {
-                "addresses": ["127.0.0.1"],
+                "addresses": [f"192.0.2.{1 + port % 250}"],
                 "conditions": {"ready": True},
                 "targetRef": {"kind": "Pod", "name": f"{service}-pod", "namespace": namespace},
             }
@@ -172,8 +180,15 @@ def test_prometheus_scrapes_exactly_what_the_servicemonitors_select(
             endpoint_slice(other, "kaito-workspace-metrics", "http-metrics", metrics_servers["decoy-2"].port)
         )
 
-        jobs = scrape_configs_from_servicemonitors(monitors, control_plane.kubeconfig, scrape_interval="1s")
-        with PrometheusServer(jobs, workdir=tmp_path / "prometheus") as prom:
+        jobs = scrape_configs_from_servicemonitors(
+            monitors,
+            control_plane.kubeconfig,
+            scrape_interval="1s",
+            address_rewrites=[(TEST_NET, "127.0.0.1")],
+        )
+        # The alerting rules load into this (newer) Prometheus too, not only into Debian's promtool.
+        rules = [CONFIG / "prometheus" / "alerts.yaml"]
+        with PrometheusServer(jobs, workdir=tmp_path / "prometheus", rule_files=rules) as prom:
             targets = prom.wait_targets_up(count=2, timeout=60)
             by_job = {t["labels"]["job"]: t for t in targets}
             assert set(by_job) == set(METRICS_SERVICES)
@@ -190,6 +205,15 @@ def test_prometheus_scrapes_exactly_what_the_servicemonitors_select(
             # Discovery saw the decoys (they are Services in the watched namespaces) and dropped them.
             assert all(metrics_servers[f"decoy-{i}"].scrapes == 0 for i in range(3))
             assert len(prom.targets()) == 2
+            loaded = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
+            in_file = [r for g in load_docs(rules[0].read_text())[0]["groups"] for r in g["rules"]]
+            assert len(loaded) == len(in_file) and all(r["health"] == "ok" for r in loaded), loaded
+            # Nothing here reports a leader: the no-leader alerts are pending (they fire after 5 min).
+            pending = prom.wait_query('ALERTS{alertstate="pending"}', timeout=30)
+            assert {a["metric"]["alertname"] for a in pending} == {
+                "KaitoWorkspaceControllerNoLeader",
+                "KaitoProvisionerNoLeader",
+            }
     finally:
         control_plane.kubectl("delete", "namespace", other, "--wait=false", check=False)
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from kaito.cmd import parse_args, webhook_validator
 from kaito.webhook.certs import CertManager
 from kaito.webhook.server import WebhookServer
-from kaito.webhook.validation import build_validator
 from test.integration.webhook.helpers import (
     CRD_DIR,
     WebhookEnv,
@@ -61,7 +61,9 @@ async def webhook(crds: Any, api_client: Any, namespace: str, tmp_path: Path) ->
         mutating_webhooks=[name],
     )
     await certs.ensure()
-    server = WebhookServer(build_validator(api_client), host="127.0.0.1", port=0, cert_dir=cert_dir)
+    # The validator the controller serves, from its flags (as deployed: tuning on, default runtime).
+    validator = webhook_validator(parse_args(["--enable-tuning"]), api_client)
+    server = WebhookServer(validator, host="127.0.0.1", port=0, cert_dir=cert_dir)
     certs.on_change = server.reload_certificates
     await server.start()
     try:

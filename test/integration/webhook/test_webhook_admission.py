@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from kubernetes_asyncio.client import CoreV1Api, CustomObjectsApi
 
+from kaito.cmd import parse_args, webhook_validator
 from test.integration.webhook.helpers import WEBHOOK_LABEL, WebhookEnv, kubectl
 
 SAMPLES = Path(__file__).resolve().parents[3] / "config" / "samples"
@@ -79,10 +81,26 @@ class Case:
     update: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     second_namespace: bool = False  # the seed reuses names; its tuning manifests go to a second namespace
+    parity: int | None = None  # the issue-16 class (1-7) of upstream differences the case pins down
+
+    @property
+    def kind(self) -> tuple[str, str]:
+        """("create" or "update", "accept" or "reject")."""
+        return (
+            "update" if self.update is not None else "create",
+            "accept" if self.expect is None else "reject",
+        )
 
 
 def sample(file: str) -> str:
     return (SAMPLES / file).read_text()
+
+
+def filled_in(file: str) -> dict[str, Any]:
+    """A seed sample with its output-image placeholder replaced, as its user is told to do."""
+    doc: dict[str, Any] = yaml.safe_load(sample(file))
+    doc["tuning"]["output"]["image"] = "myregistry.azurecr.io/phi-3-adapter:0.0.1"
+    return doc
 
 
 VERBOSE = bool(os.environ.get("KAITO_TEST_VERBOSE"))
@@ -91,11 +109,12 @@ WEBHOOK = 'admission webhook "validation.workspace.kaito.sh" denied the request'
 CASES: list[Case] = [
     # ------------------------------------------------------------------ valid manifests
     Case("seed-phi-3", sample("kaito_workspace_phi_3.yaml")),
-    Case("seed-tuning-phi-3", sample("kaito_workspace_tuning_phi_3.yaml"), second_namespace=True,
-         warnings=["tuning.output.image", "must be lowercase", "usually needs 72Gi"]),
+    Case("seed-tuning-phi-3-with-its-image", filled_in("kaito_workspace_tuning_phi_3.yaml"), second_namespace=True,
+         warnings=["usually needs 72Gi"]),
     Case("seed-phi-3-adapters", sample("kaito_workspace_phi_3_with_adapters.yaml"),
-         warnings=["inference.adapters[0].source.image"]),
-    Case("seed-tuning-phi-3-adapter", sample("kaito_workspace_tuning_phi_3_adapter.yaml"), second_namespace=True),
+         warnings=["inference.adapters[0].source.image", "must be lowercase"]),
+    Case("seed-tuning-phi-3-adapter-with-its-image", filled_in("kaito_workspace_tuning_phi_3_adapter.yaml"),
+         second_namespace=True),
     Case("falcon-7b", ws("falcon-7b", inference=preset("falcon-7b"))),
     Case("falcon-7b-aws", ws("falcon-7b-aws", "g5.4xlarge", inference=preset("falcon-7b"))),
     Case("falcon-40b-a100", ws("falcon-40b", "Standard_NC96ads_A100_v4", inference=preset("falcon-40b"))),
@@ -137,16 +156,23 @@ CASES: list[Case] = [
         "labelSelector": {"matchExpressions": [{"key": "apps", "operator": "In", "values": ["x"]}]}}},
          ["resource.labelSelector", "labelSelector.matchLabels must name at least one label"]),
     Case("no-selector", {**ws("nosel", inference=preset("phi-2")), "resource": {"instanceType": "Standard_NC12s_v3"}},
-         ["resource.labelSelector: Required value"]),
+         ["resource.labelSelector: Required value: resource.labelSelector is required", "matchLabels: {apps: phi-3}"]),
+    Case("no-resource", {k: v for k, v in ws("nores", inference=preset("phi-2")).items() if k != "resource"},
+         ["resource: Required value: resource is required: the nodes to run on"]),
+    Case("no-preset-name", ws("noname", inference={"preset": {"accessMode": "public"}}),
+         ["inference.preset.name: Required value: preset.name is required", "phi-3-mini-4k-instruct"]),
+    Case("tuning-no-method", ws("nomethod", tuning={k: v for k, v in tuning_spec().items() if k != "method"}),
+         ["tuning.method: Required value: tuning.method is required: lora or qlora"]),
     Case("eleven-adapters", ws("eleven", inference={**preset("phi-2"), "adapters": [
         {"source": {"name": f"a{i}", "image": f"r.io/a{i}:1"}} for i in range(11)]}),
          ["inference.adapters", "must have at most 10 items"]),
-    Case("name-not-label", ws("phi.3", inference=preset("phi-2")), ["metadata.name must be a DNS-1123 label"]),
+    Case("name-not-label", ws("phi.3", inference=preset("phi-2")),
+         ["metadata.name: Invalid value", "metadata.name must be a DNS-1123 label", "e.g. workspace-phi-3-mini"]),
     Case("method-unknown", ws("dora", tuning=tuning_spec(method="dora")), ["tuning.method must be lora or qlora"]),
     Case("tuning-two-nodes", ws("tuning-two", count=2, tuning=tuning_spec()),
          ["tuning runs on one node: set resource.count to 1"]),
     Case("tuning-no-output", ws("no-output", tuning={k: v for k, v in tuning_spec().items() if k != "output"}),
-         ["tuning.output: Required value"]),
+         ["tuning.output: Required value: tuning.output is required", "imagePushSecret"]),
     Case("preset-and-template", ws("both-kinds", inference={**preset("phi-2"), "template": {"spec": {}}}),
          ["inference needs exactly one of preset (a catalog model) or template (a custom pod)"]),
     Case("unknown-field", {**ws("typo", inference=preset("phi-2")), "resource": {
@@ -161,9 +187,9 @@ CASES: list[Case] = [
          [WEBHOOK, "resource.instanceType: Standard_NC6s_v3 (1x NVIDIA V100, 16Gi GPU memory) is too small for preset "
           "falcon-40b", "insufficient total GPU memory", "use an instance type that fits, e.g. Standard_NC48ads_A100_v4",
           "kaito.sh/bypass-resource-checks"]),
-    Case("unknown-sku", ws("unknown-sku", "Standard_NC6s_v4", inference=preset("phi-2")),
-         [WEBHOOK, "resource.instanceType: unknown instance type 'Standard_NC6s_v4'", "did you mean Standard_NC6s_v3",
-          "use a known GPU SKU that fits phi-2, e.g. Standard_NC16as_T4_v3"]),
+    Case("unknown-sku", ws("unknown-sku", "Standard_HC6s_v3", inference=preset("phi-2")),
+         [WEBHOOK, "resource.instanceType: unknown instance type 'Standard_HC6s_v3'", "did you mean Standard_NC6s_v3",
+          "use a known SKU that fits phi-2, e.g. Standard_NC16as_T4_v3"]),
     Case("private-needed", ws("private", inference=preset("llama-2-7b")),
          [WEBHOOK, "inference.preset.accessMode: preset llama-2-7b has no public image; set accessMode: private"]),
     Case("private-no-image", ws("private-noimg", inference=preset("llama-2-7b", accessMode="private")),
@@ -199,10 +225,15 @@ CASES: list[Case] = [
          [WEBHOOK, "metadata.annotations[kaito.sh/runtime]: unknown runtime 'tgi'; use transformers or vllm"]),
     Case("gated-no-token", ws("gated", "Standard_NC24ads_A100_v4", inference=preset("llama-3.1-8b-instruct")),
          [WEBHOOK, "inference.preset.presetOptions.modelAccessSecret"]),
+    Case("token-for-packaged-weights", ws("token", inference=preset("phi-2", presetOptions={"modelAccessSecret": "hf"}),
+                                           api_version="kaito.sh/v1beta1"),
+         [WEBHOOK, "inference.preset.presetOptions.modelAccessSecret: preset phi-2 ships its weights in the model "
+          "image", "remove modelAccessSecret"]),
     Case("template-no-containers", ws("tpl", inference={"template": {"spec": {"containers": []}}}),
          [WEBHOOK, "inference.template.spec.containers: a pod template needs at least one container"]),
-    Case("image-not-a-reference", ws("badimg", tuning=tuning_spec(output={"image": "adapter", "imagePushSecret": "s"})),
-         [WEBHOOK, "tuning.output.image: 'adapter' is not a full image reference"]),
+    Case("image-not-a-reference", ws("badimg", tuning=tuning_spec(output={"image": "adapter:", "imagePushSecret": "s"})),
+         [WEBHOOK, "tuning.output.image: 'adapter:' is not a valid image reference: invalid reference format",
+          "use [registry/]repository[:tag]"]),
     # ------------------------------------------------------------------ updates
     Case("update-instance-type", ws("u-instance", inference=preset("phi-2")),
          ["resource.instanceType is immutable"], update=ws("u-instance", "Standard_NC24s_v3", inference=preset("phi-2"))),
@@ -214,7 +245,13 @@ CASES: list[Case] = [
          update={**ws("u-sel", inference=preset("phi-2")), "resource": {
              "instanceType": "Standard_NC12s_v3", "labelSelector": {"matchLabels": {"apps": "other"}}}}),
     Case("update-toggle", ws("u-toggle", inference=preset("phi-2")),
-         ["inference and tuning cannot be added or removed after creation"], update=ws("u-toggle", tuning=tuning_spec())),
+         ["inference: Forbidden: inference cannot be added or removed after creation",
+          "tuning: Forbidden: tuning cannot be added or removed", "delete the workspace and create a new one"],
+         update=ws("u-toggle", tuning=tuning_spec())),
+    Case("update-template-to-preset", ws("u-tpl", inference={"template": {"spec": {"containers": [
+        {"name": "server", "image": "nginx:1.27"}]}}}),
+         ["inference.preset and inference.template cannot be added or removed after creation; delete the workspace"],
+         update=ws("u-tpl", inference=preset("phi-2"))),
     Case("update-method", ws("u-method", tuning=tuning_spec()), ["tuning.method is immutable"],
          update=ws("u-method", tuning=tuning_spec(method="lora"))),
     Case("update-preferred-nodes", ws("u-nodes", inference=preset("phi-2")),
@@ -222,8 +259,160 @@ CASES: list[Case] = [
     Case("update-adapters", ws("u-adapters", inference=preset("phi-2")),
          update=ws("u-adapters", inference={**preset("phi-2"), "adapters": [ADAPTER]})),
     Case("update-bad-adapter", ws("u-bad-adapter", inference=preset("phi-2")),
-         [WEBHOOK, "inference.adapters[0].source.image: 'noslash' is not a full image reference"],
-         update=ws("u-bad-adapter", inference={**preset("phi-2"), "adapters": [{"source": {"name": "a", "image": "noslash"}}]})),
+         [WEBHOOK, "inference.adapters[0].source.image: '<YOUR_IMAGE>' is not a valid image reference"],
+         update=ws("u-bad-adapter", inference={**preset("phi-2"), "adapters": [{"source": {"name": "a", "image": "<YOUR_IMAGE>"}}]})),
+]  # fmt: skip
+
+
+TEMPLATE = {"template": {"spec": {"containers": [{"name": "server", "image": "nginx:1.27"}]}}}
+SMALL_GPUS = "Standard_NC12s_v3"  # 2 x 16Gi: vLLM needs max-model-len there
+ONE_GPU = "Standard_NC6s_v3"
+VLLM = {"kaito.sh/runtime": "vllm"}
+TRANSFORMERS = {"kaito.sh/runtime": "transformers"}
+
+
+def adapters(*strengths: str | None) -> list[dict[str, Any]]:
+    return [{"source": {"name": f"a{i}", "image": f"myregistry.azurecr.io/a{i}:1"},
+             **({"strength": st} if st is not None else {})} for i, st in enumerate(strengths)]  # fmt: skip
+
+
+def tuning_images(input_image: str | None = None, output_image: str | None = None) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if input_image is not None:
+        extra["input"] = {"image": input_image}
+    if output_image is not None:
+        extra["output"] = {"image": output_image, "imagePushSecret": "push-secret"}
+    return tuning_spec(**extra)
+
+
+# Issue 16's classes of difference from upstream v0.4.6, on the controller as shipped (transformers default).
+PARITY_CASES: list[Case] = [
+    # 1. Azure sizes outside the catalog that start with Standard_N / Standard_D: admitted, with a warning.
+    Case("azure-unlisted-d-template", ws("az-d", "Standard_D4ds_v4", inference=TEMPLATE), parity=1,
+         warnings=["resource.instanceType: 'Standard_D4ds_v4' is not in the SKU catalog",
+                   "without the GPU count and memory checks"]),
+    Case("azure-unlisted-n-preset", ws("az-n", "Standard_NC6s_v4", inference=preset("phi-2")), parity=1,
+         warnings=["did you mean Standard_NC6s_v3", "make sure it has the GPUs that preset phi-2 needs"]),
+    Case("azure-unlisted-tuning", ws("az-tuning", "Standard_ND40rs_v2", tuning=tuning_spec()), parity=1,
+         warnings=["'Standard_ND40rs_v2' is not in the SKU catalog"]),
+    Case("unlisted-not-n-or-d", ws("az-h", "Standard_HB120rs_v3", inference=preset("phi-2")), parity=1,
+         expect=[WEBHOOK, "resource.instanceType: unknown instance type 'Standard_HB120rs_v3'",
+                 'kaito.sh/bypass-resource-checks: "true"']),
+    Case("azure-unlisted-update-template", ws("az-upd", "Standard_D4ds_v4", inference=TEMPLATE), parity=1,
+         update=ws("az-upd", "Standard_D4ds_v4", inference={"template": {"spec": {"containers": [
+             {"name": "server", "image": "nginx:1.28"}]}}})),
+    Case("azure-unlisted-update-instance", ws("az-upd2", "Standard_D4ds_v4", inference=TEMPLATE), parity=1,
+         expect=["resource.instanceType is immutable; delete and re-create the workspace"],
+         update=ws("az-upd2", "Standard_D8s_v3", inference=TEMPLATE)),
+    # 2. Upper-case repository names in tuning images: refused, as upstream does.
+    Case("seed-tuning-phi-3-placeholder", sample("kaito_workspace_tuning_phi_3.yaml"), parity=2, expect=[
+        WEBHOOK, "tuning.output.image: 'ACR_REPO_HERE.azurecr.io/IMAGE_NAME_HERE:0.0.1' is not a valid image "
+        "reference: repository name (IMAGE_NAME_HERE) must be lowercase", "replace any placeholder"]),
+    Case("tuning-input-upper", ws("in-upper", tuning=tuning_images("kaito.azurecr.io/INPUT:0.0.0")), parity=2,
+         expect=[WEBHOOK, "tuning.input.image: 'kaito.azurecr.io/INPUT:0.0.0' is not a valid image reference: "
+                 "repository name (INPUT) must be lowercase"]),
+    Case("tuning-input-lower", ws("in-lower", tuning=tuning_images("kaito.azurecr.io/input:0.0.0")), parity=2),
+    Case("tuning-output-upper-on-update", ws("out-upper", tuning=tuning_spec()), parity=2,
+         expect=[WEBHOOK, "tuning.output.image: 'kaito.azurecr.io/OUTPUT:0.0.0' is not a valid image reference"],
+         update=ws("out-upper", tuning=tuning_images(output_image="kaito.azurecr.io/OUTPUT:0.0.0"))),
+    Case("tuning-output-lower-on-update", ws("out-lower", tuning=tuning_spec()), parity=2,
+         update=ws("out-lower", tuning=tuning_images(output_image="kaito.azurecr.io/output:0.0.1"))),
+    # 3. The distribution reference grammar with Docker's defaults, on create and on update.
+    Case("image-docker-defaults", ws("img-defaults", tuning=tuning_images(
+        "data-image:latest", "myregistry.io/data-image")), parity=3),
+    Case("image-bad-grammar", ws("img-bad", tuning=tuning_images("<your_image>")), parity=3,
+         expect=[WEBHOOK, "tuning.input.image: '<your_image>' is not a valid image reference: invalid reference format"]),
+    Case("image-docker-defaults-on-update", ws("img-upd", tuning=tuning_spec()), parity=3,
+         update=ws("img-upd", tuning=tuning_images("data-image:latest", "aimodels.azurecr.io/data-image"))),
+    Case("image-bad-grammar-on-update", ws("img-upd-bad", tuning=tuning_spec()), parity=3,
+         expect=[WEBHOOK, "tuning.output.image: 'myregistry.io/data-image:' is not a valid image reference"],
+         update=ws("img-upd-bad", tuning=tuning_images(output_image="myregistry.io/data-image:"))),
+    # 4. vLLM on several GPUs of < 20Gi with no max-model-len (explicit annotation; the default is below).
+    Case("vllm-small-gpus-annotated", ws("v-small", SMALL_GPUS, inference=preset("phi-2"), annotations=VLLM),
+         parity=4, expect=[WEBHOOK, "inference.config: Standard_NC12s_v3 has 2 GPUs with less than 20Gi each",
+                           "vllm.max-model-len", "kaito.sh/runtime: transformers"]),
+    Case("transformers-small-gpus", ws("t-small", SMALL_GPUS, inference=preset("phi-2")), parity=4),
+    Case("vllm-small-gpus-annotation-added", ws("v-small-upd", SMALL_GPUS, inference=preset("phi-2")), parity=4,
+         expect=[WEBHOOK, "inference.config: Standard_NC12s_v3 has 2 GPUs", "vllm.max-model-len"],
+         update=ws("v-small-upd", SMALL_GPUS, inference=preset("phi-2"), annotations=VLLM)),
+    Case("vllm-small-gpus-config-added", ws("v-small-cfg", SMALL_GPUS, inference=preset("phi-2")), parity=4,
+         update=ws("v-small-cfg", SMALL_GPUS, inference={**preset("phi-2"), "config": "small-gpu-params"},
+                   annotations=VLLM)),
+    # 5. Adapter strength under vLLM (annotation here; the default below).
+    Case("vllm-strength-annotated", ws("v-strength", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters("0.5")},
+                                       annotations=VLLM), parity=5,
+         expect=[WEBHOOK, "inference.adapters[0].strength: the vllm runtime cannot apply an adapter strength",
+                 'remove strength (or set "1.0")']),
+    Case("vllm-default-strength-annotated", ws("v-strength-ok", ONE_GPU, inference={
+        **preset("phi-2"), "adapters": adapters(None, "1.0")}, annotations=VLLM), parity=5),
+    # 6. inference.config under transformers needs no inference_config.yaml key; under vLLM it does.
+    Case("transformers-config-without-key", ws("t-nokey", inference={**preset("phi-2"), "config": "no-key-params"}),
+         parity=6),
+    Case("vllm-config-without-key", ws("v-nokey", ONE_GPU, inference={**preset("phi-2"), "config": "no-key-params"},
+                                       annotations=VLLM), parity=6,
+         expect=[WEBHOOK, "inference.config: ConfigMap 'no-key-params' must have the key inference_config.yaml"]),
+    Case("transformers-config-without-key-on-update", ws("t-nokey-upd", inference=preset("phi-2")), parity=6,
+         update=ws("t-nokey-upd", inference={**preset("phi-2"), "config": "no-key-params"})),
+    Case("vllm-config-without-key-on-update", ws("v-nokey-upd", ONE_GPU, inference=preset("phi-2"), annotations=VLLM),
+         parity=6, expect=[WEBHOOK, "must have the key inference_config.yaml"],
+         update=ws("v-nokey-upd", ONE_GPU, inference={**preset("phi-2"), "config": "no-key-params"}, annotations=VLLM)),
+    # 7. The runtime is the annotation, else --default-runtime (transformers here).
+    Case("default-transformers-strength", ws("d-strength", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters("0.5")}),
+         parity=7),
+    Case("annotation-vllm-strength", ws("a-strength", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters("0.5")},
+                                        annotations=VLLM), parity=7,
+         expect=[WEBHOOK, "inference.adapters[0].strength: the vllm runtime cannot apply an adapter strength"]),
+    Case("annotation-switched-to-vllm", ws("sw-vllm", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters("0.5")}),
+         parity=7, expect=[WEBHOOK, "inference.adapters[0].strength: the vllm runtime cannot apply"],
+         update=ws("sw-vllm", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters("0.5")}, annotations=VLLM)),
+    Case("annotation-switched-to-transformers", ws("sw-tf", ONE_GPU, inference=preset("phi-2"), annotations=VLLM),
+         parity=7, update=ws("sw-tf", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters("0.5")},
+                             annotations=TRANSFORMERS)),
+]  # fmt: skip
+
+# The same classes with ``--default-runtime vllm`` (upstream's default runtime): no annotation needed.
+VLLM_DEFAULT_CASES: list[Case] = [
+    Case("small-gpus-no-config", ws("small", SMALL_GPUS, inference=preset("phi-2")), parity=4,
+         expect=[WEBHOOK, "inference.config: Standard_NC12s_v3 has 2 GPUs with less than 20Gi each",
+                 "the default inference config the controller generates does not set",
+                 "'vllm: {max-model-len: 4096}'"]),
+    Case("small-gpus-max-model-len", ws("small-cfg", SMALL_GPUS, inference={**preset("phi-2"), "config": "small-gpu-params"}),
+         parity=4),
+    Case("one-gpu-no-config", ws("one-gpu", ONE_GPU, inference=preset("phi-2")), parity=4),
+    Case("big-gpus-no-config", ws("big-gpus", "Standard_NC48ads_A100_v4", inference=preset("phi-2")), parity=4),
+    Case("small-gpus-config-loses-max-model-len", ws("small-upd", SMALL_GPUS, inference={
+        **preset("phi-2"), "config": "small-gpu-params"}), parity=4,
+         expect=[WEBHOOK, "inference.config: Standard_NC12s_v3 has 2 GPUs", "ConfigMap 'no-max-model-len-params'"],
+         update=ws("small-upd", SMALL_GPUS, inference={**preset("phi-2"), "config": "no-max-model-len-params"})),
+    Case("small-gpus-config-swapped", ws("small-swap", SMALL_GPUS, inference={
+        **preset("phi-2"), "config": "small-gpu-params"}), parity=4,
+         update=ws("small-swap", SMALL_GPUS, inference={**preset("phi-2"), "config": "small-gpu-params-2"})),
+    Case("strength", ws("strength", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters("0.5")}), parity=5,
+         expect=[WEBHOOK, "inference.adapters[0].strength: the vllm runtime cannot apply an adapter strength "
+                 "('0.5' would be ignored)", "kaito.sh/runtime: transformers"]),
+    Case("strength-defaulted", ws("strength-ok", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters(None)}),
+         parity=5),
+    Case("strength-added", ws("strength-upd", ONE_GPU, inference=preset("phi-2")), parity=5,
+         expect=[WEBHOOK, "inference.adapters[1].strength: the vllm runtime cannot apply"],
+         update=ws("strength-upd", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters(None, "0.3")})),
+    Case("adapter-added", ws("adapter-upd", ONE_GPU, inference=preset("phi-2")), parity=5,
+         update=ws("adapter-upd", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters(None)})),
+    Case("config-without-key", ws("nokey", ONE_GPU, inference={**preset("phi-2"), "config": "no-key-params"}),
+         parity=6, expect=[WEBHOOK, "must have the key inference_config.yaml"]),
+    Case("annotation-transformers-wins", ws("tf-wins", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters("0.5")},
+                                            annotations=TRANSFORMERS), parity=7),
+    Case("falcon-lora-on-default-vllm", ws("falcon-lora", ONE_GPU, inference={**preset("falcon-7b"), "adapters": adapters(None)}),
+         parity=7, expect=[WEBHOOK, "inference.adapters: preset falcon-7b cannot load LoRA adapters with the vllm runtime"]),
+    Case("llama-2-falls-back-to-transformers", ws("llama-fallback", SMALL_GPUS, inference=preset(
+        "llama-2-7b", accessMode="private", presetOptions={"image": "myregistry.azurecr.io/llama-2-7b:0.0.4"})),
+         parity=7),
+    Case("annotation-removed", ws("ann-removed", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters("0.5")},
+                                  annotations=TRANSFORMERS), parity=7,
+         expect=[WEBHOOK, "inference.adapters[0].strength: the vllm runtime cannot apply"],
+         update=ws("ann-removed", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters("0.5")})),
+    Case("annotation-added", ws("ann-added", ONE_GPU, inference=preset("phi-2")), parity=7,
+         update=ws("ann-added", ONE_GPU, inference={**preset("phi-2"), "adapters": adapters("0.5")},
+                   annotations=TRANSFORMERS)),
 ]  # fmt: skip
 
 
@@ -252,22 +441,20 @@ async def create_configmaps(api_client: Any, namespace: str) -> None:
         "lora-4bit": {
             "training_config.yaml": "training_config:\n  QuantizationConfig:\n    load_in_4bit: true\n"
         },
+        "small-gpu-params": {"inference_config.yaml": "vllm:\n  max-model-len: 2048\n"},
+        "small-gpu-params-2": {"inference_config.yaml": "vllm:\n  max-model-len: 4096\n"},
+        "no-max-model-len-params": {"inference_config.yaml": "vllm:\n  gpu-memory-utilization: 0.9\n"},
+        "no-key-params": {"other_key": "some value"},
     }
     for name, content in data.items():
         await core.create_namespaced_config_map(namespace, {"metadata": {"name": name}, "data": content})
 
 
-async def test_admission_table(webhook: WebhookEnv, crds: Any, api_client: Any) -> None:
-    assert len(CASES) >= 40
-    assert sum(1 for c in CASES if c.expect is None) >= 15 and sum(1 for c in CASES if c.expect) >= 25
-    await create_configmaps(api_client, webhook.namespace)
-    second = f"{webhook.namespace}-2"
-    await CoreV1Api(api_client).create_namespace(
-        {"metadata": {"name": second, "labels": {WEBHOOK_LABEL: webhook.token}}}
-    )
+async def run_cases(cases: list[Case], crds: Any, namespace: str, second: str | None = None) -> list[str]:
+    """Apply every case with kubectl; the failures, one line each (empty: all as expected)."""
     failures: list[str] = []
-    for case in CASES:
-        ns = second if case.second_namespace else webhook.namespace
+    for case in cases:
+        ns = second if case.second_namespace and second else namespace
         first = await kubectl(crds, "apply", "-n", ns, "-f", "-", input=as_yaml(case.manifest))
         final = first
         if case.update is not None:
@@ -282,8 +469,8 @@ async def test_admission_table(webhook: WebhookEnv, crds: Any, api_client: Any) 
             if final.returncode != 0:
                 failures.append(f"{case.name}: expected accept, got: {output.strip()}")
             for warning in case.warnings:
-                if warning not in first.stderr:
-                    failures.append(f"{case.name}: expected warning {warning!r}, got: {first.stderr.strip()}")
+                if warning not in final.stderr:
+                    failures.append(f"{case.name}: expected warning {warning!r}, got: {final.stderr.strip()}")
         else:
             if final.returncode == 0:
                 failures.append(f"{case.name}: expected reject, was accepted: {output.strip()}")
@@ -291,7 +478,62 @@ async def test_admission_table(webhook: WebhookEnv, crds: Any, api_client: Any) 
             missing = [m for m in case.expect if m not in output]
             if missing:
                 failures.append(f"{case.name}: message lacks {missing}: {output.strip()}")
+    return failures
+
+
+async def test_admission_table(webhook: WebhookEnv, crds: Any, api_client: Any) -> None:
+    assert len(CASES) >= 40
+    assert sum(1 for c in CASES if c.expect is None) >= 15 and sum(1 for c in CASES if c.expect) >= 25
+    await create_configmaps(api_client, webhook.namespace)
+    second = f"{webhook.namespace}-2"
+    await CoreV1Api(api_client).create_namespace(
+        {"metadata": {"name": second, "labels": {WEBHOOK_LABEL: webhook.token}}}
+    )
+    failures = await run_cases(CASES, crds, webhook.namespace, second)
     assert not failures, "\n".join(failures)
+
+
+def test_parity_table_covers_every_class_both_ways_on_create_and_update() -> None:
+    """Issue 16: each class of upstream difference, accepted and rejected, on create and on update."""
+    by_class: dict[int, set[tuple[str, str]]] = {}
+    for case in PARITY_CASES + VLLM_DEFAULT_CASES:
+        if case.parity is not None:
+            by_class.setdefault(case.parity, set()).add(case.kind)
+    every = {(op, verdict) for op in ("create", "update") for verdict in ("accept", "reject")}
+    assert sorted(by_class) == [1, 2, 3, 4, 5, 6, 7]
+    missing = {cls: sorted(every - kinds) for cls, kinds in by_class.items() if kinds != every}
+    assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    ("flags", "cases"),
+    [([], PARITY_CASES), (["--default-runtime", "vllm"], VLLM_DEFAULT_CASES)],
+    ids=["shipped-default", "vllm-default"],
+)
+async def test_parity_with_upstream(
+    flags: list[str], cases: list[Case], webhook: WebhookEnv, crds: Any, api_client: Any
+) -> None:
+    """The controller as shipped (transformers by default), then with ``--default-runtime vllm`` (upstream's
+    default): the runtime rules follow the annotation, else the flag."""
+    webhook.server.validator = webhook_validator(parse_args(["--enable-tuning", *flags]), api_client)
+    await create_configmaps(api_client, webhook.namespace)
+    failures = await run_cases(cases, crds, webhook.namespace)
+    assert not failures, "\n".join(failures)
+
+
+async def test_tuning_refused_when_the_controller_does_not_run_it(
+    webhook: WebhookEnv, crds: Any, api_client: Any
+) -> None:
+    """Without --enable-tuning the workspace would be admitted and never get a status: refuse it."""
+    webhook.server.validator = webhook_validator(parse_args([]), api_client)
+    proc = await kubectl(crds, "apply", "-n", webhook.namespace, "-f", "-",
+                         input=as_yaml(ws("no-tuning", tuning=tuning_spec())))  # fmt: skip
+    assert proc.returncode != 0
+    assert "tuning: this KAITO controller does not run tuning workspaces" in proc.stderr, proc.stderr
+    assert "--enable-tuning" in proc.stderr
+    ok = await kubectl(crds, "apply", "-n", webhook.namespace, "-f", "-",
+                       input=as_yaml(ws("still-serving", inference=preset("phi-2"))))  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
 
 
 async def test_defaults_are_stored(webhook: WebhookEnv, crds: Any, api_client: Any) -> None:

@@ -39,7 +39,11 @@ async def test_replicas_share_one_secret_and_rotation_patches_ca_bundle(
 
         changes: list[str] = []
         first = manager("a")
-        first.on_change = lambda: changes.append("a")
+
+        async def record() -> None:
+            changes.append("a")
+
+        first.on_change = record
         bundle_a = await first.ensure()
         bundle_b = await manager("b").ensure()
         assert bundle_b == bundle_a, "the second replica must reuse the stored certificate"

@@ -67,7 +67,21 @@ def test_workspace_schema_defaults_and_cel_rules() -> None:
     tuning = props["tuning"]["properties"]
     assert "self == oldSelf" in _rules(tuning["preset"])
     assert any("oldSelf" in r for r in _rules(tuning["method"]))
-    assert set(props["tuning"]["required"]) >= {"input", "output", "preset", "method"}
+    # Required fields are reported by has() rules with a message saying what to set (not a bare
+    # "Required value"), so they leave the schema's own required lists.
+    required_rules = {
+        r["fieldPath"]: r
+        for r in props["tuning"]["x-kubernetes-validations"]
+        if r.get("reason") == "FieldValueRequired"
+    }
+    assert set(required_rules) == {".input", ".output", ".preset", ".method"}
+    assert "required" not in props["tuning"]
+    assert "has(self.labelSelector)" in _rules(props["resource"]) and "required" not in props["resource"]
+    assert "has(self.resource)" in _rules(schema) and "required" not in schema
+    # A field's own rules (immutability) join its model's rules (preset.name required).
+    assert _rules(tuning["preset"]) == ["has(self.name)", "self == oldSelf"]
+    name_rule = next(r for r in schema["x-kubernetes-validations"] if "metadata.name" in r["rule"])
+    assert name_rule["fieldPath"] == ".metadata.name"
     # Structural: no unresolved refs, unions or titles anywhere.
     text = yaml.safe_dump(schema)
     for banned in ("$ref", "allOf", "title:", "additionalProperties: true"):

@@ -154,6 +154,7 @@ def test_agent_pool_body_details() -> None:
     assert props["osDiskSizeGB"] == 94  # 10^11 bytes = 93.1 GiB, rounded up
     assert props["osSKU"] == "AzureLinux"
     assert props["nodeLabels"]["kaito.sh/machine-type"] == "cpu"
+    assert props["vmSize"] == "Standard_D4s_v3"  # a CPU size goes to AKS unchanged
     assert props["nodeLabels"]["karpenter.sh/provisioner-name"] == "custom"  # the Machine's label wins
     assert agent_pool_body(machine(storage="1Ti"))["properties"]["osDiskSizeGB"] == 1024
     # AKS rejects disks under 30 GiB; a small request gets the minimum rather than a failed launch.

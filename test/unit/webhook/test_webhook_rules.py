@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
@@ -11,24 +10,8 @@ from kaito.api.workspace import Workspace
 from kaito.presets.registry import PresetRegistry
 from kaito.presets.skus import SkuCatalog
 from kaito.webhook.defaulting import apply_patch, default_patch
-from kaito.webhook.validation import WorkspaceValidator
-
-BASE: dict[str, Any] = {
-    "apiVersion": "kaito.sh/v1alpha1",
-    "kind": "Workspace",
-    "metadata": {"name": "ws", "namespace": "ns"},
-    "resource": {"instanceType": "Standard_NC6s_v3", "labelSelector": {"matchLabels": {"apps": "phi-3"}}},
-    "inference": {"preset": {"name": "phi-3-mini-4k-instruct"}},
-}
-TUNING: dict[str, Any] = {
-    **{k: v for k, v in BASE.items() if k != "inference"},
-    "tuning": {
-        "preset": {"name": "phi-3-mini-4k-instruct"},
-        "method": "qlora",
-        "input": {"urls": ["https://example.com/data.parquet"]},
-        "output": {"image": "myregistry.azurecr.io/adapter:0.0.1", "imagePushSecret": "push"},
-    },
-}
+from kaito.webhook.validation import AdmissionPolicy, WorkspaceValidator
+from test.unit.webhook.workspaces import BASE, TUNING, build
 
 CONFIGMAPS: dict[tuple[str, str], dict[str, str]] = {
     ("ns", "good-qlora"): {
@@ -53,33 +36,20 @@ def validator() -> WorkspaceValidator:
     return WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), configmaps=read_configmap)
 
 
-def build(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    """A copy of ``base`` with dotted-path changes (value None deletes)."""
-    obj = copy.deepcopy(base)
-    for dotted, value in changes.items():
-        parts = dotted.split("__")
-        target = obj
-        for p in parts[:-1]:
-            target = target.setdefault(p, {})
-        if value is None:
-            target.pop(parts[-1], None)
-        else:
-            target[parts[-1]] = value
-    return obj
-
-
 CREATE_CASES: list[tuple[str, dict[str, Any], str | None]] = [
     ("seed inference", BASE, None),
     ("seed tuning", TUNING, None),
     ("unknown preset", build(BASE, inference__preset={"name": "phi-3-mini-4k"}), "inference.preset.name: unknown preset 'phi-3-mini-4k'; did you mean phi-3-mini-4k-instruct"),
     ("too small", build(BASE, inference__preset={"name": "falcon-40b"}), "resource.instanceType: Standard_NC6s_v3 (1x NVIDIA V100, 16Gi GPU memory) is too small for preset falcon-40b"),
-    ("unknown sku", build(BASE, resource__instanceType="Standard_NC6s_v9"), "resource.instanceType: unknown instance type 'Standard_NC6s_v9'"),
+    ("unknown sku", build(BASE, resource__instanceType="Standard_HB120rs_v3"), "resource.instanceType: unknown instance type 'Standard_HB120rs_v3'"),
+    ("unknown sku, upstream's case", build(BASE, resource__instanceType="Standard_invalid_sku"), "resource.instanceType: unknown instance type 'Standard_invalid_sku'"),
     ("private preset", build(BASE, inference__preset={"name": "llama-2-7b"}, resource__instanceType="Standard_NC12s_v3"), "inference.preset.accessMode: preset llama-2-7b has no public image"),
     ("private without image", build(BASE, inference__preset={"name": "llama-2-7b", "accessMode": "private"}, resource__instanceType="Standard_NC12s_v3"), "inference.preset.presetOptions.image: required when accessMode is private"),
     ("adapter without source", build(BASE, inference__adapters=[{"strength": "0.5"}]), "inference.adapters[0].source: required"),
     ("adapter strength", build(BASE, inference__adapters=[{"source": {"name": "a", "image": "r.io/a:1"}, "strength": "2"}]), "inference.adapters[0].strength: '2' must be a number between"),
     ("duplicate adapters", build(BASE, inference__adapters=[{"source": {"name": "a", "image": "r.io/a:1"}}, {"source": {"name": "a", "image": "r.io/b:1"}}]), "inference.adapters[1].source.name: duplicate adapter name 'a'"),
-    ("adapter bad image", build(BASE, inference__adapters=[{"source": {"name": "a", "image": "noslash"}}]), "inference.adapters[0].source.image: 'noslash' is not a full image reference"),
+    ("adapter bad image", build(BASE, inference__adapters=[{"source": {"name": "a", "image": "<YOUR_IMAGE>"}}]), "inference.adapters[0].source.image: '<YOUR_IMAGE>' is not a valid image reference"),
+    ("adapter image with docker defaults", build(BASE, inference__adapters=[{"source": {"name": "a", "image": "noslash"}}]), None),
     ("both", build(BASE, tuning=TUNING["tuning"]), "inference: inference and tuning cannot both be set"),
     ("neither", build(BASE, inference=None), "inference: set exactly one of inference"),
     ("match expressions only", build(BASE, resource__labelSelector={"matchExpressions": [{"key": "a", "operator": "Exists"}]}), "resource.labelSelector.matchLabels: required"),
@@ -97,12 +67,14 @@ CREATE_CASES: list[tuple[str, dict[str, Any], str | None]] = [
     ("tuning config section", build(TUNING, tuning__config="unknown-section"), "unrecognized section 'Foo'"),
     ("tuning qlora quantization", build(TUNING, tuning__config="escape", tuning__method="qlora"), "qlora needs a QuantizationConfig"),
     ("inference config ok", build(BASE, inference__config="inference-ok"), None),
-    ("inference config key", build(BASE, inference__config="no-key"), "inference.config: ConfigMap 'no-key' must have the key inference_config.yaml"),
+    ("inference config key not needed by transformers", build(BASE, inference__config="no-key"), None),
+    ("inference config must exist under transformers too", build(BASE, inference__config="nope"), "inference.config: ConfigMap 'nope' not found in namespace 'ns'"),
     ("template ok", build(BASE, inference={"template": {"spec": {"containers": [{"name": "c", "image": "nginx:1"}]}}}), None),
     ("template empty", build(BASE, inference={"template": {"spec": {}}}), "inference.template.spec.containers: a pod template needs at least one container"),
     ("runtime annotation", build(BASE, metadata={"name": "ws", "namespace": "ns", "annotations": {"kaito.sh/runtime": "tgi"}}), "metadata.annotations[kaito.sh/runtime]: unknown runtime 'tgi'"),
     ("distributed count ok", build(BASE, inference__preset={"name": "llama-2-13b-chat", "accessMode": "private", "presetOptions": {"image": "my.io/llama-2-13b-chat:1"}}, resource__count=2), None),
     ("distributed count", build(BASE, inference__preset={"name": "llama-2-13b-chat", "accessMode": "private", "presetOptions": {"image": "my.io/llama-2-13b-chat:1"}}, resource__count=3), "resource.count: preset llama-2-13b-chat runs as 2 torch ranks, which 3 nodes cannot share evenly; use one of 1, 2"),
+    ("token for packaged weights", build(BASE, inference__preset={"name": "phi-3-mini-4k-instruct", "presetOptions": {"modelAccessSecret": "hf"}}), "inference.preset.presetOptions.modelAccessSecret: preset phi-3-mini-4k-instruct ships its weights in the model image"),
     ("gated download", build(BASE, inference__preset={"name": "llama-3.1-8b-instruct"}, resource__instanceType="Standard_NC24ads_A100_v4"), "inference.preset.presetOptions.modelAccessSecret: preset llama-3.1-8b-instruct downloads gated weights"),
 ]  # fmt: skip
 
@@ -131,7 +103,7 @@ async def test_bypass_annotation_turns_fit_errors_into_warnings(validator: Works
 
 
 async def test_byo_mode_accepts_unknown_instance_types() -> None:
-    byo = WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), allow_unknown_instance_types=True)
+    byo = WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), AdmissionPolicy(provisioning="byo"))
     result = await byo.validate_create(
         Workspace.model_validate(build(BASE, resource__instanceType="my-node-type"))
     )
@@ -158,13 +130,13 @@ async def test_placeholder_images_warn(validator: WorkspaceValidator) -> None:
 
 
 async def test_cloud_provider_restricts_skus() -> None:
-    aws = WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), cloud_provider="aws")
+    aws = WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), AdmissionPolicy(cloud_provider="aws"))
     result = await aws.validate_create(Workspace.model_validate(BASE))
     assert any("not in the aws SKU catalog" in e for e in result.errors)
     ok = await aws.validate_create(Workspace.model_validate(build(BASE, resource__instanceType="g5.4xlarge")))
     assert ok.allowed
     with pytest.raises(ValueError, match="unknown cloud provider"):
-        WorkspaceValidator(PresetRegistry.load(), SkuCatalog.load(), cloud_provider="gcp")
+        AdmissionPolicy(cloud_provider="gcp")
 
 
 async def test_configmap_without_client_is_a_clear_error() -> None:

@@ -24,7 +24,7 @@ from kaito.presets.skus import SkuCatalog
 from kaito.runtime.kube import KubeClient
 from kaito.runtime.manager import Manager, ManagerOptions
 from kaito.webhook.certs import CertBundle, CertPolicy, plan_bundle, write_cert_dir
-from kaito.webhook.server import MUTATE_PATH, VALIDATE_PATH, WebhookServer
+from kaito.webhook.server import INLINE_PARSE_BYTES, MUTATE_PATH, VALIDATE_PATH, WebhookServer
 from kaito.webhook.validation import WorkspaceValidator
 from test.waiting import eventually
 
@@ -84,6 +84,21 @@ async def test_validate_allows_and_denies(
     resp = body["response"]
     assert resp["allowed"] is False and resp["status"]["code"] == 422
     assert resp["status"]["message"].startswith("resource.instanceType: Standard_NC6s_v3")
+
+
+async def test_large_reviews_are_decoded_off_the_loop_with_the_same_answers(
+    served: tuple[WebhookServer, str, ssl.SSLContext, CertBundle],
+) -> None:
+    _, base, ctx, _ = served
+    padding = {"kaito.test/padding": "x" * (INLINE_PARSE_BYTES + 1024)}
+    big = {**WS, "metadata": {**WS["metadata"], "annotations": padding}}
+    status, body = await post(base + VALIDATE_PATH, ctx, review(big))
+    assert status == 200 and body["response"]["allowed"] is True
+    denied = {**big, "inference": {"preset": {"name": "falcon-40b"}}}
+    status, body = await post(base + VALIDATE_PATH, ctx, review(denied))
+    assert body["response"]["allowed"] is False
+    status, body = await post(base + VALIDATE_PATH, ctx, b"{" + b" " * (INLINE_PARSE_BYTES + 1))
+    assert status == 400 and "not JSON" in body["error"]
 
 
 async def test_malformed_requests_get_errors_and_server_keeps_serving(
@@ -174,17 +189,19 @@ async def test_certificate_reload(
     assert rotated is not None and rotated.cert != bundle.cert and rotated.ca_key == bundle.ca_key
     assert server.cert_dir is not None
     write_cert_dir(server.cert_dir, rotated)
-    server.reload_certificates()
+    await server.reload_certificates()
     async with aiohttp.ClientSession() as s, s.get(base + "/healthz", ssl=ctx) as r:
         assert r.status == 200
-    _, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=ctx, server_hostname="localhost")
-    peer = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    writer.close()
-    await writer.wait_closed()
-    assert (
-        x509.load_der_x509_certificate(peer).serial_number
-        == x509.load_pem_x509_certificate(rotated.cert).serial_number
-    )
+    # With SNI (a DNS name) and without it (the apiserver calling https://127.0.0.1): both see the new pair.
+    for hostname in ("localhost", "127.0.0.1"):
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=ctx, server_hostname=hostname)
+        peer = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        await writer.wait_closed()
+        assert (
+            x509.load_der_x509_certificate(peer).serial_number
+            == x509.load_pem_x509_certificate(rotated.cert).serial_number
+        ), hostname
 
 
 def test_plan_bundle_rotation_policy() -> None:
