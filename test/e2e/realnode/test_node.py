@@ -120,6 +120,20 @@ async def test_pod_logs_exec_port_forward_apiserver_and_service(
     }
     apply(node_cluster, ns, svc)
     cluster_ip = get_json(node_cluster, "service", "web", "-n", ns)["spec"]["clusterIP"]
+
+    async def routed() -> bool:
+        # kube-proxy programs a new Service within its sync period; the host sees it like pods do.
+        def get() -> bytes:
+            return bytes(urllib.request.urlopen(f"http://{cluster_ip}/hello.txt", timeout=2).read())
+
+        try:
+            return await asyncio.to_thread(get) == b"hello-from-pod\n"
+        except OSError:
+            return False
+
+    await eventually(
+        routed, timeout=30, what=f"Service web ({cluster_ip}) routed by kube-proxy", interval=0.2
+    )
     check = pod("check", image, ["python3", "-c", IN_POD_CHECK], restart="Never", env={"WEB": cluster_ip})
     apply(node_cluster, ns, check)
 
@@ -130,7 +144,7 @@ async def test_pod_logs_exec_port_forward_apiserver_and_service(
         return str(phase == "Succeeded") and phase == "Succeeded"  # type: ignore[return-value]
 
     await eventually(done, timeout=60, what="the in-pod check to finish", interval=0.5)
-    out = node_cluster.kubectl("logs", "-n", ns, "check").stdout.splitlines()
+    out = node_cluster.kubectl("logs", "-n", ns, "check").stdout.strip().splitlines()
     assert out == ["apiserver 10.0.0.1 v1.37.2", "web hello-from-pod"], out
 
 
