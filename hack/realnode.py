@@ -643,13 +643,21 @@ class RealNode:
         """Make image ``ref`` (from hack/images.py) runnable here, also under ``aliases``.
 
         Content-tagged refs that containerd already holds (its store persists between runs) are only
-        re-tagged. Pods must use ``imagePullPolicy: Never`` or a name loaded here: nothing is pulled.
+        re-tagged. Older content tags of the same repository are removed (containerd then frees their
+        content and snapshots), so the kept store does not grow with every source edit. Pods must use
+        ``imagePullPolicy: Never`` or a name loaded here: nothing is pulled.
         """
         t0 = time.monotonic()
         have = self.images()
         if ref not in have:
             images.load(ref, str(self.socket))
             _log(f"loaded {ref} in {time.monotonic() - t0:.1f}s")
+        if ref.startswith(images.REGISTRY + "/"):
+            repo = ref.rsplit(":", 1)[0]
+            stale = [n for n in have if n.startswith(repo + ":") and n != ref and n not in aliases]
+            if stale:
+                ctr = ["ctr", "--address", str(self.socket), "--namespace", "k8s.io"]
+                _run([*ctr, "images", "rm", "--sync", *stale], check=False, timeout=300)
         for alias in aliases:
             _run(
                 [
