@@ -7,8 +7,9 @@ with its self-managed certificate (served on every replica, leader or not)::
     kaito-controller --kubeconfig ~/.kube/config --provisioning machine --workers 5 \\
         --webhook-port 9443 --webhook-ip 127.0.0.1     # local: the apiserver calls https://127.0.0.1
 
-Exit status: 0 after SIGTERM/SIGINT, 1 when leadership was lost (restart as a standby) or the caches did
-not sync, 2 for bad flags.
+Exit status: 0 after SIGTERM/SIGINT, 1 when leadership was lost (restart as a standby), the caches did
+not sync or a runnable failed (the webhook could not bind, its certificate loop died; the log line
+``exiting: runnable failed`` names it), 2 for bad flags.
 """
 
 from __future__ import annotations

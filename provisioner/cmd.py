@@ -13,8 +13,8 @@ Azure: ``ARM_SUBSCRIPTION_ID``, ``ARM_RESOURCE_GROUP``, ``AZURE_CLUSTER_NAME``, 
 the optional ``ARM_*`` overrides (see :meth:`provisioner.cloud.azure.AzureConfig.from_env`).
 
 Exit status: 0 after SIGTERM/SIGINT (in-flight reconciles finish, the Lease is released), 1 when
-leadership was lost, the caches did not sync or the cloud provider could not be configured, 2 for bad
-flags.
+leadership was lost, the caches did not sync, the cloud provider could not be configured or a runnable
+failed (the instance GC loop died; ``exiting: runnable failed`` names it), 2 for bad flags.
 """
 
 from __future__ import annotations

@@ -35,6 +35,14 @@ CONDITION_REGISTERED = "MachineRegistered"
 CONDITION_INITIALIZED = "MachineInitialized"
 CONDITION_READY = "Ready"
 
+# MachineLaunched=False reasons the gpu-provisioner sets while it deletes and launches the instance
+# again on its own (no Node registered in time; the instance vanished before its Node registered).
+# They report progress of a recovery, not a failure: the workspace controller keeps waiting on them
+# (kaito.machine.machine.TRANSIENT_REASONS) instead of reporting ProvisioningFailed with a Warning.
+REASON_REGISTRATION_TIMEOUT = "RegistrationTimeout"
+REASON_INSTANCE_NOT_FOUND = "InstanceNotFound"
+RELAUNCH_REASONS: Final = frozenset({REASON_REGISTRATION_TIMEOUT, REASON_INSTANCE_NOT_FOUND})
+
 _QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)"
     r"|(\.[0-9]+))))?$"

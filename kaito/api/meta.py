@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
+
+from kaito.runtime.redaction import redact
 
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -124,3 +126,17 @@ class LabelSelector(KubeModel):
             if expr.operator == "In" and expr.values and len(expr.values) == 1:
                 labels[expr.key] = expr.values[0]
         return labels
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """``field.path: message; ...`` for a pydantic error, without the input values.
+
+    ``str(err)`` quotes each offending input (``input_value='https://...?sig=...'``), which must not
+    reach an admission response, an Event or a log line; the messages are redacted as well, since a
+    validator may quote what it rejected.
+    """
+    parts = []
+    for e in err.errors(include_url=False, include_input=False, include_context=False):
+        path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[")
+        parts.append(f"{path or 'object'}: {redact(e['msg'])}")
+    return "; ".join(parts)

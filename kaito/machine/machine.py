@@ -21,6 +21,7 @@ from kaito.api.machine import (
     LABEL_MACHINE_TYPE,
     LABEL_OS,
     LABEL_PROVISIONER_NAME,
+    RELAUNCH_REASONS,
 )
 from kaito.api.workspace import LABEL_WORKSPACE_NAME, LABEL_WORKSPACE_NAMESPACE
 from kaito.machine.interface import NodeRequest, RequestPhase
@@ -31,9 +32,10 @@ Obj = dict[str, Any]
 MACHINES = Resource("karpenter.sh", "v1alpha5", "machines", False, "Machine")
 LABEL_SLOT = "kaito.sh/node-slot"
 
-# Condition reasons that mean "still trying", not "failed" (a provisioner retrying a conflict).
+# Condition reasons that mean "still trying", not "failed" (a provisioner retrying a conflict, or
+# relaunching an instance whose Node never registered: the provisioner's own recovery).
 TRANSIENT_REASONS = frozenset(
-    {"", "OperationInProgress", "Launching", "Pending", "Registering", "Initializing"}
+    {"", "OperationInProgress", "Launching", "Pending", "Registering", "Initializing", *RELAUNCH_REASONS}
 )
 
 

@@ -16,6 +16,7 @@ import aiohttp
 import structlog
 
 from kaito.runtime.kube import EVENTS, ApiError, KubeClient
+from kaito.runtime.redaction import redact
 
 log = structlog.get_logger("kaito.runtime.events")
 
@@ -38,7 +39,11 @@ class EventRecorder:
         self.kind = kind
 
     async def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
-        """Record one Event on ``obj``; never raises for an API or transport failure."""
+        """Record one Event on ``obj``; never raises for an API or transport failure.
+
+        The message is redacted (:func:`kaito.runtime.redaction.redact`): Events quote text from
+        elsewhere (container messages, cloud errors) and anyone who may list Events can read them.
+        """
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace") or CLUSTER_SCOPED_EVENT_NAMESPACE
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -58,7 +63,7 @@ class EventRecorder:
             "involvedObject": involved,
             "type": type_,
             "reason": reason,
-            "message": message[:MAX_MESSAGE],
+            "message": redact(message)[:MAX_MESSAGE],
             "source": {"component": self.component},
             "reportingComponent": self.component,
             "firstTimestamp": now,

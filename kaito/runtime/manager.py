@@ -11,7 +11,9 @@ Lifecycle of :meth:`Manager.run` (controller-runtime's, simplified):
 4. run until stopped (SIGTERM/SIGINT or :meth:`stop`) or until leadership is lost.
 
 An entry point hands the manager what it must close on the way out (:meth:`close_on_exit`) and returns
-:meth:`run_main`'s exit status: 0 after a stop, 1 when leadership was lost or the caches never synced.
+:meth:`run_main`'s exit status: 0 after a stop, 1 when leadership was lost, the caches never synced or a
+runnable failed (raised, or returned while the manager was running: the webhook could not bind, the
+certificate or GC loop died) -- a crashed component must not look like a clean exit (pod Completed).
 
 On a stop: stop taking work, let in-flight reconciles finish (bounded by ``graceful_shutdown_timeout``),
 release the Lease, stop informers and servers. On a loss of leadership: cancel every reconcile at
@@ -64,6 +66,15 @@ class CacheSyncTimeout(RuntimeError):
     """The informers did not sync within ``cache_sync_timeout``."""
 
 
+class RunnableFailed(RuntimeError):
+    """A runnable raised, or returned while the manager was running; the manager stopped because of it."""
+
+    def __init__(self, runnable: str, cause: BaseException) -> None:
+        super().__init__(f"runnable {runnable!r} failed: {cause}")
+        self.runnable = runnable
+        self.cause = cause
+
+
 @dataclass
 class ManagerOptions:
     """Manager settings. Ports: ``None`` disables a server, ``0`` binds a free port."""
@@ -110,6 +121,7 @@ class Manager:
         self.metrics_server: HttpServer | None = None
         self._log = log.bind(manager=self.options.name)
         self._closers: list[Callable[[], object]] = []
+        self._failed: RunnableFailed | None = None
         self.probes.add_ready_check("informers-synced", lambda: self._synced)
         if self.options.leader_election:
             if not self.options.lease_name:
@@ -208,7 +220,8 @@ class Manager:
         """Run ``runnable()`` for the manager's lifetime (only while leading if ``needs_leader``).
 
         It is cancelled on shutdown; a webhook server is ``needs_leader=False``, a periodic garbage
-        collector ``needs_leader=True``.
+        collector ``needs_leader=True``. A runnable that raises, or returns before the manager is
+        stopped, stops the manager: :meth:`run` then raises :class:`RunnableFailed` naming it.
         """
         self._runnables.append((name, runnable, needs_leader))
 
@@ -270,8 +283,9 @@ class Manager:
 
         Installs the signal handlers, runs :meth:`run` and always calls :meth:`close`. The status is 0
         after a stop, 1 when leadership was lost (``exiting: leadership lost``; the process restarts as
-        a standby, as controller-runtime's) and 1 when the caches did not sync in time (``exiting:
-        caches did not sync``, followed by ``cache_sync_hint`` when given: what to check).
+        a standby, as controller-runtime's), 1 when the caches did not sync in time (``exiting:
+        caches did not sync``, followed by ``cache_sync_hint`` when given: what to check) and 1 when a
+        runnable failed (``exiting: runnable failed`` with ``runnable=`` its name and ``error=``).
         """
         loop = asyncio.get_running_loop()
         try:
@@ -284,6 +298,9 @@ class Manager:
             event = "exiting: caches did not sync" + (f"; {cache_sync_hint}" if cache_sync_hint else "")
             self._log.error(event, error=str(e))
             return 1
+        except RunnableFailed as e:
+            self._log.error("exiting: runnable failed", runnable=e.runnable, error=str(e.cause))
+            return 1
         finally:
             try:
                 await self.close()
@@ -294,7 +311,16 @@ class Manager:
         return 0
 
     async def run(self) -> None:
-        """Run until stopped (returns) or until leadership is lost (raises LeaderElectionLost)."""
+        """Run until stopped (returns) or until leadership is lost (raises :class:`LeaderElectionLost`).
+
+        Raises :class:`RunnableFailed` after a graceful shutdown when a runnable's failure stopped it.
+        """
+        self._failed = None
+        await self._run()
+        if self._failed is not None:
+            raise self._failed
+
+    async def _run(self) -> None:
         opts = self.options
         background: list[asyncio.Task[None]] = []
         leader_tasks: list[asyncio.Task[None]] = []
@@ -395,9 +421,19 @@ class Manager:
             await runnable()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            self._log.exception("runnable failed", runnable=name)
-            self.stop()
+        except Exception as e:
+            self._log.exception("runnable failed; stopping the manager", runnable=name)
+            self._fail(name, e)
+            return
+        if not self._stop.is_set():
+            # Runnables live as long as the manager: one that returns has stopped serving.
+            self._log.error("runnable returned while the manager was running; stopping", runnable=name)
+            self._fail(name, RuntimeError("returned while the manager was running"))
+
+    def _fail(self, name: str, cause: BaseException) -> None:
+        if self._failed is None:  # the first failure is the cause; the rest follow from the stop
+            self._failed = RunnableFailed(name, cause)
+        self.stop()
 
     async def _start_servers(self) -> None:
         opts = self.options

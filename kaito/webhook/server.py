@@ -26,6 +26,7 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
+from kaito.api.meta import describe_validation_error
 from kaito.api.workspace import GROUP, KIND, Workspace
 from kaito.webhook.defaulting import default_patch
 from kaito.webhook.validation import Result, WorkspaceValidator
@@ -72,14 +73,6 @@ Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 class BadReview(ValueError):
     """The request body is not a usable AdmissionReview v1."""
-
-
-def _format_validation_error(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[")
-        parts.append(f"{path or 'object'}: {e['msg']}")
-    return "; ".join(parts)
 
 
 def _review(uid: str, allowed: bool, **response: Any) -> dict[str, Any]:
@@ -336,7 +329,7 @@ class WebhookServer:
         except BadReview as e:
             return _deny(uid, 400, str(e), "BadRequest")
         except ValidationError as e:
-            return _deny(uid, 422, _format_validation_error(e))
+            return _deny(uid, 422, describe_validation_error(e))
         result: Result
         if old is None:
             result = await self.validator.validate_create(new)

@@ -48,6 +48,7 @@ from kaito.presets.registry import (
     check_tuning_fit,
 )
 from kaito.presets.skus import CLOUDS, GPUSku, SkuCatalog
+from kaito.runtime.redaction import redact
 from kaito.webhook.imageref import ImageReferenceError, parse_docker_ref
 from kaito.webhook.userconfig import ConfigMapReader, DocumentError, kube_configmap_reader, parse_document
 from kaito.workspace.manifests import DEFAULT_INFERENCE_CONFIG, ManifestOptions, runtime_of
@@ -654,7 +655,7 @@ class WorkspaceValidator:
         for i, url in enumerate(source.urls or []):
             parsed = urlparse(url)
             if parsed.scheme not in ("http", "https") or not parsed.netloc:
-                result.error(f"tuning.input.urls[{i}]", f"{url!r} is not an http(s) URL")
+                result.error(f"tuning.input.urls[{i}]", f"{redact(url)!r} is not an http(s) URL")
         if source.image:
             _check_image(result, "tuning.input.image", source.image)
         if source.name and (len(source.name) > 253 or not re.match(DNS1123_SUBDOMAIN, source.name)):

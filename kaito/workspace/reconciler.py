@@ -36,6 +36,7 @@ import structlog
 from pydantic import ValidationError
 
 from kaito.api.conditions import StateReason
+from kaito.api.meta import describe_validation_error
 from kaito.api.workspace import (
     FINALIZER,
     GROUP,
@@ -247,7 +248,9 @@ class WorkspaceReconciler:
             ws = Workspace.model_validate(raw)
         except ValidationError as e:
             # The CRD schema should make this impossible; say so on the object instead of retrying.
-            await self.recorder.event(raw, "Warning", "InvalidSpec", f"workspace cannot be read: {e}")
+            await self.recorder.event(
+                raw, "Warning", "InvalidSpec", f"workspace cannot be read: {describe_validation_error(e)}"
+            )
             return DONE
         if (raw.get("metadata") or {}).get("deletionTimestamp"):
             t0 = time.monotonic()

@@ -21,6 +21,7 @@ from typing import Any
 from kaito.api.conditions import ConditionReason as R
 from kaito.api.conditions import ConditionType as T
 from kaito.api.conditions import StateReason, WorkspaceState
+from kaito.runtime.redaction import redact
 
 Obj = dict[str, Any]
 
@@ -227,7 +228,9 @@ def desired_status(current: Mapping[str, Any] | None, obs: Observation, now: str
             "type": type_,
             "status": cstatus,
             "reason": creason,
-            "message": message,
+            # Conditions quote pods, Jobs and Machines (termination messages, pull errors):
+            # no credential in them may reach a status anyone who can read the Workspace sees.
+            "message": redact(message),
             "observedGeneration": obs.generation,
             "lastTransitionTime": stamp,
         }

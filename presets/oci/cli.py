@@ -19,6 +19,7 @@ from pathlib import Path
 from .artifact import ArtifactError, pull_to_directory, push_directory
 from .auth import CredentialsError, config_paths, load_credentials
 from .client import AuthError, NotFoundError, RegistryClient, RegistryError
+from .redaction import redact
 from .reference import Reference, ReferenceError, parse_reference
 
 log = logging.getLogger("kaito_oci")
@@ -200,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     code, message = run(args)
+    message = redact(message)  # it reaches stderr and the termination message, which the Workspace shows
     if code != EXIT_OK:
         print(message, file=sys.stderr, flush=True)
     write_termination_log(args.termination_log, message)

@@ -4,7 +4,9 @@ Implements what pushing and pulling one artifact needs: ``/v2/`` auth challenges
 tokens from the realm with basic credentials or an identity token), blob existence checks, monolithic
 blob uploads (POST then PUT ``?digest=``), manifest PUT/GET, and blob GET with digest verification.
 Authorization headers are never forwarded across redirects (blob storage redirects carry their own
-signature) and never appear in messages.
+signature) and never appear in messages; every error and log message goes through
+:func:`.redaction.redact` (URL userinfo, signatures, tokens). Credentials (Basic, or an identity
+refresh token) go to a token realm only over https, unless the client was asked for plain http.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .auth import Credentials, parse_challenge
+from .redaction import redact
 from .reference import Reference
 
 log = logging.getLogger("kaito_oci")
@@ -36,7 +39,7 @@ class RegistryError(RuntimeError):
     """A registry request failed; ``status`` is the HTTP status (0 for transport errors)."""
 
     def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
+        super().__init__(redact(message))
         self.status = status
 
 
@@ -87,6 +90,7 @@ class RegistryClient:
     ) -> None:
         self.ref = ref
         self.credentials = credentials
+        self.plain_http = plain_http
         self.base = f"{'http' if plain_http else 'https'}://{ref.api_host}"
         self.timeout = timeout
         self.retries = retries
@@ -188,9 +192,10 @@ class RegistryClient:
 
     @staticmethod
     def _safe(url: str) -> str:
-        # Upload locations and signed redirects carry state/signatures in the query; keep them out.
+        # Upload locations and signed redirects carry state/signatures in the query; keep them out,
+        # and the userinfo a Location or realm may carry.
         parts = urllib.parse.urlsplit(url)
-        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+        return redact(urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
 
     @staticmethod
     def _error_detail(body: bytes) -> str:
@@ -208,7 +213,7 @@ class RegistryClient:
 
     def _backoff(self, attempt: int, why: str) -> None:
         delay = min(self.backoff * 2.0 ** (attempt - 1), 16.0)
-        log.warning("retrying in %.0fs (attempt %d/%d): %s", delay, attempt, self.retries, why)
+        log.warning("retrying in %.0fs (attempt %d/%d): %s", delay, attempt, self.retries, redact(why))
         time.sleep(delay)  # retry backoff against a remote service, not test synchronisation
 
     def _authenticate(self, header: str, scope: str) -> None:
@@ -233,6 +238,16 @@ class RegistryClient:
 
     def _fetch_token(self, realm: str, service: str, scope: str) -> str:
         creds = self.credentials
+        sends_credentials = creds is not None and (creds.identity_token or creds.basic_header())
+        if sends_credentials and urllib.parse.urlsplit(realm).scheme != "https" and not self.plain_http:
+            # The registry names the realm; a plain-http one would expose the password or the
+            # refresh token to anyone on the path. Only a registry reached over plain http on purpose
+            # (--plain-http: a local or in-cluster one) may use one.
+            raise AuthError(
+                f"{self.ref.registry}: refusing to send credentials to the token realm {self._safe(realm)} "
+                "over plain http (use a https realm, or --plain-http for a registry without TLS)",
+                401,
+            )
         if creds is not None and creds.identity_token:
             # OAuth2 refresh-token grant (what docker does with an identitytoken, e.g. ACR).
             form = urllib.parse.urlencode(

@@ -83,6 +83,13 @@ def _first(env: Mapping[str, str], *names: str) -> str:
     return ""
 
 
+TOKEN_FILE_NEEDS_ENDPOINT = (
+    "ARM_TOKEN_FILE is set without ARM_ENDPOINT: a static token file outranks every configured identity "
+    "and is meant for a fake or non-default ARM; set ARM_ENDPOINT to that ARM, or unset ARM_TOKEN_FILE to "
+    "use the configured identity (workload identity, client secret or managed identity)"
+)
+
+
 @dataclass(frozen=True)
 class AzureConfig:
     """Where the cluster lives in ARM and how to authenticate; see :meth:`from_env` for the variables."""
@@ -111,7 +118,14 @@ class AzureConfig:
     max_retries: int | None = None
     """azure-core retries of 408/429/5xx/transport errors per request; None keeps the SDK default (10)."""
     token_file: str = ""
-    """A file holding a bearer token for ARM (a fake ARM in demos, or a token a sidecar refreshes)."""
+    """A file holding a bearer token for ARM (a fake ARM in demos, or a token a sidecar refreshes).
+
+    It outranks every identity, so it is accepted only together with ``arm_endpoint``: a stray
+    ``ARM_TOKEN_FILE`` must not silently replace workload identity against public Azure."""
+
+    def __post_init__(self) -> None:
+        if self.token_file and not self.arm_endpoint:
+            raise ConfigError(f"Azure configuration: {TOKEN_FILE_NEEDS_ENDPOINT}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AzureConfig:
@@ -147,6 +161,8 @@ class AzureConfig:
                 "AZURE_TENANT_ID and AZURE_CLIENT_ID (needed with a federated token or client secret)"
             )
         errors = [f"missing {m}" for m in missing]
+        if _first(env, "ARM_TOKEN_FILE") and not _first(env, "ARM_ENDPOINT"):
+            errors.append(TOKEN_FILE_NEEDS_ENDPOINT)
 
         def number(name: str, default: float) -> float:
             raw = _first(env, name)
@@ -197,6 +213,19 @@ class AzureConfig:
             max_retries=max_retries,
             token_file=_first(env, "ARM_TOKEN_FILE"),
         )
+
+    @property
+    def configured_identity(self) -> str:
+        """The identity the environment configures besides a token file ('' when none), for warnings."""
+        if self.deployment_mode == "managed":
+            return "DEPLOYMENT_MODE=managed (DefaultAzureCredential)"
+        if self.federated_token_file:
+            return f"workload identity (AZURE_FEDERATED_TOKEN_FILE, client {self.client_id})"
+        if self.client_secret:
+            return f"a client secret (client {self.client_id})"
+        if self.client_id:
+            return f"managed identity (client {self.client_id})"
+        return ""
 
     @property
     def credential_kind(self) -> str:
@@ -257,6 +286,14 @@ def build_credential(config: AzureConfig) -> AsyncTokenCredential:
 
     kind = config.credential_kind
     log.info("azure credential selected", kind=kind, client_id=config.client_id or None)
+    if kind == "token_file" and config.configured_identity:
+        log.warning(
+            "ARM_TOKEN_FILE overrides the configured Azure identity: every ARM call uses the static token "
+            "from the file; unset ARM_TOKEN_FILE to use the identity",
+            ignored_identity=config.configured_identity,
+            token_file=config.token_file,
+            arm_endpoint=config.arm_endpoint,
+        )
     extra: dict[str, Any] = {"authority": config.authority_host} if config.authority_host else {}
     if kind == "token_file":
         return FileTokenCredential(config.token_file)

@@ -33,6 +33,7 @@ from typing import Any
 
 import structlog
 
+from kaito.api.machine import REASON_INSTANCE_NOT_FOUND, REASON_REGISTRATION_TIMEOUT
 from kaito.runtime.controller import DONE, Result
 from kaito.runtime.kube import NODES, ApiError, KubeClient, Obj, Resource, resource_version, split_key
 from kaito.runtime.store import Store
@@ -53,7 +54,8 @@ FINALIZER = "karpenter.sh/termination"
 NODE_POOL_INDEX = "agentpool"
 NODE_PROVIDER_ID_INDEX = "provider-id"
 
-REGISTRATION_TIMEOUT_REASON = "RegistrationTimeout"
+# Both relaunch reasons are part of the contract with the workspace controller (kaito.api.machine).
+REGISTRATION_TIMEOUT_REASON = REASON_REGISTRATION_TIMEOUT
 LAUNCH_FAILED_REASON = "LaunchFailed"
 
 
@@ -441,7 +443,7 @@ class MachineLifecycle:
         try:
             instance = await self.cloud.get(name)
         except NotFound:
-            reason, message = "InstanceNotFound", f"the instance of machine {name} no longer exists"
+            reason, message = REASON_INSTANCE_NOT_FOUND, f"the instance of machine {name} no longer exists"
         except CloudError:
             return False  # cannot tell now; the registration timeout still bounds the wait
         else:

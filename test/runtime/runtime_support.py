@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ import httpx
 import torch
 from kaito_inference.config import ServerConfig
 from kaito_inference.engine import LoadedModel, load_model
+
+from test.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 RUNTIME_DIR = REPO / "presets" / "inference"
@@ -95,15 +96,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until true or fail after ``timeout`` seconds (no blind sleeps)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
 @dataclass
 class RunningServer:
     """A real uvicorn server on loopback, running in its own thread and event loop."""
@@ -121,7 +113,7 @@ class RunningServer:
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Block until the model is loaded (or loading failed)."""
-        wait_for(lambda: self.runtime.state != "loading", timeout, "model load")
+        wait_until(lambda: self.runtime.state != "loading", timeout, "model load", interval=0.01)
 
     def stop(self) -> None:
         """Ask uvicorn to exit and join its thread."""
@@ -145,7 +137,7 @@ def start_server(
     )
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
-    wait_for(lambda: server.started or not thread.is_alive(), 30, "uvicorn start")
+    wait_until(lambda: server.started or not thread.is_alive(), 30, "uvicorn start", interval=0.01)
     assert thread.is_alive(), "uvicorn exited during start-up"
     running = RunningServer(f"http://127.0.0.1:{port}", app, server, thread, failures)
     if wait:

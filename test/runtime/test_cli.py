@@ -6,13 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from kaito_inference.config import ConfigError, parse_args
 from runtime_support import RUNTIME_DIR, free_port
+
+from test.waiting import wait_until
 
 pytestmark = [pytest.mark.runtime]
 
@@ -76,19 +77,22 @@ def test_parse_rejects_bad_flags(argv: list[str], fragment: str) -> None:
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> httpx.Response:
     """Poll ``url`` until it answers 200 (the process must stay alive meanwhile)."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}"
+
+    def ok() -> httpx.Response | None:
+        if proc.poll() is not None:
+            raise ServerExited(f"server exited with {proc.returncode}")
         try:
             r = httpx.get(url, timeout=2)
-            if r.status_code == 200:
-                return r
-            last = f"{r.status_code} {r.text}"
         except httpx.TransportError as exc:
-            last = repr(exc)
-        time.sleep(0.2)  # polling interval, not synchronisation: the loop exits on the condition
-    raise AssertionError(f"{url} not ready after {timeout}s: {last}")
+            raise AssertionError(repr(exc)) from None
+        assert r.status_code == 200, f"{r.status_code} {r.text}"
+        return r
+
+    return wait_until(ok, timeout, f"{url} to answer 200", interval=0.2)
+
+
+class ServerExited(Exception):
+    """The server process died while we waited for it (no point waiting out the deadline)."""
 
 
 @pytest.mark.timeout(180)
@@ -135,10 +139,9 @@ def test_upstream_launch_command_serves_seed_request(tiny_model_dir: Path, tmp_p
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
     # The server itself shut down cleanly (uvicorn's last line) and nothing listens any more.
-    deadline = time.monotonic() + 30
-    while "Finished server process" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "Finished server process" in log.read_text(), log.read_text()
+    wait_until(
+        lambda: "Finished server process" in log.read_text(), 30, "uvicorn's shutdown line", interval=0.1
+    )
     assert "Traceback" not in log.read_text()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)

@@ -21,6 +21,7 @@ import yaml
 
 from .config import DEFAULT_CONFIG_PATH, DEFAULT_OUTPUT_DIR, ConfigError, load_config, normalize_output_dir
 from .dataset import DatasetError
+from .redaction import redact
 from .train import FAILED_MARKER, HardwareError, TrainResult, train
 
 log = logging.getLogger("kaito_tuning")
@@ -123,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     code, message, output_dir = run(args)
+    # The outcome reaches stderr, the failure marker and the termination message (so the Job's and
+    # the Workspace's status): no credential a dataset URL or a library error carried.
+    message = redact(message)
     if code == EXIT_OK:
         log.info("%s", message)
     else:

@@ -3,13 +3,15 @@
 ``python3 -m kaito_tuning.download [--dest /mnt/data] [URL ...]`` (URLs default to the space-separated
 ``DATA_URLS`` env var, upstream's name). Each URL gets up to ``--attempts`` tries; a try succeeds only on
 HTTP 200 with a non-empty body. Files are named after the URL path's last segment (the query string is
-dropped: signed URLs carry secrets there, and it is never logged either). Exit 0 when every file is
+dropped: signed URLs carry secrets there, and it is never logged either; nor is a URL's ``user:password@``,
+and every line it logs or leaves in the termination message goes through :func:`.redaction.redact`). Exit 0 when every file is
 there, 1 when one could not be fetched, 2 when no URL was given; the outcome goes to the termination log.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import logging
 import os
@@ -23,6 +25,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import redaction
+
 log = logging.getLogger("kaito_tuning.download")
 
 DEFAULT_DEST = "/mnt/data"
@@ -35,9 +39,9 @@ class DownloadError(RuntimeError):
 
 
 def redact(url: str) -> str:
-    """The URL without query and fragment (SAS tokens and signatures live there)."""
+    """The URL without query and fragment (SAS tokens and signatures live there) and without userinfo."""
     parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    return redaction.redact(urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
 
 
 def file_names(urls: Sequence[str]) -> list[str]:
@@ -52,17 +56,39 @@ def file_names(urls: Sequence[str]) -> list[str]:
     return names
 
 
+def _request(url: str) -> urllib.request.Request:
+    """The GET for ``url``; ``user:password@`` in it becomes a Basic ``Authorization`` header (as curl
+    does), so the credentials travel in a header and never in a host name an error could quote. The
+    header is not repeated after a redirect (which may lead to another host)."""
+    parts = urllib.parse.urlsplit(url)
+    auth = ""
+    if parts.username is not None or parts.password is not None:
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password or "")
+        auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        netloc = parts.hostname or ""
+        if ":" in netloc:
+            netloc = f"[{netloc}]"  # an IPv6 literal
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    req = urllib.request.Request(url, headers={"User-Agent": "kaito-tuning/0.1"})
+    if auth:
+        req.add_unredirected_header("Authorization", auth)
+    return req
+
+
 def fetch(url: str, target: Path, attempts: int, delay: float, timeout: float) -> int:
     """Download ``url`` to ``target`` (atomically); return its size. Raises :class:`DownloadError`."""
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("http", "https"):
         raise DownloadError(f"{redact(url)}: only http and https URLs are supported")
+    req = _request(url)
     last = ""
     for attempt in range(1, attempts + 1):
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".part-")
         tmp = Path(tmp_name)
         try:
-            req = urllib.request.Request(url, headers={"User-Agent": "kaito-tuning/0.1"})
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
                 if resp.status != 200:
                     raise DownloadError(f"HTTP {resp.status}")
@@ -77,7 +103,7 @@ def fetch(url: str, target: Path, attempts: int, delay: float, timeout: float) -
         except urllib.error.HTTPError as err:
             last = f"HTTP {err.code}"
         except (urllib.error.URLError, OSError, http.client.HTTPException, DownloadError) as exc:
-            last = str(getattr(exc, "reason", exc))
+            last = redaction.redact(str(getattr(exc, "reason", exc)))
         finally:
             tmp.unlink(missing_ok=True)
         log.warning("attempt %d/%d for %s failed: %s", attempt, attempts, redact(url), last)
@@ -129,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.info("downloaded %s to %s (%d bytes)", redact(url), args.dest / name, size)
             message, code = f"downloaded {len(urls)} file(s) into {args.dest}", 0
         except (DownloadError, OSError) as exc:
-            message, code = f"error: download failed: {exc}", 1
+            message, code = redaction.redact(f"error: download failed: {exc}"), 1
     print(message, file=sys.stderr if code else sys.stdout, flush=True)
     _termination(args.termination_log, message)
     return code

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import signal
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,27 @@ async def write_requests(port: int) -> dict[str, float]:
             labels, _, value = line.rpartition(" ")
             out[labels] = float(value)
     return out
+
+
+async def reconcile_count(port: int) -> float:
+    """How many reconciles the provisioner's lifecycle controller finished (any result)."""
+    _, text = await http_get(port, "/metrics")
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("controller_runtime_reconcile_total{") and 'controller="machine-lifecycle"' in line
+    )
+
+
+async def reconciled_after(p: ProvisionerProcess, before: float, what: str) -> float:
+    """Wait until the lifecycle controller reconciled again after ``what``; the new count."""
+
+    async def more() -> float:
+        n = await reconcile_count(p.metrics_port)
+        assert n > before, f"{n} reconciles, {before} before"
+        return n
+
+    return await eventually(more, 30, f"the provisioner to reconcile {what}")
 
 
 def condition(machine: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -113,9 +134,41 @@ async def test_machine_becomes_ready_and_deletion_removes_node(
     assert "kaito_machine_initialization_duration_seconds_count 1.0" in ours, ours
     assert 'kaito_cloud_request_duration_seconds_count{operation="create",provider="kwok"}' in ours, ours
 
-    # Idle: a Ready Machine costs no writes (node heartbeats and resyncs reconcile to "nothing changed").
+    # Idle: a Ready Machine costs no writes. kwok heartbeats only every few minutes, so the window makes
+    # the events itself: a Node heartbeat (what kwok and the kubelet write) and a touch of the Machine's
+    # metadata (a re-delivered Machine, as after a relist with a new resourceVersion). Each must reach
+    # the provisioner (its reconcile count rises) and reconcile to "nothing changed".
     before = await write_requests(provisioner.metrics_port)
-    await asyncio.sleep(3)  # the measurement window, not synchronisation
+    reconciles = await reconcile_count(provisioner.metrics_port)
+    # A heartbeat within the second of kwok's own would change nothing (no event): one second later.
+    current = await core.read_node(node_name)
+    beats = [c.last_heartbeat_time for c in current.status.conditions or [] if c.type == "Ready"]
+    beat = max([datetime.now(UTC), *(b + timedelta(seconds=1) for b in beats if b)])
+    patched = await core.patch_node_status(
+        node_name,
+        {
+            "status": {
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "lastHeartbeatTime": beat.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    }
+                ]
+            }
+        },
+    )
+    assert patched.metadata.resource_version != current.metadata.resource_version
+    reconciles = await reconciled_after(provisioner, reconciles, "the Node heartbeat")
+    await crd.patch_cluster_custom_object(
+        GROUP,
+        VERSION,
+        PLURAL,
+        name,
+        {"metadata": {"annotations": {"e2e.kaito.sh/touched": "1"}}},
+        _content_type="application/merge-patch+json",
+    )
+    await reconciled_after(provisioner, reconciles, "the Machine touch")
     assert await write_requests(provisioner.metrics_port) == before
 
     await crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)

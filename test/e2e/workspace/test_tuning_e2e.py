@@ -10,6 +10,7 @@ import base64
 import json
 from typing import Any
 
+from test.e2e.credentials import FAILING_DATA_URL, docker_config_json, secret_values
 from test.e2e.workspace.conftest import Operator
 from test.e2e.workspace.test_inference_e2e import apply_sample, conditions, kget, wait_condition
 from test.waiting import eventually
@@ -22,7 +23,7 @@ OUTPUT_IMAGE = "myregistry.azurecr.io/phi-3-adapter:0.0.1"
 
 def create_push_secret(op: Operator) -> None:
     """The ``kubernetes.io/dockerconfigjson`` Secret the sample names (dummy credentials)."""
-    config = json.dumps({"auths": {"example.azurecr.io": {"auth": base64.b64encode(b"u:p").decode()}}})
+    config = docker_config_json("example.azurecr.io")
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -88,7 +89,7 @@ async def test_tuning_job_failure_is_reported(operator: Operator) -> None:
     def failing(doc: dict[str, Any]) -> None:
         doc["tuning"]["output"]["imagePushSecret"] = PUSH_SECRET
         doc["tuning"]["output"]["image"] = OUTPUT_IMAGE
-        doc["tuning"]["input"]["urls"] = ["https://kwok.kaito.sh/simulate/fail.parquet"]
+        doc["tuning"]["input"]["urls"] = [FAILING_DATA_URL]
 
     apply_sample(op, "kaito_workspace_tuning_phi_3.yaml", failing)
     ws = await wait_condition_reason(op, "workspaceFailed")
@@ -96,7 +97,9 @@ async def test_tuning_job_failure_is_reported(operator: Operator) -> None:
     assert ws["status"]["reason"] == "BackoffLimitExceeded"
     msg = next(c["message"] for c in ws["status"]["conditions"] if c["type"] == "WorkspaceSucceeded")
     assert "BackoffLimitExceeded" in msg
-    assert "container data-downloader exited 1: error: download failed" in msg
+    assert "container data-downloader exited 1: error: download failed: https://[redacted]@kwok" in msg
+    for secret in secret_values().values():
+        assert secret not in json.dumps(ws["status"])
     assert conditions(ws)["WorkspaceReady"] == "False"
 
     async def warning() -> Any:
@@ -107,7 +110,9 @@ async def test_tuning_job_failure_is_reported(operator: Operator) -> None:
             if e["type"] == "Warning" and "BackoffLimitExceeded" in (e.get("message") or "")
         ]
 
-    await eventually(warning, 30, "a Warning Event naming BackoffLimitExceeded", interval=0.3)
+    events = await eventually(warning, 30, "a Warning Event naming BackoffLimitExceeded", interval=0.3)
+    for secret in secret_values().values():
+        assert secret not in json.dumps(events)
 
 
 async def wait_condition_reason(op: Operator, reason: str, timeout: float = 120) -> Any:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from provisioner.cloud.azure import AzureCloudProvider, AzureConfig, AzureProvid
 from provisioner.cloud.base import InstanceState, NotFound
 from test.fake_arm import FakeArm, FakeArmServer, StaticTokenCredential
 from test.fake_arm.nodes import AksNodeSimulator
+from test.waiting import eventually
 
 SUB, RG, CLUSTER = "sub-1", "kaito-rg", "kaito-aks"
 REPO_ROOT = str(Path(__file__).resolve().parents[3])
@@ -40,14 +40,6 @@ def machine(name: str) -> dict[str, Any]:
             "resources": {"requests": {"storage": "100Gi"}},
         },
     }
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -104,7 +96,7 @@ async def test_pool_node_is_found_by_selector_and_provider_id(
     async def node_gone() -> bool:
         return not (await core.list_node(label_selector=selector)).items
 
-    await eventually(node_gone)
+    await eventually(node_gone, 15, "the node to be deleted", interval=0.05)
 
 
 async def test_standalone_fake_arm_demo_path(api_client: ApiClient, cluster: Any, tmp_path: Path) -> None:
@@ -158,7 +150,7 @@ async def test_standalone_fake_arm_demo_path(api_client: ApiClient, cluster: Any
             async def node_registered() -> bool:
                 return bool((await core.list_node(label_selector=instance.label_selector())).items)
 
-            await eventually(node_registered)
+            await eventually(node_registered, 15, "the node to register", interval=0.05)
             node = (await core.list_node(label_selector=instance.label_selector())).items[0]
             assert AzureProviderID.parse(node.spec.provider_id).pool_name == name
             await cloud.delete(name)
@@ -166,7 +158,7 @@ async def test_standalone_fake_arm_demo_path(api_client: ApiClient, cluster: Any
             async def node_gone() -> bool:
                 return not await node_registered()
 
-            await eventually(node_gone)
+            await eventually(node_gone, 15, "the node to be deleted", interval=0.05)
         finally:
             await cloud.close()
     finally:

@@ -5,10 +5,8 @@ Nodes are cluster-scoped, so every test uses fresh Machine names (and therefore 
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ from bench.fault_proxy import FaultProxy
 from hack.localcluster import LocalCluster
 from provisioner.cloud.base import InstanceState, InvalidRequest, NotFound, SkuUnavailable
 from provisioner.cloud.kwok import KwokCloudProvider, node_name_for
+from test.waiting import eventually
 
 GPUS = {"Standard_NC12s_v3": 2, "Standard_NC24ads_A100_v4": 1, "Standard_D4s_v3": 0}
 
@@ -50,15 +49,6 @@ def machine(name: str, sku: str = "Standard_NC12s_v3", **labels: str) -> dict[st
             "resources": {"requests": {"storage": "120Gi"}},
         },
     }
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    """Wait until ``check()`` is true, polling briefly, failing at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 async def node_exists(core: CoreV1Api, name: str) -> bool:
@@ -108,7 +98,7 @@ async def test_create_returns_at_once_and_the_node_appears_later(
         assert not await node_exists(core, node_name)  # create did not wait for the delay
         assert cloud.pending() == [name]
 
-        await eventually(lambda: node_exists(core, node_name))
+        await eventually(lambda: node_exists(core, node_name), 15, "the node to exist", interval=0.05)
         node = await core.read_node(node_name)
         assert node.metadata.annotations["kwok.x-k8s.io/node"] == "fake"
         labels = node.metadata.labels
@@ -127,7 +117,7 @@ async def test_create_returns_at_once_and_the_node_appears_later(
         assert got.state is InstanceState.RUNNING
         assert got.capacity["nvidia.com/gpu"] == "2"
         assert (await cloud.get(f"kwok://{node_name}")).name == name
-        await eventually(lambda: _no_pending(cloud))
+        await eventually(lambda: _no_pending(cloud), 15, "no pending kwok creations", interval=0.05)
     finally:
         await cloud.close()
 
@@ -145,7 +135,9 @@ async def test_create_is_idempotent(api_client: ApiClient, core: CoreV1Api, name
         second = await cloud.create(machine(name))
         assert first.state is second.state is InstanceState.PENDING
         assert cloud.pending() == [name]
-        await eventually(lambda: node_exists(core, node_name_for(name)))
+        await eventually(
+            lambda: node_exists(core, node_name_for(name)), 15, "the node to exist", interval=0.05
+        )
         third = await cloud.create(machine(name))
         assert third.state is InstanceState.RUNNING
         assert third.provider_id == first.provider_id
@@ -165,7 +157,9 @@ async def test_cpu_sku_has_no_gpu_capacity(api_client: ApiClient, core: CoreV1Ap
     cloud = KwokCloudProvider(api_client, catalog_gpus, node_capacity=node_capacity)
     try:
         await cloud.create(machine(name, sku="Standard_D4s_v3"))
-        await eventually(lambda: node_exists(core, node_name_for(name)))
+        await eventually(
+            lambda: node_exists(core, node_name_for(name)), 15, "the node to exist", interval=0.05
+        )
         node = await core.read_node(node_name_for(name))
         assert "nvidia.com/gpu" not in node.status.capacity
         assert node.metadata.labels["kaito.sh/machine-type"] == "cpu"
@@ -199,7 +193,9 @@ async def test_delete_then_get_is_not_found(api_client: ApiClient, core: CoreV1A
     cloud = provider(api_client)
     try:
         instance = await cloud.create(machine(name))
-        await eventually(lambda: node_exists(core, node_name_for(name)))
+        await eventually(
+            lambda: node_exists(core, node_name_for(name)), 15, "the node to exist", interval=0.05
+        )
         await cloud.delete(instance.provider_id)
         with pytest.raises(NotFound) as e:
             await cloud.get(name)
@@ -227,7 +223,9 @@ async def test_list_returns_only_our_nodes(api_client: ApiClient, core: CoreV1Ap
     slow = provider(api_client, delay=60.0)
     try:
         await fast.create(machine(ours))
-        await eventually(lambda: node_exists(core, node_name_for(ours)))
+        await eventually(
+            lambda: node_exists(core, node_name_for(ours)), 15, "the node to exist", interval=0.05
+        )
         listed = {i.name: i for i in await fast.list()}
         assert ours in listed
         assert foreign not in listed
@@ -275,7 +273,7 @@ async def test_a_node_the_apiserver_rejects_surfaces_on_the_next_call(
     try:
         # A label value the API server refuses (spaces are not allowed): the launch task fails.
         await cloud.create(machine(name, team="not a valid label value"))
-        await eventually(lambda: _no_pending(cloud))
+        await eventually(lambda: _no_pending(cloud), 15, "no pending kwok creations", interval=0.05)
         with pytest.raises(InvalidRequest, match="rejected"):
             await cloud.get(name)
         with pytest.raises(InvalidRequest):
@@ -313,10 +311,12 @@ async def test_transient_apiserver_errors_during_launch_are_retried(
                 async def failed_twice() -> bool:
                     return proxy.faults["500"] >= 2
 
-                await eventually(failed_twice)
+                await eventually(failed_twice, 15, "two failed attempts", interval=0.05)
                 assert cloud.pending() == [name], "still launching, not given up"
                 proxy.p = 0.0
-                await eventually(lambda: node_exists(core, node_name_for(name)))
+                await eventually(
+                    lambda: node_exists(core, node_name_for(name)), 15, "the node to exist", interval=0.05
+                )
                 got = await cloud.get(name)
                 assert got.machine_name == name
             finally:

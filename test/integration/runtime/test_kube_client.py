@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from kubernetes_asyncio.client import ApiClient
 
-from kaito.runtime.kube import CONFIGMAPS, DEPLOYMENTS, NAMESPACES, ApiError, KubeClient
+from kaito.runtime.events import EventRecorder
+from kaito.runtime.kube import CONFIGMAPS, DEPLOYMENTS, EVENTS, NAMESPACES, ApiError, KubeClient
 from kaito.runtime.metrics import REGISTRY
 
 
@@ -95,3 +96,18 @@ async def test_status_subresource_merge_patch(api_client: ApiClient, namespace: 
     # A status write cannot change the spec.
     again = await kube.patch(DEPLOYMENTS, "d", {"spec": {"replicas": 5}}, namespace, subresource="status")
     assert again["spec"]["replicas"] == 1
+
+
+async def test_event_messages_are_redacted(api_client: ApiClient, namespace: str) -> None:
+    """An Event quoting a credential (a container's message, a cloud error) is stored redacted: anyone
+    who may list Events in the namespace reads them."""
+    kube = KubeClient(api_client)
+    cm = await kube.create(CONFIGMAPS, {"metadata": {"name": "ev", "namespace": namespace}})
+    recorder = EventRecorder(kube, "kaito-test", api_version="v1", kind="ConfigMap")
+    await recorder.event(
+        cm, "Warning", "PullFailed", "pull https://robot:hunter2@registry.example/x failed: Bearer abc123def"
+    )
+    events = (await kube.list(EVENTS, namespace, field_selector="involvedObject.name=ev"))["items"]
+    assert [e["message"] for e in events] == [
+        "pull https://[redacted]@registry.example/x failed: Bearer [redacted]"
+    ]

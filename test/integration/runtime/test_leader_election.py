@@ -1,4 +1,4 @@
-"""Leader election with two real processes (``python -m kaito.runtime.demo_process``) on a real Lease."""
+"""Leader election with two real processes (``python -m hack.demo_process``) on a real Lease."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import aiohttp
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from hack.demo_process import ANNOTATION
 from hack.localcluster import LocalCluster, free_port
-from kaito.runtime.demo_process import ANNOTATION
 from kaito.runtime.kube import CONFIGMAPS, LEASES, ApiError, KubeClient, Obj
 from kaito.runtime.leader_election import micro_time
 from test.waiting import eventually
@@ -67,7 +67,7 @@ async def spawn(cluster: LocalCluster, namespace: str, identity: str, tmp: Path)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "kaito.runtime.demo_process",
+            "hack.demo_process",
             f"--kubeconfig={cluster.kubeconfig}",
             f"--namespace={namespace}",
             f"--lease-name={LEASE}",

@@ -1,5 +1,6 @@
 """The workspace reconciler in-process against a real kube-apiserver (no controller-manager, no kwok):
-byo mode, Machine failure reasons, stuck Machine deletion, minimal writes, preferredNodes rollout.
+byo mode, stuck Machine deletion, minimal writes, preferredNodes rollout. Machine failure reasons come
+from the real provisioner in test_workspace_with_provisioner.py.
 
 Without a controller-manager nothing makes Deployments ready or collects garbage, so the tests play
 those parts by writing the status subresources the real controllers would write.
@@ -28,27 +29,6 @@ from kaito.workspace.reconciler import WORKSPACES, ReconcilerOptions, WorkspaceR
 from test.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def crds(control_plane: LocalCluster) -> LocalCluster:
-    for crd in ("kaito.sh_workspaces.yaml", "karpenter.sh_machines.yaml"):
-        control_plane.kubectl(
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=kaito-crds",
-            "-f",
-            str(REPO / "config/crd" / crd),
-        )
-    control_plane.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/workspaces.kaito.sh",
-        "crd/machines.karpenter.sh",
-    )
-    return control_plane
 
 
 @dataclass
@@ -263,45 +243,6 @@ async def test_preferred_nodes_change_rolls_the_deployment(byo: Env) -> None:
     await eventually(workers_b, 20, f"status.workerNodes == [{b}]")
     for n in (a, b):
         await byo.client.delete(NODES, n)
-
-
-async def test_machine_quota_failure_surfaces_as_reason(machines: Env) -> None:
-    """A Machine the provisioner reports as QuotaExceeded makes the workspace NotReady/QuotaExceeded."""
-    env = machines
-    labels = {"apps": f"quota-{env.namespace[-6:]}"}
-    await env.client.create(WORKSPACES, phi3("quota", labels), env.namespace)
-    mname = machine_name(env.namespace, "quota", 0)
-    m = await eventually(lambda: env.client.get_or_none(MACHINES, mname), 20, "the Machine")
-    assert m["metadata"]["labels"]["kaito.sh/workspace"] == "quota"
-    await env.client.merge_patch_status(
-        MACHINES,
-        mname,
-        {
-            "conditions": [
-                {
-                    "type": "MachineLaunched",
-                    "status": "False",
-                    "reason": "QuotaExceeded",
-                    "message": "Operation could not be completed as it results in exceeding approved quota",
-                }
-            ]
-        },
-    )
-
-    async def failed() -> Any:
-        ws = await env.ws("quota")
-        st = (ws or {}).get("status") or {}
-        return ws if st.get("reason") == "QuotaExceeded" else None
-
-    ws = await eventually(failed, 20, "state reason QuotaExceeded")
-    assert ws["status"]["state"] == "NotReady"
-    c = await env.condition("quota", "ResourceReady")
-    assert c is not None and c["status"] == "False" and "exceeding approved quota" in c["message"]
-    # Only one Machine, however often the workspace was reconciled.
-    items = (await env.client.list(MACHINES, label_selector=f"kaito.sh/workspacenamespace={env.namespace}"))[
-        "items"
-    ]
-    assert [i["metadata"]["name"] for i in items] == [mname]
 
 
 async def test_deletion_completes_when_a_machine_is_stuck(machines: Env) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.server
 import threading
@@ -9,7 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kaito_tuning import redaction as tuning_redaction
 from kaito_tuning.download import file_names, main, redact
+
+from presets.oci import redaction as oci_redaction
+from test.redaction_cases import CASES
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(60)]
 
@@ -87,3 +92,62 @@ def test_file_names() -> None:
         redact("https://acct.blob.core.windows.net/c/d.json?sv=1&sig=abc")
         == "https://acct.blob.core.windows.net/c/d.json"
     )
+    assert (
+        redact("https://bob:hunter2@h.example:8443/d.json?x=1") == "https://[redacted]@h.example:8443/d.json"
+    )
+
+
+class _BasicAuthHandler(http.server.BaseHTTPRequestHandler):
+    """Serves /data.jsonl only to ``alice:hunter2`` (Basic)."""
+
+    def do_GET(self) -> None:
+        expected = "Basic " + base64.b64encode(b"alice:hunter2").decode()
+        if self.headers.get("Authorization") != expected:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="data"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = b'{"text": "a"}\n'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def basic_auth_server() -> Iterator[int]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BasicAuthHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield int(httpd.server_address[1])
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_userinfo_is_sent_as_basic_auth_and_never_logged(
+    basic_auth_server: int,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``user:password@`` authenticates (a real server checks it) and appears in no output on failure."""
+    dest, term = tmp_path / "data", tmp_path / "term"
+    args = ["--dest", str(dest), "--attempts", "1", "--termination-log", str(term)]
+    assert main([*args, f"http://alice:hunter2@127.0.0.1:{basic_auth_server}/data.jsonl"]) == 0
+    assert (dest / "data.jsonl").read_text() == '{"text": "a"}\n'
+    assert main([*args, f"http://alice:wrong-pw@127.0.0.1:{basic_auth_server}/data.jsonl"]) == 1
+    message = term.read_text()
+    assert f"http://[redacted]@127.0.0.1:{basic_auth_server}/data.jsonl: HTTP 401" in message
+    captured = capsys.readouterr()
+    for secret in ("hunter2", "wrong-pw", "alice:"):
+        assert secret not in captured.out + captured.err + message + caplog.text
+
+
+@pytest.mark.parametrize(("text", "expected"), CASES)
+def test_runtime_redaction_copies(text: str, expected: str) -> None:
+    """The runtime's copies of the operator's redaction module pass the operator's cases."""
+    assert tuning_redaction.redact(text) == expected
+    assert oci_redaction.redact(text) == expected

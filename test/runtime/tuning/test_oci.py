@@ -19,9 +19,11 @@ from registry_support import PASSWORD, USER, Registry, TokenServer, docker_confi
 
 from presets.oci import (
     ARTIFACT_TYPE,
+    AuthError,
     Credentials,
     CredentialsError,
     RegistryClient,
+    RegistryError,
     load_credentials,
     parse_reference,
     pull_to_directory,
@@ -485,3 +487,95 @@ def test_server_errors_are_retried_then_reported() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _BearerFront(http.server.BaseHTTPRequestHandler):
+    """A registry front that answers 401 with a Bearer challenge whose realm is ``realm``, and a token
+    endpoint (``/token``) that records what reached it."""
+
+    realm: ClassVar[str] = ""
+    token_requests: ClassVar[list[tuple[str, str | None, bytes]]] = []
+
+    def _reply(self, status: int, body: bytes = b"", **headers: str) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key.replace("_", "-"), value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _token(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.token_requests.append((self.command, self.headers.get("Authorization"), self.rfile.read(length)))
+        self._reply(200, json.dumps({"token": "tok"}).encode())
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/token"):
+            return self._token()
+        if self.headers.get("Authorization") == "Bearer tok":
+            return self._reply(200, b"{}")
+        return self._reply(401, WWW_Authenticate=f'Bearer realm="{self.realm}",service="r"')
+
+    def do_POST(self) -> None:
+        self._token()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "creds",
+    [Credentials(username="u", password="hunter2"), Credentials(identity_token="refresh-abc")],
+    ids=["basic", "identity-token"],
+)
+def test_credentials_never_go_to_a_plain_http_realm_unless_plain_http_was_asked(creds: Credentials) -> None:
+    """The registry names the token realm; an http one gets neither a password nor a refresh token.
+
+    The client talks https to its registry (``plain_http=False``); the request goes to an absolute
+    http URL (as upload locations do) of a real server whose challenge names an http realm.
+    """
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BearerFront)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        _BearerFront.realm = f"{base}/token"
+        _BearerFront.token_requests = []
+        ref = parse_reference(f"127.0.0.1:{server.server_address[1]}/a:b")
+        client = RegistryClient(ref, creds, plain_http=False, retries=0)
+        with pytest.raises(AuthError, match=r"refusing to send credentials .* over plain http"):
+            client.request("GET", f"{base}/v2/a/manifests/b", scope="repository:a:pull")
+        assert _BearerFront.token_requests == [], "the credentials reached the http realm"
+        # Asked for plain http (a registry without TLS): the same realm is fine.
+        plain = RegistryClient(ref, creds, plain_http=True, retries=0)
+        assert plain.request("GET", "/v2/a/manifests/b", scope="repository:a:pull").status == 200
+        assert len(_BearerFront.token_requests) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_error_messages_carry_no_userinfo_or_signature(tmp_path: Path) -> None:
+    """A redirect to a storage URL with ``user:password@`` and a signature: the failure names the
+    host and path only (the message reaches the termination log, the Workspace status and Events)."""
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        registry_port, storage_port = (int(s.server_address[1]) for s in servers)
+        _Recorder.storage_url = f"http://store:hunter2@127.0.0.1:{storage_port}"
+        client = RegistryClient(
+            parse_reference(f"127.0.0.1:{registry_port}/a:b"),
+            Credentials(username="u", password="pw"),
+            plain_http=True,
+            retries=0,
+        )
+        with pytest.raises(RegistryError) as failed:
+            client.download_blob("sha256:" + "0" * 64, tmp_path / "blob")
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+        _Recorder.storage_url = ""
+    message = str(failed.value)
+    assert "hunter2" not in message and "sig=abc" not in message, message
+    assert f"[redacted]@127.0.0.1:{storage_port}/signed" in message, message

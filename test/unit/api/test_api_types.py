@@ -207,3 +207,29 @@ def test_machine_keeps_unknown_fields() -> None:
     assert out["status"]["lastPodEventTime"] == "2025-01-01T00:00:00Z"
     assert out["status"]["providerID"] == "azure:///x"
     assert out["spec"]["resources"]["requests"] == {"storage": "50Gi", "nvidia.com/gpu": "1"}
+
+
+def test_validation_errors_are_described_without_input_values() -> None:
+    """A pydantic error (echoed into an InvalidSpec Event and admission responses) names the field and
+    the problem, never the value given -- a signed URL or a token may be that value."""
+    from pydantic import ValidationError
+
+    from kaito.api.meta import describe_validation_error
+    from kaito.api.workspace import Workspace
+
+    signed = "https://blob.example/d.json?sig=s1gn4ture"
+    doc = {
+        "apiVersion": "kaito.sh/v1alpha1",
+        "kind": "Workspace",
+        "metadata": {"name": "w", "namespace": "n"},
+        "tuning": {"preset": {"name": "p"}, "method": "qlora", "input": {"urls": signed}, "output": {}},
+    }
+    try:
+        Workspace.model_validate(doc)
+    except ValidationError as e:
+        assert "s1gn4ture" in str(e), "the case must be one whose pydantic text quotes the input"
+        described = describe_validation_error(e)
+    else:
+        raise AssertionError("the document should not validate")
+    assert "tuning.input.urls" in described
+    assert "s1gn4ture" not in described and "blob.example" not in described, described

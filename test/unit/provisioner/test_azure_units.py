@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
@@ -17,7 +19,9 @@ from provisioner.cloud.azure import (
     AzureConfig,
     AzureProviderID,
     ConfigError,
+    FileTokenCredential,
     agent_pool_body,
+    build_credential,
     classify_azure_error,
     instance_from_pool,
     is_managed_pool,
@@ -433,7 +437,14 @@ def test_config_reports_every_problem() -> None:
 
 
 def test_config_token_file_and_retries() -> None:
-    cfg = AzureConfig.from_env({**BASE_ENV, "ARM_TOKEN_FILE": "/run/token", "ARM_MAX_RETRIES": "3"})
+    cfg = AzureConfig.from_env(
+        {
+            **BASE_ENV,
+            "ARM_TOKEN_FILE": "/run/token",
+            "ARM_ENDPOINT": "https://127.0.0.1:8443",
+            "ARM_MAX_RETRIES": "3",
+        }
+    )
     assert cfg.credential_kind == "token_file"
     assert cfg.max_retries == 3
     assert AzureConfig.from_env(BASE_ENV).max_retries is None
@@ -464,3 +475,43 @@ def test_failed_pool_carries_its_classified_provisioning_error() -> None:
     assert type(bare.failure) is CloudError and "no reason" in bare.failure.message
     pool["properties"]["provisioningState"] = "Succeeded"
     assert instance_from_pool(pool).failure is None
+
+
+WORKLOAD_IDENTITY = {
+    "AZURE_TENANT_ID": "t",
+    "AZURE_CLIENT_ID": "cid",
+    "AZURE_FEDERATED_TOKEN_FILE": "/var/run/secrets/azure/tokens/azure-identity-token",
+}
+
+
+def test_a_stray_token_file_does_not_replace_workload_identity() -> None:
+    """ARM_TOKEN_FILE outranks every identity, so without ARM_ENDPOINT (a fake or non-default ARM) it is
+    refused with a message naming both variables -- not silently used against public Azure."""
+    with pytest.raises(ConfigError) as e:
+        AzureConfig.from_env({**BASE_ENV, **WORKLOAD_IDENTITY, "ARM_TOKEN_FILE": "/tmp/token"})
+    assert "ARM_TOKEN_FILE" in str(e.value) and "ARM_ENDPOINT" in str(e.value)
+    with pytest.raises(ConfigError, match="ARM_ENDPOINT"):
+        AzureConfig(subscription_id="s", resource_group="r", cluster_name="c", token_file="/tmp/token")
+
+
+def test_token_file_over_a_configured_identity_is_warned_about(tmp_path: Path) -> None:
+    """With ARM_ENDPOINT the token file is used, and the identity it overrides is named in a warning."""
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    cfg = AzureConfig.from_env(
+        {**BASE_ENV, **WORKLOAD_IDENTITY, "ARM_TOKEN_FILE": str(token), "ARM_ENDPOINT": "https://127.0.0.1:1"}
+    )
+    assert cfg.credential_kind == "token_file"
+    with structlog.testing.capture_logs() as logs:
+        credential = build_credential(cfg)
+    assert isinstance(credential, FileTokenCredential)
+    (warning,) = [e for e in logs if e["log_level"] == "warning"]
+    assert "overrides the configured Azure identity" in warning["event"]
+    assert "workload identity" in warning["ignored_identity"]
+    # Without a configured identity (a fake ARM in a demo) there is nothing to warn about.
+    plain = AzureConfig.from_env(
+        {**BASE_ENV, "ARM_TOKEN_FILE": str(token), "ARM_ENDPOINT": "https://127.0.0.1:1"}
+    )
+    with structlog.testing.capture_logs() as logs:
+        build_credential(plain)
+    assert [e for e in logs if e["log_level"] == "warning"] == []

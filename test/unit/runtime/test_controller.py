@@ -98,25 +98,36 @@ async def test_unexpected_exception_counts_as_panic_and_worker_survives() -> Non
 
 
 async def test_terminal_error_is_not_retried() -> None:
+    """A retry would come after 1 ms; a sentinel queued 50 ms later on the one worker comes after it.
+
+    The worker adds a retry (if it wrongly did) before the test adds the sentinel: the retry is ready
+    first and the single worker takes keys in order, so by the time the sentinel is reconciled a retry
+    of "k" would have run -- no shutdown that could drop it.
+    """
     name = unique("terminal")
-    calls = 0
+    calls: dict[str, int] = defaultdict(int)
     called = asyncio.Event()
+    sentinel = asyncio.Event()
 
     async def reconcile(key: str) -> Result:
-        nonlocal calls
-        calls += 1
+        calls[key] += 1
+        if key == "sentinel":
+            sentinel.set()
+            return DONE
         called.set()
         raise TerminalError("spec is invalid")
 
     ctrl = Controller(name, reconcile, rate_limiter=ItemExponentialFailureRateLimiter(0.001, 0.01))
     ctrl.start()
-    ctrl.enqueue("k")
-    await wait_for(called)
-    # Give a retry (1 ms backoff) ample opportunity to happen; it must not.
-    await ctrl.queue.shutdown_with_drain(1)
-    await ctrl.stop(timeout=1)
-    assert calls == 1
-    assert ctrl.queue.waiting() == 0
+    try:
+        ctrl.enqueue("k")
+        await wait_for(called)
+        ctrl.queue.add_after("sentinel", 0.05)
+        await wait_for(sentinel)
+        assert calls == {"k": 1, "sentinel": 1}, "a terminal error must not be retried"
+        assert ctrl.queue.num_requeues("k") == 0
+    finally:
+        await ctrl.stop(timeout=1)
     assert counter("controller_runtime_terminal_reconcile_errors_total", name) == 1
     assert counter("controller_runtime_reconcile_errors_total", name) == 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -14,7 +15,7 @@ from kubernetes_asyncio.client import ApiClient, Configuration
 
 from kaito.runtime.controller import Result
 from kaito.runtime.kube import CONFIGMAPS, KubeClient
-from kaito.runtime.manager import Manager, ManagerOptions
+from kaito.runtime.manager import Manager, ManagerOptions, RunnableFailed
 
 
 @pytest.fixture
@@ -71,15 +72,44 @@ async def test_runnables_start_and_are_cancelled_on_stop(kube: KubeClient) -> No
     assert not mgr.is_leader
 
 
-async def test_failing_runnable_stops_the_manager(kube: KubeClient) -> None:
+async def test_a_runnable_that_cannot_bind_stops_the_manager_and_run_main_returns_1(kube: KubeClient) -> None:
+    """A webhook-like server whose port is taken: the manager stops and exits 1 naming it (not 0)."""
     mgr = Manager(kube, ManagerOptions(name="unit-fail", metrics_port=None, probe_port=None))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
 
-    async def broken() -> None:
-        raise RuntimeError("webhook could not bind")
+    async def webhook() -> None:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", port)  # EADDRINUSE
+        async with server:
+            await server.serve_forever()
 
-    mgr.add_runnable("broken", broken, needs_leader=False)
+    mgr.add_runnable("webhook", webhook, needs_leader=False)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with asyncio.timeout(5):
+                code = await mgr.run_main()
+    finally:
+        taken.close()
+    assert code == 1, "a crashed runnable must not exit 0 (the pod would show Completed)"
+    (exiting,) = [e for e in logs if e["event"].startswith("exiting")]
+    assert exiting["event"] == "exiting: runnable failed" and exiting["runnable"] == "webhook"
+    assert exiting["log_level"] == "error" and "address already in use" in exiting["error"]
+
+
+async def test_a_runnable_that_returns_early_is_a_failure(kube: KubeClient) -> None:
+    """A certificate loop that ends while the manager runs leaves the webhook unserved: run raises."""
+    mgr = Manager(kube, ManagerOptions(name="unit-return", metrics_port=None, probe_port=None))
+
+    async def cert_loop() -> None:
+        return None
+
+    mgr.add_runnable("webhook-certs", cert_loop, needs_leader=True)
     async with asyncio.timeout(5):
-        await mgr.run()
+        with pytest.raises(RunnableFailed) as failed:
+            await mgr.run()
+    assert failed.value.runnable == "webhook-certs"
 
 
 def test_registration_rules(kube: KubeClient) -> None:

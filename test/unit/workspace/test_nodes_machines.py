@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from kaito.machine import MachineEncoding, RequestPhase, machine_name
 from kaito.workspace import nodes as nd
 
@@ -139,6 +141,21 @@ def test_machine_observation() -> None:
     deleting = with_conditions()
     deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     assert enc.observe(deleting).phase == RequestPhase.DELETING
+
+
+@pytest.mark.parametrize("reason", ["RegistrationTimeout", "InstanceNotFound"])
+def test_a_provisioner_relaunch_is_progress_not_failure(reason: str) -> None:
+    """What the gpu-provisioner writes while it deletes and relaunches an instance on its own
+    (provisioner/lifecycle/reconciler.py): the workspace keeps waiting and says why."""
+    relaunching = MachineEncoding().observe(
+        with_conditions(
+            {"type": "MachineLaunched", "status": "False", "reason": reason, "message": "launching it again"},
+            {"type": "MachineRegistered", "status": "Unknown", "reason": "NodeNotFound"},
+            {"type": "Ready", "status": "False", "reason": reason},
+        )
+    )
+    assert relaunching.phase == RequestPhase.PENDING, relaunching
+    assert "launching it again" in relaunching.message
 
 
 def test_nodes_provisioned_for_another_workspace_are_skipped() -> None:

@@ -211,6 +211,41 @@ def test_job_outcome() -> None:
     assert "limit" in out.message and "container j exited 3: error: dataset: no files" in out.message
 
 
+def test_credentials_in_a_termination_message_reach_neither_status_nor_event() -> None:
+    """A container (any image: the user's own, an older downloader) may print a signed URL or a token
+    in its termination message; the Workspace status and the Event announcing it carry neither."""
+    failed = {
+        "metadata": {"name": "j"},
+        "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]},
+    }
+    pod = {
+        "metadata": {"name": "j-abc"},
+        "status": {
+            "initContainerStatuses": [
+                {
+                    "name": "data-downloader",
+                    "state": {
+                        "terminated": {
+                            "exitCode": 1,
+                            "message": "GET https://bob:hunter2@blob.example/d.parquet?sv=1&sig=s1gn4ture "
+                            "failed; Authorization: Bearer abc.def.ghi",
+                        }
+                    },
+                }
+            ]
+        },
+    }
+    ready = st.StepOutcome(st.Phase.READY)
+    running = st.Observation(generation=1, resource=ready, tuning_mode=True)
+    obs = st.Observation(generation=1, resource=ready, tuning_mode=True, tuning=tn.job_outcome(failed, [pod]))
+    before = st.desired_status(None, running)
+    after = st.desired_status(before, obs)
+    written = str(after) + str(st.summarise(st.transitions(before, after)))
+    for secret in ("hunter2", "s1gn4ture", "abc.def.ghi"):
+        assert secret not in written, written
+    assert "https://[redacted]@blob.example/d.parquet?sv=1&sig=[redacted]" in written
+
+
 def _template_file(method: str) -> tuple[str, str]:
     doc = yaml.safe_load((TEMPLATES / f"{method}-params.yaml").read_text())
     return doc["metadata"]["name"], doc["data"]["training_config.yaml"]

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
@@ -14,12 +15,17 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from hack.localcluster import LocalCluster
 from kaito.runtime.kube import KubeClient
 from kaito.runtime.manager import Manager, ManagerOptions
+from provisioner.cloud.azure import AzureCloudProvider, AzureConfig
 from provisioner.cloud.base import CloudProvider
+from provisioner.cloud.metrics import InstrumentedCloudProvider
 from provisioner.lifecycle.reconciler import LifecycleOptions
 from provisioner.lifecycle.setup import Provisioner, add_provisioner
+from test.fake_arm import FakeArm, FakeArmServer, StaticTokenCredential
+from test.fake_arm.nodes import AksNodeSimulator
 from test.waiting import eventually
 
 GROUP, VERSION, PLURAL = "karpenter.sh", "v1alpha5", "machines"
+SUB, RG = "sub-lifecycle", "kaito-rg"
 SKU = "Standard_NC12s_v3"
 GPUS = {SKU: 2, "Standard_NC6s_v3": 1}
 
@@ -165,8 +171,10 @@ async def running_provisioner(
     options: LifecycleOptions | None = None,
     gc_interval: float | None = None,
     gc_grace: float = 30.0,
+    machine_selector: str | None = None,
 ) -> AsyncIterator[Provisioner]:
-    """The provisioner's Manager running in this process, serving Machines labelled ``kaito.test/run=run``."""
+    """The provisioner's Manager running in this process, serving Machines labelled ``kaito.test/run=run``
+    (or those ``machine_selector`` selects)."""
     async with ApiClient(cluster.client_configuration()) as api:
         mgr = Manager(
             KubeClient(api),
@@ -180,7 +188,7 @@ async def running_provisioner(
             gpu_count=gpu_count,
             options=options or LifecycleOptions(termination_poll=0.2),
             workers=4,
-            machine_selector=f"kaito.test/run={run}",
+            machine_selector=machine_selector or f"kaito.test/run={run}",
             gc_interval=gc_interval,
             gc_grace=gc_grace,
         )
@@ -197,3 +205,40 @@ async def running_provisioner(
         finally:
             mgr.stop()
             await task
+
+
+@dataclass
+class AzureEnv:
+    """A fake ARM server with its Azure provider, for one test."""
+
+    cluster: LocalCluster
+    arm: FakeArm
+    server: FakeArmServer
+    config: AzureConfig
+    cloud: InstrumentedCloudProvider
+    run: str
+
+
+@contextlib.asynccontextmanager
+async def fake_azure(cluster: LocalCluster, api_client: ApiClient) -> AsyncIterator[AzureEnv]:
+    """A fake ARM whose finished pools register an AKS-like Node in the apiserver, and the real Azure
+    SDK provider talking to it (the ``azure`` fixture; other suites run the provisioner on it too)."""
+    # A unique AKS cluster name gives unique node names, so tests sharing the apiserver never collide.
+    aks = f"aks-{secrets.token_hex(3)}"
+    arm = FakeArm(polls=1, hooks=[AksNodeSimulator(api_client, gpu_count, location="eastus")])
+    async with FakeArmServer(arm) as server:
+        config = AzureConfig(
+            subscription_id=SUB,
+            resource_group=RG,
+            cluster_name=aks,
+            arm_endpoint=server.endpoint,
+            ca_file=str(server.ca_file),
+            polling_interval=0.0,
+            max_retries=0,
+        )
+        cloud = InstrumentedCloudProvider(await AzureCloudProvider.open(config, StaticTokenCredential()))
+        try:
+            yield AzureEnv(cluster, arm, server, config, cloud, secrets.token_hex(4))
+        finally:
+            await cloud.close()
+            assert arm.hook_errors == []

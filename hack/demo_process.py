@@ -1,10 +1,11 @@
-"""A tiny operator on the runtime machinery, for leader-election tests and demos.
+"""A tiny operator on the runtime machinery, for leader-election tests and demos (not shipped: it lives
+in hack/, outside the operator package).
 
 It runs a :class:`~kaito.runtime.manager.Manager` with Lease leader election and one controller that
 stamps every ConfigMap labelled ``kaito.sh/demo=true`` in ``--namespace`` with the annotation
 ``kaito.sh/reconciled-by: <identity>`` -- so which replica is reconciling is visible from outside.
 
-    python -m kaito.runtime.demo_process --namespace NS --lease-name demo --identity a \\
+    python -m hack.demo_process --namespace NS --lease-name demo --identity a \\
         --probe-port 18081 --metrics-port 18080 [--kubeconfig PATH]
 
 Exit status: 0 after a clean SIGTERM/SIGINT shutdown (the Lease is released), 1 when leadership was
