@@ -133,18 +133,28 @@ def check_security_context(cluster: LocalCluster, pod: dict[str, Any]) -> None:
     assert limit == str(512 * 1024 * 1024), limit
 
 
-async def apply_through_webhook(cluster: LocalCluster, manifest: str, timeout: float = 30) -> int:
+async def apply_through_webhook(
+    cluster: LocalCluster, manifest: str, timeout: float = 30, dry_run: bool = False
+) -> int:
     """``kubectl apply`` a Workspace; returns how many attempts the webhook refused first.
 
-    A deleted webhook pod closes its port before kube-proxy stops routing to it (about a second: the
-    pods have no preStop delay), so a call in that window is refused with failurePolicy Fail; only
-    that error is retried, and the count is reported.
+    Without the controller's preStop delay a deleted webhook pod closed its port before kube-proxy
+    stopped routing to it (about a second), and a call in that window was refused (failurePolicy Fail);
+    only that error is retried, and the count is returned for the caller to assert.
     """
     deadline = time.monotonic() + timeout
     refusals = 0
     while True:
         out = await asyncio.to_thread(
-            cluster.kubectl, "apply", "-n", "default", "-f", "-", input=manifest, check=False
+            cluster.kubectl,
+            "apply",
+            *(["--dry-run=server"] if dry_run else []),
+            "-n",
+            "default",
+            "-f",
+            "-",
+            input=manifest,
+            check=False,
         )
         if out.returncode == 0:
             return refusals
@@ -220,16 +230,32 @@ async def test_chart_on_a_real_node(
         SAMPLE.read_text().replace(WORKSPACE, "workspace-failover").replace("apps: phi-3", "apps: failover")
     )
     refusals = await apply_through_webhook(cluster, second)
+    # Keep asking the webhook (server-side dry runs) for as long as the leaving pod exists.
+    leaving = leader["metadata"]["name"]
+    while time.monotonic() - t_kill < 60:
+        gone = await asyncio.to_thread(
+            cluster.kubectl, "get", "pod", "-n", NAMESPACE, leaving, "-o", "name", check=False
+        )
+        if gone.returncode != 0:
+            break
+        probe = second.replace("workspace-failover", "workspace-probe")
+        refusals += await apply_through_webhook(cluster, probe, dry_run=True)
 
-    async def reconciled_by_new_leader() -> bool:
+    # The leaving pod serves its preStop sleep (its webhook endpoint drains meanwhile), then releases
+    # the Lease on SIGTERM: the other replica must hold it and reconcile within the budget.
+    async def lease_moved() -> bool:
+        lease = await aget_json(cluster, "lease", "kaito-workspace", "-n", NAMESPACE)
+        return not str(lease["spec"].get("holderIdentity") or "").startswith(leader["metadata"]["name"] + "_")
+
+    async def reconciled() -> bool:
         ws2 = await aget_json(cluster, "workspace", "workspace-failover", "-n", "default")
         return bool(ws2.get("status", {}).get("conditions"))
 
-    await eventually(reconciled_by_new_leader, timeout=60, what="the second replica reconciling")
+    await eventually(lease_moved, timeout=60, what="the other replica to take the Lease")
+    await eventually(reconciled, timeout=60, what="the second replica reconciling")
     timings["leader_delete_to_reconcile_s"] = time.monotonic() - t_kill
     timings["webhook_refusals_while_the_leader_pod_exits"] = refusals
-    new_holder = get_json(cluster, "lease", "kaito-workspace", "-n", NAMESPACE)["spec"]["holderIdentity"]
-    assert not new_holder.startswith(leader["metadata"]["name"] + "_")
+    assert refusals == 0, "the webhook refused admission calls while a controller pod was exiting"
     assert timings["leader_delete_to_reconcile_s"] < FAILOVER_BUDGET_S, timings
     await eventually(
         lambda: workspace_ready(cluster, "workspace-failover"), timeout=180, what="second Workspace ready"
