@@ -13,7 +13,9 @@ import httpx
 import pytest
 from kaito_inference.config import ServerConfig
 from kaito_inference.engine import LoadedModel, load_model
-from runtime_support import MODEL_ID, RunningServer, make_config, wait_for
+from runtime_support import MODEL_ID, RunningServer, make_config
+
+from test.waiting import wait_until
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(120)]
 
@@ -106,7 +108,7 @@ async def test_batched_answers_equal_answers_alone(tiny_model_dir: Path, server_
 
         async def release_when_all_admitted() -> None:
             try:
-                await asyncio.to_thread(wait_for, lambda: engine.pending == len(REQUESTS), 20, "admission")
+                await asyncio.to_thread(wait_until, lambda: engine.pending == len(REQUESTS), 20, "admission")
             finally:
                 go.set()
 
@@ -151,7 +153,9 @@ async def test_requests_join_a_running_batch(tiny_model_dir: Path, server_factor
                 short = asyncio.create_task(
                     h.post("/v1/completions", json=completion("Hello world", 4, temperature=0))
                 )
-                await asyncio.to_thread(wait_for, lambda: engine.pending == 2, 20, "second request admitted")
+                await asyncio.to_thread(
+                    wait_until, lambda: engine.pending == 2, 20, "second request admitted"
+                )
                 go.set()
                 assert (await short).status_code == 200
                 rest = [line async for line in lines]
@@ -180,10 +184,10 @@ async def test_cancelled_request_frees_its_row(tiny_model_dir: Path, server_fact
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        await asyncio.to_thread(wait_for, lambda: len(widths) >= 3, 20, "generation to start")
+        await asyncio.to_thread(wait_until, lambda: len(widths) >= 3, 20, "generation to start")
     # The socket is closed: the server notices, cancels, and the row leaves the batch.
-    await asyncio.to_thread(wait_for, lambda: engine.pending == 0, 10, "request released")
-    await asyncio.to_thread(wait_for, lambda: engine.scheduler.running_rows == 0, 10, "row freed")
+    await asyncio.to_thread(wait_until, lambda: engine.pending == 0, 10, "request released")
+    await asyncio.to_thread(wait_until, lambda: engine.scheduler.running_rows == 0, 10, "row freed")
     steps = len(widths)
     assert steps < 150, "the abandoned generation ran to its end"
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as h:
@@ -330,5 +334,5 @@ async def test_churn_keeps_every_answer_exact(tiny_model_dir: Path, server_facto
     assert len(checked) > 50
     assert all(got == want for got, want in checked)
     await asyncio.to_thread(
-        wait_for, lambda: engine.pending == 0 and engine.scheduler.running_rows == 0, 10, "an idle engine"
+        wait_until, lambda: engine.pending == 0 and engine.scheduler.running_rows == 0, 10, "an idle engine"
     )

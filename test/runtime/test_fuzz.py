@@ -17,7 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-from runtime_support import MODEL_ID, RunningServer, make_config, wait_for
+from runtime_support import MODEL_ID, RunningServer, make_config
+
+from test.waiting import wait_until
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(300)]
 
@@ -326,8 +328,8 @@ async def test_half_sent_bodies_and_disconnects(tiny_model_dir: Path, server_fac
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
                     break
-    await asyncio.to_thread(wait_for, lambda: engine.pending == 0, 15, "abandoned requests to be released")
-    await asyncio.to_thread(wait_for, lambda: engine.scheduler.running_rows == 0, 15, "rows to leave")
+    await asyncio.to_thread(wait_until, lambda: engine.pending == 0, 15, "abandoned requests to be released")
+    await asyncio.to_thread(wait_until, lambda: engine.scheduler.running_rows == 0, 15, "rows to leave")
     await assert_healthy(server)
 
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 from kaito_inference.config import ServerConfig
 from kaito_inference.engine import LoadedModel, load_model
-from runtime_support import MODEL_ID, RunningServer, http_get, http_post, make_config, wait_for
+from runtime_support import MODEL_ID, RunningServer, http_get, http_post, make_config
+
+from test.waiting import wait_until
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(60)]
 
@@ -326,11 +328,11 @@ async def test_stream_disconnect_stops_generation(tiny_model_dir: Path, server_f
                 assert entered.is_set()
             # Leaving the block closed the connection while the generation waits inside forward():
             # the request is released at once, without waiting for the model.
-            await asyncio.to_thread(wait_for, lambda: engine.pending == 0, 10, "request released")
+            await asyncio.to_thread(wait_until, lambda: engine.pending == 0, 10, "request released")
     finally:
         release.set()
     await asyncio.to_thread(
-        wait_for, lambda: engine.scheduler.running_rows == 0, 10, "row to leave the batch"
+        wait_until, lambda: engine.scheduler.running_rows == 0, 10, "row to leave the batch"
     )
     assert engine.model.forward_calls["n"] < 12, "generation ran on after the client left"
 

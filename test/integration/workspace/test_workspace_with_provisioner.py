@@ -145,13 +145,16 @@ async def test_registration_timeout_is_a_recovery_not_a_failure(
             c = await bed.ws.condition("late", "ResourceReady")
             return c if c is not None and "no node registered" in c["message"] else None
 
-        seen = await eventually(relaunching, 30, "the workspace to report the provisioner's relaunch")
+        seen = await eventually(relaunching, 90, "the workspace to report the provisioner's relaunch")
         status = await bed.status("late")
         assert (status.get("state"), status.get("reason")) == ("Pending", "Provisioning"), status
         assert seen["status"] == "Unknown", seen
         machine = await bed.ws.client.get(MACHINES, pool)
         launched = next(c for c in machine["status"]["conditions"] if c["type"] == "MachineLaunched")
-        assert (launched["status"], launched["reason"]) == ("False", "RegistrationTimeout")
+        # On a loaded machine the relaunch can already have happened by now (Launched again); until
+        # then the Machine says why it is not launched.
+        if launched["status"] == "False":
+            assert launched["reason"] == "RegistrationTimeout", launched
 
         async def node() -> str | None:
             nodes = await nodes_of_pool(api_client, pool)
