@@ -420,7 +420,7 @@ class WorkspaceReconciler:
                     obs.spec_error = st.StepOutcome(st.Phase.FAILED, "ChildConflict", str(e))
         if job is not None:
             pods = self.pods.store.by_index(POD_WS_INDEX, key)
-            obs.tuning = tn.job_outcome(job, pods)
+            obs.tuning = tn.job_outcome(job, pods, ws.tuning.output.image_push_secret)
         await self._write_status(key, raw, obs)
         if obs.tuning is not None and obs.tuning.phase != st.Phase.PENDING:
             return DONE  # finished: the Job is the result and is never re-created
