@@ -61,6 +61,16 @@ def gpu_count(sku: str) -> int:
     return found.gpu_count
 
 
+def node_capacity(sku: str) -> dict[str, str]:
+    """A CPU instance type's ``cpu``/``memory`` capacity from the SKU catalog (empty for GPU or unknown ones)."""
+    from kaito.presets.skus import default_sku_catalog
+
+    found = default_sku_catalog().get(sku)
+    if found is None or not found.is_cpu or found.vcpus is None or found.memory is None:
+        return {}
+    return {"cpu": str(found.vcpus), "memory": found.memory}
+
+
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
     """Parse the command line (defaults from ``env``, by default the process environment)."""
     env = os.environ if env is None else env
@@ -162,7 +172,11 @@ async def amain(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             cloud = await open_provider(
-                args.cloud, api_client=api, gpu_count=gpu_count, kwok_delay=args.kwok_node_delay
+                args.cloud,
+                api_client=api,
+                gpu_count=gpu_count,
+                node_capacity=node_capacity,
+                kwok_delay=args.kwok_node_delay,
             )
         except ValueError as e:  # ConfigError is a ValueError: a missing/malformed Azure variable
             log.error("cannot configure the cloud provider", cloud=args.cloud, error=str(e))

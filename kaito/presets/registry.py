@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from kaito.api.quantity import format_gib, parse_quantity, to_gib
 from kaito.presets.catalog import CatalogError, catalog_dir, parse_duration
-from kaito.presets.skus import GPUSku, SkuCatalog
+from kaito.presets.skus import Sku, SkuCatalog
 
 DEFAULT_REGISTRY = "mcr.microsoft.com/aks/kaito"
 DEFAULT_ACCELERATE_PARAMS = {"num_processes": "1", "num_machines": "1", "machine_rank": "0", "gpu_ids": "all"}
@@ -66,6 +66,40 @@ class RuntimeParams(_Model):
 
     transformers: TransformersParams | None = None
     vllm: VLLMParams | None = None
+
+
+CPU_DTYPES = ("float32", "bfloat16")
+
+
+class CPUParams(_Model):
+    """How a preset runs on a CPU-only node (``cpu:`` in the catalog; absent: it cannot).
+
+    ``memory`` is the RAM the model needs while serving (weights in ``dtype``, the runtime, a KV cache
+    for a few requests); ``minCPUs`` the cores it needs to answer at a usable pace; ``tuningMemory``
+    the RAM a LoRA tuning Job needs (default: twice ``memory``). The server is started with
+    ``--torch_dtype=<dtype> --device_map=cpu`` (no GPU placement) and ``--torch_threads``.
+    """
+
+    memory: str
+    min_cpus: Decimal = Field(default=Decimal(1), gt=0, alias="minCPUs")
+    dtype: str = "bfloat16"
+    tuning_memory: str | None = None
+
+    @field_validator("memory", "tuning_memory")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_quantity(value)
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value not in CPU_DTYPES:
+            raise ValueError(
+                f"cpu.dtype {value!r}: expected one of {', '.join(CPU_DTYPES)} (no float16 on CPU)"
+            )
+        return value
 
 
 class TuningParams(_Model):
@@ -110,6 +144,7 @@ class Preset(_Model):
     world_size: int = 1
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
     tuning: TuningParams | None = None
+    cpu: CPUParams | None = None
 
     _q = field_validator("disk_storage", "total_gpu_memory", "per_gpu_memory")(_check_quantity)
 
@@ -117,6 +152,19 @@ class Preset(_Model):
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str | int | float) else value
+
+    @model_validator(mode="after")
+    def _cpu_needs_one_node(self) -> Preset:
+        if self.cpu is not None and self.distributed_inference:
+            raise ValueError(f"preset {self.name}: a distributed preset cannot have a cpu section")
+        if self.cpu is not None and self.runtime.transformers is None:
+            raise ValueError(f"preset {self.name}: the cpu section needs the transformers runtime")
+        return self
+
+    @property
+    def supports_cpu(self) -> bool:
+        """Whether the preset can run on a CPU-only node (its catalog entry has a ``cpu:`` section)."""
+        return self.cpu is not None
 
     @property
     def supports_tuning(self) -> bool:
@@ -159,15 +207,18 @@ class Preset(_Model):
 class FitProblem:
     """One reason an instance type cannot run a preset."""
 
-    kind: str  # "gpu-count", "per-gpu-memory" or "total-gpu-memory"
+    # GPU: "gpu-count", "per-gpu-memory", "total-gpu-memory"; CPU (kaito.presets.cpu): "cpu-unsupported",
+    # "cpu-count", "memory", "method-needs-gpu"
+    kind: str
     message: str
 
 
-def check_fit(preset: Preset, sku: GPUSku, count: int = 1) -> builtins.list[FitProblem]:
+def check_fit(preset: Preset, sku: Sku, count: int = 1) -> builtins.list[FitProblem]:
     """Why ``count`` nodes of ``sku`` cannot serve ``preset`` (empty list: it fits).
 
     Upstream multiplied by ``count`` for every preset, but a non-distributed preset runs whole on each
-    node (``count`` replicas), so only distributed presets may pool GPUs across nodes.
+    node (``count`` replicas), so only distributed presets may pool GPUs across nodes. A CPU SKU has no
+    GPUs, so it never fits here; :func:`kaito.presets.cpu.check_cpu_fit` is the check for those.
     """
     nodes = count if preset.distributed_inference else 1
     gpus = nodes * sku.gpu_count
@@ -201,10 +252,13 @@ def check_fit(preset: Preset, sku: GPUSku, count: int = 1) -> builtins.list[FitP
     return problems
 
 
-def check_tuning_fit(preset: Preset, sku: GPUSku, method: str) -> builtins.list[FitProblem]:
-    """Why ``sku`` is likely too small to tune ``preset`` with ``method`` (advisory: upstream never checked)."""
+def check_tuning_fit(preset: Preset, sku: Sku, method: str) -> builtins.list[FitProblem]:
+    """Why ``sku`` is likely too small to tune ``preset`` with ``method`` (advisory: upstream never checked).
+
+    GPU SKUs only: :func:`kaito.presets.cpu.check_cpu_tuning_fit` checks CPU ones.
+    """
     tuning = preset.tuning
-    if tuning is None:
+    if tuning is None or sku.is_cpu:
         return []
     problems: list[FitProblem] = []
     needed_per_gpu = to_gib(tuning.per_gpu_memory_by_method.get(method, tuning.per_gpu_memory))
@@ -312,8 +366,9 @@ class PresetRegistry:
 
     def fitting_skus(
         self, preset: Preset, catalog: SkuCatalog, cloud: str | None = None
-    ) -> builtins.list[GPUSku]:
-        """SKUs on which one node serves ``preset``, smallest total GPU memory first."""
+    ) -> builtins.list[Sku]:
+        """GPU SKUs on which one node serves ``preset``, smallest total GPU memory first
+        (:func:`kaito.presets.cpu.fitting_cpu_skus` lists the CPU ones)."""
         fits = [s for s in catalog.list(cloud) if not check_fit(preset, s, 1)]
         return sorted(fits, key=lambda s: (s.gpu_memory_gib, s.gpu_count, s.name))
 

@@ -33,6 +33,7 @@ from kaito.api.workspace import (
     TuningSpec,
     Workspace,
 )
+from kaito.presets.cpu import explain_cpu_misfit
 from kaito.presets.registry import (
     Preset,
     PresetRegistry,
@@ -244,7 +245,11 @@ class WorkspaceValidator:
             if preset is not None:
                 self._check_preset_access(result, "inference.preset", ws, preset)
                 self._check_node_count(result, ws, preset)
-                if sku is not None:
+                if sku is not None and sku.is_cpu:
+                    self._report_cpu_misfit(
+                        result, ws, explain_cpu_misfit(preset, sku, self.skus, self.registry)
+                    )
+                elif sku is not None:
                     self._check_fit(result, ws, preset, sku)
         else:
             self._check_template(result, inf.template or {})
@@ -314,6 +319,19 @@ class WorkspaceValidator:
             "resource.instanceType",
             f"{sku.name} ({sku.describe()}) is too small for preset {preset.name}: {detail}; {accepted}; or add the "
             f'annotation {ANNOTATION_BYPASS_RESOURCE_CHECKS}: "true" to skip this check',
+        )
+
+    def _report_cpu_misfit(self, result: Result, ws: Workspace, misfit: str | None) -> None:
+        """A CPU SKU that cannot serve or tune the preset (kaito.presets.cpu): an error, or a warning
+        under the bypass annotation."""
+        if misfit is None:
+            return
+        if self._bypass(ws):
+            result.warn("resource.instanceType", f"{misfit} (ignored: {ANNOTATION_BYPASS_RESOURCE_CHECKS})")
+            return
+        result.error(
+            "resource.instanceType",
+            f'{misfit}; or add the annotation {ANNOTATION_BYPASS_RESOURCE_CHECKS}: "true" to skip this check',
         )
 
     def _check_template(self, result: Result, template: dict[str, Any]) -> None:
@@ -463,7 +481,10 @@ class WorkspaceValidator:
                     "tuning.method", f"preset {preset.name} supports {', '.join(preset.tuning.methods)}"
                 )
         sku = self._lookup_sku(result, ws)
-        if sku is not None and preset is not None:
+        if sku is not None and sku.is_cpu and preset is not None and preset.tuning is not None:
+            misfit = explain_cpu_misfit(preset, sku, self.skus, self.registry, method=method)
+            self._report_cpu_misfit(result, ws, misfit)
+        elif sku is not None and preset is not None:
             for p in check_tuning_fit(preset, sku, method):
                 result.warn("resource.instanceType", p.message)
         self._check_input(result, tuning.input)

@@ -15,7 +15,10 @@ Shapes follow upstream KAITO v0.3/v0.4 (reference §5) with these deliberate dif
 * adapters are pulled as OCI artifacts with ``kaito_oci pull`` (what the tuning Job pushes) instead of
   copying ``/data`` out of a container image; StatefulSets get adapters too;
 * the inference config is a ConfigMap owned by the workspace (``<ws>-inference-params``) when the user
-  names none, instead of an unowned copy of a template from the release namespace.
+  names none, instead of an unowned copy of a template from the release namespace;
+* a CPU-capable preset on a CPU instance type (upstream has none) runs without ``nvidia.com/gpu``, with
+  CPU/memory requests and limits from :func:`kaito.presets.cpu.cpu_resources`, launched as ``python3
+  <main file> --device_map=cpu --torch_dtype=<cpu dtype> --torch_threads=<N>``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,8 +46,9 @@ from kaito.api.workspace import (
     RuntimeName,
     Workspace,
 )
+from kaito.presets.cpu import CPUResources, cpu_resources
 from kaito.presets.registry import DEFAULT_REGISTRY, Preset
-from kaito.presets.skus import GPUSku
+from kaito.presets.skus import Sku
 
 Obj = dict[str, Any]
 
@@ -138,32 +143,79 @@ def _meta(ws: Workspace, name: str | None = None) -> Obj:
     }
 
 
-def runtime_of(ws: Workspace, preset: Preset | None, options: ManifestOptions) -> RuntimeName:
+def runtime_of(
+    ws: Workspace, preset: Preset | None, options: ManifestOptions, *, on_cpu: bool = False
+) -> RuntimeName:
     """The runtime serving the preset: annotation ``kaito.sh/runtime``, else the operator default.
 
-    A default the preset cannot run (no vLLM parameters, or a distributed preset, which only
-    transformers/torchrun serves) falls back to transformers; an explicit annotation never does.
+    A default the preset cannot run (no vLLM parameters, a distributed preset, which only
+    transformers/torchrun serves, or a CPU node: our vLLM build needs a GPU) falls back to
+    transformers; an explicit annotation never does.
     """
     raw = ws.annotations().get(ANNOTATION_RUNTIME)
     if raw:
         try:
-            return RuntimeName(raw.strip().lower())
+            runtime = RuntimeName(raw.strip().lower())
         except ValueError:
             raise ManifestError(
                 "UnsupportedRuntime",
                 f"annotation {ANNOTATION_RUNTIME}={raw!r}: expected transformers or vllm",
             ) from None
+        if on_cpu and runtime == RuntimeName.VLLM:
+            raise ManifestError(
+                "UnsupportedRuntime",
+                f"annotation {ANNOTATION_RUNTIME}=vllm: the vllm runtime needs a GPU and "
+                f"{ws.resource.instance_type} is a CPU instance type; remove the annotation or set it to "
+                "transformers",
+            )
+        return runtime
     runtime = options.default_runtime
     if (
         runtime == RuntimeName.VLLM
         and preset is not None
-        and (preset.runtime.vllm is None or preset.distributed_inference)
+        and (preset.runtime.vllm is None or preset.distributed_inference or on_cpu)
     ):
         return RuntimeName.TRANSFORMERS
     return runtime
 
 
-def gpus_per_node(preset: Preset | None, sku: GPUSku | None, node_gpus: Sequence[int] = ()) -> int:
+# Instance-type names of GPU/accelerator families (Azure N-series; AWS p, g, inf, trn, dl).
+_GPU_FAMILY = re.compile(r"^(standard_n|p\d|g\d|inf\d|trn\d|dl\d)", re.IGNORECASE)
+
+
+def cpu_plan(
+    ws: Workspace, preset: Preset | None, sku: Sku | None, node_gpus: Sequence[int] = ()
+) -> CPUResources | None:
+    """The CPU sizing when the workload runs on CPU nodes, None when it runs on GPUs.
+
+    A catalog SKU decides by itself (``gpuCount: 0`` is a CPU SKU). An instance type the catalog does
+    not know (a bring-your-own node admitted with a warning) runs on CPU when the preset can, the
+    selected nodes report no ``nvidia.com/gpu`` and its name is not a GPU family's (a GPU node whose
+    device plugin has not registered yet must not get a CPU workload). A preset without a ``cpu:``
+    section on a CPU SKU is a :class:`ManifestError` (admission refuses it unless bypassed).
+    """
+    if preset is None:
+        return None
+    if sku is not None:
+        if not sku.is_cpu:
+            return None
+        if preset.cpu is None:
+            raise ManifestError(
+                "PresetNotCPUCapable",
+                f"preset {preset.name} cannot run on CPU and {sku.name} has no GPU; pick a GPU instance type",
+            )
+        return cpu_resources(preset, sku)
+    if (
+        preset.cpu is None
+        or not node_gpus
+        or any(n > 0 for n in node_gpus)
+        or _GPU_FAMILY.match(ws.resource.instance_type)
+    ):
+        return None
+    return cpu_resources(preset, None)
+
+
+def gpus_per_node(preset: Preset | None, sku: Sku | None, node_gpus: Sequence[int] = ()) -> int:
     """GPUs each pod requests: the SKU's GPU count, else a worker node's capacity, else the preset's."""
     if sku is not None:
         return sku.gpu_count
@@ -238,13 +290,16 @@ def launch_command(
     gpus: int,
     *,
     has_adapters: bool = False,
+    cpu_threads: int | None = None,
 ) -> list[str]:
     """The inference container's command, ``["/bin/sh", "-c", "<one line>"]`` (upstream §5.2).
 
     Transformers: ``<baseCommand> <accelerate|torchrun params> <main file> <model params>``; the main
     file is ``presets/inference/inference_api.py`` in the image. vLLM: ``python3
     /workspace/vllm/inference_api.py <model params> --served-model-name --tensor-parallel-size
-    --kaito-config-file``. All launch flags are decided here only.
+    --kaito-config-file``. On a CPU node (``cpu_threads`` given): ``python3 <main file> <model params>
+    --device_map=cpu --torch_dtype=<cpu.dtype> --torch_threads=<cpu_threads>`` (no accelerate: there
+    is nothing to place). All launch flags are decided here only.
     """
     name = str(ws.metadata.name)
     count = ws.resource.count
@@ -269,6 +324,8 @@ def launch_command(
     tf = preset.runtime.transformers
     if tf is None:
         raise ManifestError("UnsupportedRuntime", f"preset {preset.name} cannot run on transformers")
+    if cpu_threads is not None:
+        return _cpu_launch_command(preset, cpu_threads)
     launcher: dict[str, str]
     if tf.torch_run_params:
         launcher = dict(tf.torch_run_params)
@@ -302,6 +359,21 @@ def launch_command(
         model["served_model_name"] = preset.name
     line = " ".join([tf.base_command, *_render(launcher), tf.inference_main_file, *_render(model)])
     return ["/bin/sh", "-c", line]
+
+
+def _cpu_launch_command(preset: Preset, threads: int) -> list[str]:
+    tf = preset.runtime.transformers
+    assert tf is not None
+    if preset.cpu is None or tf.inference_main_file != KAITO_RUNTIME_MAIN:
+        # Only KAITO's own server takes --device_map/--torch_threads; other images (llama-2's torchrun
+        # server) are GPU-only.
+        raise ManifestError("PresetNotCPUCapable", f"preset {preset.name} cannot run on CPU")
+    model = dict(tf.model_run_params)
+    model["served_model_name"] = preset.name
+    model["torch_dtype"] = preset.cpu.dtype
+    model["device_map"] = "cpu"
+    model["torch_threads"] = str(threads)
+    return ["/bin/sh", "-c", " ".join(["python3", tf.inference_main_file, *_render(model)])]
 
 
 # ---------------------------------------------------------------------------------------- adapters
@@ -465,8 +537,9 @@ def _pod_spec(
     nodes: Sequence[str],
     with_adapters: bool,
     one_per_node: bool = False,
+    cpu: CPUResources | None = None,
 ) -> Obj:
-    runtime = runtime_of(ws, preset, options)
+    runtime = runtime_of(ws, preset, options, on_cpu=cpu is not None)
     image, pull_secrets = image_of(ws, preset, options)
     adapters = adapters_of(ws) if with_adapters else []
     init_containers, adapter_volumes = adapter_init_containers(ws, image) if adapters else ([], [])
@@ -485,12 +558,20 @@ def _pod_spec(
                 for s in a.source.image_pull_secrets or []:
                     if s not in pull_secrets:
                         pull_secrets.append(s)
+    threads = cpu.threads if cpu is not None else None
+    resources = (
+        cpu.as_container_resources()
+        if cpu is not None
+        else {"requests": {GPU_RESOURCE: str(gpus)}, "limits": {GPU_RESOURCE: str(gpus)}}
+    )
     container: Obj = {
         "name": str(ws.metadata.name),
         "image": image,
-        "command": launch_command(ws, preset, runtime, gpus, has_adapters=bool(adapters)),
+        "command": launch_command(
+            ws, preset, runtime, gpus, has_adapters=bool(adapters), cpu_threads=threads
+        ),
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
-        "resources": {"requests": {GPU_RESOURCE: str(gpus)}, "limits": {GPU_RESOURCE: str(gpus)}},
+        "resources": resources,
         "livenessProbe": _probe("/health", options.liveness_initial_delay),
         "readinessProbe": _probe("/health", options.readiness_initial_delay),
         "volumeMounts": mounts,
@@ -527,8 +608,11 @@ def build_deployment(
     *,
     gpus: int,
     nodes: Sequence[str] = (),
+    cpu: CPUResources | None = None,
 ) -> Obj:
-    """Deployment ``<ws>`` for a preset that fits one node: ``replicas = count``, surge rollout."""
+    """Deployment ``<ws>`` for a preset that fits one node: ``replicas = count``, surge rollout.
+
+    ``cpu``: the sizing on a CPU node (no GPU request; see :func:`cpu_plan`)."""
     dep: Obj = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -539,7 +623,7 @@ def build_deployment(
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
                 "metadata": {"labels": selector_labels(ws)},
-                "spec": _pod_spec(ws, preset, options, gpus=gpus, nodes=nodes, with_adapters=True),
+                "spec": _pod_spec(ws, preset, options, gpus=gpus, nodes=nodes, with_adapters=True, cpu=cpu),
             },
         },
     }
@@ -625,11 +709,14 @@ def build_inference(
     preset: Preset | None,
     options: ManifestOptions,
     *,
-    sku: GPUSku | None,
+    sku: Sku | None,
     nodes: Sequence[str],
     node_gpus: Sequence[int] = (),
 ) -> Workload:
-    """The inference children of ``ws`` on ``nodes`` (raises :class:`ManifestError` for a bad spec)."""
+    """The inference children of ``ws`` on ``nodes`` (raises :class:`ManifestError` for a bad spec).
+
+    ``sku`` is the catalog entry of ``resource.instanceType`` (None when unknown) and ``node_gpus`` the
+    ``nvidia.com/gpu`` of each selected node: together they decide GPU or CPU (:func:`cpu_plan`)."""
     if ws.inference is None:
         raise ManifestError("NotInference", "workspace has no inference section")
     if ws.inference.template is not None:
@@ -640,7 +727,8 @@ def build_inference(
         )
     if preset is None:
         raise ManifestError("UnknownPreset", "inference.preset names no known preset")
-    gpus = gpus_per_node(preset, sku, node_gpus)
+    cpu = cpu_plan(ws, preset, sku, node_gpus)
+    gpus = 0 if cpu is not None else gpus_per_node(preset, sku, node_gpus)
     if is_distributed(ws, preset):
         return Workload(
             services=[build_service(ws, distributed=True), build_headless_service(ws)],
@@ -650,7 +738,7 @@ def build_inference(
     return Workload(
         services=[build_service(ws)],
         config_map=build_inference_config(ws),
-        workload=build_deployment(ws, preset, options, gpus=gpus, nodes=nodes),
+        workload=build_deployment(ws, preset, options, gpus=gpus, nodes=nodes, cpu=cpu),
     )
 
 

@@ -22,8 +22,9 @@ import yaml
 
 from kaito.api.workspace import Workspace
 from kaito.presets.catalog import CatalogError, catalog_dir
+from kaito.presets.cpu import GPU_ONLY_TUNING_METHODS, CPUResources, cpu_resources
 from kaito.presets.registry import Preset
-from kaito.presets.skus import GPUSku
+from kaito.presets.skus import Sku
 from kaito.workspace import manifests as mf
 from kaito.workspace import status as st
 
@@ -246,6 +247,24 @@ def _data_init(ws: Workspace, image: str) -> tuple[Obj, list[Obj]]:
     }, volumes
 
 
+def cpu_plan(
+    ws: Workspace, preset: Preset, sku: Sku | None, node_gpus: Sequence[int] = ()
+) -> CPUResources | None:
+    """The tuning Job's CPU sizing on a CPU node, None on GPUs (same decision as inference,
+    :func:`kaito.workspace.manifests.cpu_plan`); raises :class:`ManifestError` for ``qlora`` on CPU."""
+    inference_plan = mf.cpu_plan(ws, preset, sku, node_gpus)
+    if inference_plan is None:
+        return None
+    method = method_of(ws)
+    if method in GPU_ONLY_TUNING_METHODS:
+        raise mf.ManifestError(
+            "MethodNeedsGPU",
+            f"tuning.method {method}: bitsandbytes quantization needs an NVIDIA GPU and "
+            f"{ws.resource.instance_type} is a CPU instance type; use method lora or a GPU instance type",
+        )
+    return cpu_resources(preset, sku if sku is not None and sku.is_cpu else None, method=method)
+
+
 def trainer_command(ws: Workspace, preset_name: str, gpus: int) -> list[str]:
     """``/bin/sh -c 'train && push'``: the push runs only after training succeeded."""
     assert ws.tuning is not None
@@ -280,11 +299,15 @@ def build_job(
     preset: Preset,
     options: mf.ManifestOptions,
     *,
-    sku: GPUSku | None = None,
+    sku: Sku | None = None,
     nodes: Sequence[str] = (),
     node_gpus: Sequence[int] = (),
 ) -> Obj:
-    """The tuning Job (README "Rendered example"); raises :class:`ManifestError` for unusable specs."""
+    """The tuning Job (README "Rendered example"); raises :class:`ManifestError` for unusable specs.
+
+    On a CPU node (:func:`cpu_plan`) the trainer asks for no GPU: CPU/memory from the preset's ``cpu``
+    section for tuning, ``OMP_NUM_THREADS`` from the CPU limit, and ``qlora`` is refused.
+    """
     assert ws.tuning is not None
     out = ws.tuning.output
     if not out.image or not out.image_push_secret:
@@ -293,6 +316,7 @@ def build_job(
     if out.image_push_secret not in pull_secrets:
         # Upstream lists the push secret as a pull secret too: registries often hold both images.
         pull_secrets.append(out.image_push_secret)
+    cpu = cpu_plan(ws, preset, sku, node_gpus)
     gpus = mf.gpus_per_node(None, sku, node_gpus)
     if sku is None and not any(n > 0 for n in node_gpus) and preset.tuning is not None:
         gpus = preset.tuning.gpu_count
@@ -300,14 +324,21 @@ def build_job(
     env: list[Obj] = [{"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"}]
     if preset.name.startswith("phi-3"):
         env.append({"name": "DEFAULT_TARGET_MODULES", "value": PHI3_TARGET_MODULES})
-    gpu_res = {mf.GPU_RESOURCE: str(gpus)}
+    if cpu is not None:
+        gpus = 0
+        # torch sizes its pool from the host's cores, not the cgroup quota: one thread per core allowed.
+        env.append({"name": "OMP_NUM_THREADS", "value": str(cpu.threads)})
+        resources = cpu.as_container_resources()
+    else:
+        gpu_res = {mf.GPU_RESOURCE: str(gpus)}
+        resources = {"requests": dict(gpu_res), "limits": dict(gpu_res)}
     trainer: Obj = {
         "name": str(ws.metadata.name),
         "image": image,
         "workingDir": WORKDIR,
         "command": trainer_command(ws, preset.name, gpus),
         "env": env,
-        "resources": {"requests": dict(gpu_res), "limits": dict(gpu_res)},
+        "resources": resources,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
             {"name": "config-volume", "mountPath": mf.CONFIG_DIR},

@@ -5,7 +5,10 @@ For local clusters, demos and tests there is no cloud: "launching" a Machine cre
 like the node AKS would register for the Machine's agent pool: an AKS-style name
 (``aks-<machine>-<8 digits>-vmss000000``), the ``agentpool`` / ``kubernetes.azure.com/agentpool``
 labels, the instance-type label, ``kaito.sh/machine-type``, the Machine's labels and taints, and
-``nvidia.com/gpu`` capacity from the SKU's GPU count. Its providerID is ``kwok://<node-name>``.
+``nvidia.com/gpu`` capacity from the SKU's GPU count. A CPU SKU (no GPUs) gets a node without
+``nvidia.com/gpu``, labelled ``kaito.sh/machine-type: cpu``, whose CPU and memory capacity are the
+SKU's (``node_capacity``), so CPU workloads schedule against the numbers the real VM would have.
+Its providerID is ``kwok://<node-name>``.
 
 The Node appears after a configurable delay, like a real VM that takes a while to join: ``create``
 returns a PENDING Instance at once and a task owned by the provider creates the Node later. ``close``
@@ -214,8 +217,12 @@ class KwokCloudProvider(CloudProvider):
         delay: float = 0.0,
         base_capacity: Mapping[str, str] = DEFAULT_CAPACITY,
         strict_names: bool = True,
+        node_capacity: Callable[[str], Mapping[str, str]] | None = None,
     ) -> None:
         """``gpu_count(instance_type)`` gives the SKU's GPUs (raise KeyError/ValueError for an unknown SKU).
+
+        ``node_capacity(instance_type)``: capacity entries (``cpu``, ``memory``) that replace
+        ``base_capacity``'s for that SKU (the catalog's vCPUs and memory of a CPU SKU; empty: keep them).
 
         ``delay``: seconds between ``create`` and the Node appearing. ``strict_names``: apply AKS's
         agent-pool name rule to Machine names, so local runs fail the way AKS would.
@@ -226,6 +233,7 @@ class KwokCloudProvider(CloudProvider):
         self._delay = delay
         self._base_capacity = dict(base_capacity)
         self._strict_names = strict_names
+        self._node_capacity = node_capacity
         self._pending: dict[str, _Pending] = {}
         self._failed: dict[str, CloudError] = {}
         self._closed = False
@@ -275,7 +283,10 @@ class KwokCloudProvider(CloudProvider):
                 f"instance type {sku} is not in the SKU catalog; choose a known GPU instance type",
                 code="UnknownSku",
             ) from e
-        manifest = node_manifest(machine, gpus, base_capacity=self._base_capacity)
+        capacity = dict(self._base_capacity)
+        if self._node_capacity is not None:
+            capacity.update(self._node_capacity(sku))
+        manifest = node_manifest(machine, gpus, base_capacity=capacity)
         node = manifest["metadata"]["name"]
         existing = await self._read_node(node, "create")
         if existing is not None:

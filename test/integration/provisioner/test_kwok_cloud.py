@@ -158,13 +158,20 @@ async def test_create_is_idempotent(api_client: ApiClient, core: CoreV1Api, name
 async def test_cpu_sku_has_no_gpu_capacity(api_client: ApiClient, core: CoreV1Api, names: list[str]) -> None:
     name = fresh_name()
     names.append(name)
-    cloud = provider(api_client)
+    # The provisioner's own catalog lookups (provisioner/cmd.py): the node is as big as the VM size.
+    from provisioner.cmd import gpu_count as catalog_gpus
+    from provisioner.cmd import node_capacity
+
+    cloud = KwokCloudProvider(api_client, catalog_gpus, node_capacity=node_capacity)
     try:
         await cloud.create(machine(name, sku="Standard_D4s_v3"))
         await eventually(lambda: node_exists(core, node_name_for(name)))
         node = await core.read_node(node_name_for(name))
         assert "nvidia.com/gpu" not in node.status.capacity
         assert node.metadata.labels["kaito.sh/machine-type"] == "cpu"
+        assert "accelerator" not in node.metadata.labels
+        assert (node.status.capacity["cpu"], node.status.capacity["memory"]) == ("4", "16Gi")
+        assert node.status.allocatable["memory"] == "16Gi"
     finally:
         await cloud.close()
 

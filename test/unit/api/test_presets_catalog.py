@@ -24,16 +24,6 @@ LATER = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def registry() -> PresetRegistry:
-    return PresetRegistry.load()
-
-
-@pytest.fixture(scope="module")
-def skus() -> SkuCatalog:
-    return SkuCatalog.load()
-
-
 def test_every_preset_present(registry: PresetRegistry) -> None:
     assert set(UPSTREAM_V04 + LATER) <= set(registry.names())
 

@@ -122,3 +122,24 @@ def test_classify_kube_error(exc: BaseException, kind: type[CloudError]) -> None
     err = classify_kube_error(exc, operation="create", node="n1")
     assert type(err) is kind
     assert "n1" in err.message
+
+
+def test_cpu_sku_capacity_comes_from_the_catalog() -> None:
+    from provisioner.cmd import gpu_count, node_capacity
+
+    assert gpu_count("Standard_D4s_v3") == 0
+    assert node_capacity("Standard_D4s_v3") == {"cpu": "4", "memory": "16Gi"}
+    assert node_capacity("m5.2xlarge") == {"cpu": "8", "memory": "32Gi"}
+    assert node_capacity("Standard_NC6s_v3") == {}  # GPU SKUs keep the base capacity
+    assert node_capacity("Standard_Unknown") == {}
+    node = node_manifest(
+        machine(sku="Standard_D4s_v3"),
+        0,
+        base_capacity={"cpu": "32", "pods": "110", **node_capacity("Standard_D4s_v3")},
+    )
+    assert node["status"]["allocatable"] == {
+        "cpu": "4",
+        "memory": "16Gi",
+        "pods": "110",
+        "ephemeral-storage": "120Gi",
+    }

@@ -151,3 +151,14 @@ def test_nodes_provisioned_for_another_workspace_are_skipped() -> None:
     assert not q.usable and q.why == "provisioned for workspace ns/b"
     # Naming it in preferredNodes is an explicit choice that wins.
     assert "theirs" in names(nd.qualifying_nodes([theirs], SEL, "x", preferred=["theirs"], owner=("ns", "a")))
+
+
+def test_cpu_node_without_gpu_capacity_qualifies() -> None:
+    # A bring-your-own CPU node: labelled with a CPU instance type, no nvidia.com/gpu at all.
+    cpu_node = node("cpu-1", itype="Standard_D4s_v3")
+    cpu_node["status"]["allocatable"] = {"cpu": "4", "memory": "16Gi"}
+    ns = [cpu_node, node("gpu-1"), node("cpu-2-notready", itype="Standard_D4s_v3", ready=False, gpus=0)]
+    assert names(nd.qualifying_nodes(ns, SEL, "Standard_D4s_v3")) == ["cpu-1"]
+    assert nd.node_gpus(cpu_node) == 0
+    q = nd.qualify(ns[1], SEL, "Standard_D4s_v3", [])
+    assert not q.usable and q.why == "instance type is not Standard_D4s_v3"

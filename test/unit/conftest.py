@@ -1,4 +1,4 @@
-"""Catalogs the workspace manifest tests build against (loaded once per module)."""
+"""Catalogs the unit tests build against (loaded once per module)."""
 
 from __future__ import annotations
 
