@@ -1,0 +1,131 @@
+"""The seed's CPU quick starts on the real node: images, peers and the operator for one test namespace.
+
+The real node (containerd + kubelet + kube-proxy joined to the full local cluster) comes from the
+real-node fixture (``test/e2e/realnode``). Here: the tiny preset and curl images built by
+``hack/seed_images.py`` and loaded into the node's containerd under the names the operator and the seed's
+command use; the dataset server and the authenticating TLS registry on the node's bridge address; the
+node labelled with a CPU instance type and the label the workspaces select; and the workspace controller
+(+ provisioner) as processes for the test's namespace, told to tolerate the real node's taint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hack import seed_images
+from kaito.presets.registry import default_registry
+from test.e2e.realnode_seed.seedbed import (
+    CPUTarget,
+    DatasetServer,
+    SeedRegistry,
+    start_seed_registry,
+    write_dataset,
+)
+from test.e2e.workspace.conftest import Operator
+
+# The images' registry as the operator names preset images (--image-registry); they are loaded into
+# containerd under these names, so nothing is ever pulled from a registry.
+PRESET_REGISTRY = "localhost/kaito-py"
+TINY_PRESET = "tiny-llama"
+# A CPU size the catalog knows: 2 vCPUs like the real node, so a pod asks for half of what the node can
+# give (700m of 1400m) and a rolling update's surge pod fits next to the serving one.
+CPU_INSTANCE_TYPE = "Standard_D2s_v3"
+SEED_LABEL = ("apps", "kaito-seed-cpu")
+
+
+@dataclass(frozen=True)
+class SeedImages:
+    """References of the images on the real node."""
+
+    tiny_preset: str  # as the operator names it: <PRESET_REGISTRY>/kaito-tiny-llama:<tag>
+    curl: str
+
+
+@pytest.fixture(scope="session")
+def seed_images_loaded(real_node: Any) -> SeedImages:
+    """Build (or find, by content) the tiny preset and curl images, and load them into the node."""
+    refs = seed_images.build(["tiny-preset", "curl"])
+    preset_ref = default_registry().get(TINY_PRESET).image_ref(PRESET_REGISTRY)
+    real_node.load(refs["tiny-preset"], [preset_ref])
+    real_node.load(refs["curl"], [])
+    return SeedImages(tiny_preset=preset_ref, curl=refs["curl"])
+
+
+@pytest.fixture(scope="session")
+def cpu_target(real_node: Any) -> Iterator[CPUTarget]:
+    """The real node labelled as a CPU VM of :data:`CPU_INSTANCE_TYPE` that the seed workspaces select."""
+    cluster = real_node.cluster
+    node = real_node.name
+    cluster.kubectl(
+        "label", "node", node, "--overwrite",
+        f"node.kubernetes.io/instance-type={CPU_INSTANCE_TYPE}", f"{SEED_LABEL[0]}={SEED_LABEL[1]}",
+    )  # fmt: skip
+    try:
+        yield CPUTarget(node, CPU_INSTANCE_TYPE, SEED_LABEL, TINY_PRESET)
+    finally:
+        cluster.kubectl("label", "node", node, f"{SEED_LABEL[0]}-", check=False)
+
+
+@pytest.fixture(scope="session")
+def dataset_server(real_node: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatasetServer]:
+    """The parquet dataset the tuning workspaces download, served on the node's bridge address."""
+    root = tmp_path_factory.mktemp("datasets")
+    write_dataset(root / "train.parquet")
+    server = DatasetServer(root, real_node.ip)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seed_registry(real_node: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeedRegistry]:
+    """docker-registry with htpasswd auth over TLS on the node's bridge address."""
+    ca = seed_images.test_ca()
+    workdir = tmp_path_factory.mktemp("seed-registry")
+    cert, key = ca.issue(workdir / "tls", [real_node.ip])
+    registry = start_seed_registry(workdir, real_node.ip, (cert, key, ca.cert))
+    yield registry
+    registry.registry.stop()
+
+
+@pytest.fixture
+async def seed_operator(
+    real_node: Any,
+    seed_images_loaded: SeedImages,
+    namespace: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Operator]:
+    """Controller (webhook, tuning on) + provisioner for the test's namespace, naming preset images as
+    loaded on the node and tolerating the node's taint."""
+    op = Operator(real_node.cluster, namespace, tmp_path)
+    op.install_webhooks()
+    tolerations = [f"--workload-toleration={t}" for t in real_node.taints]
+    try:
+        ctrl = op.start_controller("--enable-tuning", "--image-registry", PRESET_REGISTRY, *tolerations)
+        prov = op.start_provisioner()
+        await op.ready(ctrl)
+        await op.ready(prov)
+        yield op
+    finally:
+        failed = getattr(request.node, "rep_call", None)
+        op.cluster.kubectl(
+            "delete", "workspaces", "--all", "-n", namespace, "--timeout=120s", check=False, timeout=150
+        )
+        op.remove_webhooks()
+        if os.environ.get("KAITO_SHOW_LOGS") or (failed is not None and failed.failed):
+            print(op.dump())
+        op.stop_all()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    rep = yield
+    if rep.when == "call":
+        item.rep_call = rep  # type: ignore[attr-defined]
+    return rep
