@@ -47,22 +47,6 @@ def _hostport(value: str) -> tuple[str, int | None]:
     return host or "0.0.0.0", int(port)
 
 
-TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
-
-
-def parse_toleration(value: str) -> dict[str, str]:
-    """``key=value:Effect`` -> an ``Equal`` toleration, ``key:Effect`` -> ``Exists`` (kubectl taint syntax)."""
-    body, sep, effect = value.rpartition(":")
-    key, has_value, val = body.partition("=")
-    if not sep or not key or effect not in TAINT_EFFECTS:
-        raise argparse.ArgumentTypeError(
-            f"{value!r}: expected KEY[=VALUE]:EFFECT with EFFECT one of {', '.join(TAINT_EFFECTS)}"
-        )
-    if has_value:
-        return {"key": key, "operator": "Equal", "value": val, "effect": effect}
-    return {"key": key, "operator": "Exists", "effect": effect}
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line flags (environment variables give upstream-compatible defaults)."""
     env = os.environ
@@ -87,16 +71,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=[r.value for r in RuntimeName],
         default=env.get("KAITO_DEFAULT_RUNTIME", RuntimeName.TRANSFORMERS.value),
         help="runtime when a workspace has no kaito.sh/runtime annotation",
-    )
-    p.add_argument(
-        "--workload-toleration",
-        dest="workload_tolerations",
-        action="append",
-        type=parse_toleration,
-        default=[],
-        metavar="KEY[=VALUE]:EFFECT",
-        help="also tolerate this taint in inference and tuning pods (repeatable; kubectl taint syntax), "
-        "e.g. for a tainted CPU node pool",
     )
     p.add_argument(
         "--enable-tuning",
@@ -176,7 +150,6 @@ async def _setup(mgr: Manager, client: KubeClient, api: object, args: argparse.N
         manifests=ManifestOptions(
             registry=args.image_registry,
             default_runtime=RuntimeName(args.default_runtime),
-            extra_tolerations=tuple(args.workload_tolerations),
         ),
         machine_deletion_timeout=args.machine_deletion_timeout,
         tuning=args.enable_tuning,

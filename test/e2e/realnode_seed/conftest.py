@@ -1,15 +1,16 @@
 """The seed's CPU quick starts on the real node: images, peers and the operator for one test namespace.
 
-The real node (containerd + kubelet + kube-proxy joined to the full local cluster) comes from the
-real-node fixture (``test/e2e/realnode``). Here: the tiny preset and curl images built by
+The real node (containerd + kubelet + kube-proxy joined to the full local cluster; hack/realnode.py).
+Here: the tiny preset and curl images built by
 ``hack/seed_images.py`` and loaded into the node's containerd under the names the operator and the seed's
 command use; the dataset server and the authenticating TLS registry on the node's bridge address; the
 node labelled with a CPU instance type and the label the workspaces select; and the workspace controller
-(+ provisioner) as processes for the test's namespace, told to tolerate the real node's taint.
+(+ provisioner) as processes for the test's namespace, whose pods tolerate the real node's taint.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from typing import Any
 import pytest
 
 from hack import seed_images
+from hack.localcluster import LocalCluster
+from hack.realnode import NODE_IP, TOLERATION, RealNode, unmet_requirements
 from kaito.presets.registry import default_registry
 from test.e2e.realnode_seed.seedbed import (
     CPUTarget,
@@ -37,6 +40,8 @@ TINY_PRESET = "tiny-llama"
 # give (700m of 1400m) and a rolling update's surge pod fits next to the serving one.
 CPU_INSTANCE_TYPE = "Standard_D2s_v3"
 SEED_LABEL = ("apps", "kaito-seed-cpu")
+# PodTolerationRestriction (enabled by hack/localcluster.py): tolerations every pod of the namespace gets.
+DEFAULT_TOLERATIONS = "scheduler.alpha.kubernetes.io/defaultTolerations"
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class SeedImages:
 
 
 @pytest.fixture(scope="session")
-def seed_images_loaded(real_node: Any) -> SeedImages:
+def seed_images_loaded(real_node: RealNode) -> SeedImages:
     """Build (or find, by content) the tiny preset and curl images, and load them into the node."""
     refs = seed_images.build(["tiny-preset", "curl"])
     preset_ref = default_registry().get(TINY_PRESET).image_ref(PRESET_REGISTRY)
@@ -58,7 +63,7 @@ def seed_images_loaded(real_node: Any) -> SeedImages:
 
 
 @pytest.fixture(scope="session")
-def cpu_target(real_node: Any) -> Iterator[CPUTarget]:
+def cpu_target(real_node: RealNode) -> Iterator[CPUTarget]:
     """The real node labelled as a CPU VM of :data:`CPU_INSTANCE_TYPE` that the seed workspaces select."""
     cluster = real_node.cluster
     node = real_node.name
@@ -73,41 +78,60 @@ def cpu_target(real_node: Any) -> Iterator[CPUTarget]:
 
 
 @pytest.fixture(scope="session")
-def dataset_server(real_node: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatasetServer]:
+def dataset_server(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatasetServer]:
     """The parquet dataset the tuning workspaces download, served on the node's bridge address."""
     root = tmp_path_factory.mktemp("datasets")
     write_dataset(root / "train.parquet")
-    server = DatasetServer(root, real_node.ip)
+    server = DatasetServer(root, NODE_IP)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def seed_registry(real_node: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeedRegistry]:
+def seed_registry(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeedRegistry]:
     """docker-registry with htpasswd auth over TLS on the node's bridge address."""
     ca = seed_images.test_ca()
     workdir = tmp_path_factory.mktemp("seed-registry")
-    cert, key = ca.issue(workdir / "tls", [real_node.ip])
-    registry = start_seed_registry(workdir, real_node.ip, (cert, key, ca.cert))
+    cert, key = ca.issue(workdir / "tls", [NODE_IP])
+    registry = start_seed_registry(workdir, NODE_IP, (cert, key, ca.cert))
     yield registry
     registry.registry.stop()
 
 
+@pytest.fixture(scope="session")
+def real_node(full_cluster: LocalCluster) -> Iterator[RealNode]:
+    """The real node joined to the session's full cluster (one per machine: hack/realnode.py's lock)."""
+    reason = unmet_requirements()
+    if reason:
+        pytest.fail(f"the real node cannot start here: {reason}")
+    with RealNode(full_cluster) as node:
+        yield node
+
+
 @pytest.fixture
 async def seed_operator(
-    real_node: Any,
+    real_node: RealNode,
     seed_images_loaded: SeedImages,
     namespace: str,
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Operator]:
     """Controller (webhook, tuning on) + provisioner for the test's namespace, naming preset images as
-    loaded on the node and tolerating the node's taint."""
-    op = Operator(real_node.cluster, namespace, tmp_path)
+    loaded on the node.
+
+    The namespace's pods tolerate the real node's taint by default (the PodTolerationRestriction
+    admission plugin's namespace annotation): the workspaces' pods and the seed's ``kubectl run ...
+    curl`` land there as the user's would on an untainted CPU node, with their manifests unchanged.
+    """
+    cluster = real_node.cluster
+    cluster.kubectl(
+        "annotate", "namespace", namespace, "--overwrite",
+        f"{DEFAULT_TOLERATIONS}={json.dumps([TOLERATION])}",
+    )  # fmt: skip
+    op = Operator(cluster, namespace, tmp_path)
     op.install_webhooks()
-    tolerations = [f"--workload-toleration={t}" for t in real_node.taints]
     try:
-        ctrl = op.start_controller("--enable-tuning", "--image-registry", PRESET_REGISTRY, *tolerations)
+        ctrl = op.start_controller("--enable-tuning", "--image-registry", PRESET_REGISTRY)
         prov = op.start_provisioner()
         await op.ready(ctrl)
         await op.ready(prov)

@@ -41,21 +41,6 @@ def test_flags_defaults_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         parse_args(["--provisioning", "nodeclaim"])
 
 
-def test_workload_toleration_flag() -> None:
-    """Tainted node pools (a CPU pool, the local real node): kubectl's taint syntax, repeatable."""
-    args = parse_args(
-        ["--workload-toleration", "pool=cpu:NoSchedule", "--workload-toleration", "spot:NoExecute"]
-    )
-    assert args.workload_tolerations == [
-        {"key": "pool", "operator": "Equal", "value": "cpu", "effect": "NoSchedule"},
-        {"key": "spot", "operator": "Exists", "effect": "NoExecute"},
-    ]
-    assert parse_args([]).workload_tolerations == []
-    for bad in ("pool=cpu", "pool=cpu:Sometimes", ":NoSchedule"):
-        with pytest.raises(SystemExit):
-            parse_args(["--workload-toleration", bad])
-
-
 def test_hostport() -> None:
     assert _hostport(":8080") == ("0.0.0.0", 8080)
     assert _hostport("127.0.0.1:9") == ("127.0.0.1", 9)
