@@ -13,6 +13,7 @@ tagged by a hash of everything its build reads, and skipped when that tag exists
 (several GB) are downloaded once per machine into the Dockerfile's pip cache mount.
 
     python hack/seed_images.py tiny-preset curl      # prints NAME=REF lines (root: buildah needs it)
+    python hack/seed_images.py --load mcr.microsoft.com/aks/kaito   # and into the running real node
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ TINY_MODEL_INPUTS = ("hack/tiny_model.py", "test/runtime/runtime_support.py")
 TINY_IMAGE = f"{img.REGISTRY}/kaito-seed-tiny"
 CURL_IMAGE = f"{img.REGISTRY}/kaito-curl"
 CA_FILE_IN_IMAGE = "/usr/local/share/ca-certificates/kaito-seed-test-ca.crt"
+TINY_PRESET = "tiny-llama"  # presets/models/tiny.yaml
 
 
 # ------------------------------------------------------------------------------------------ test CA
@@ -189,12 +191,45 @@ def build(names: Iterable[str]) -> dict[str, str]:
     return refs
 
 
+def load_into_real_node(refs: dict[str, str], preset_registry: str) -> dict[str, str]:
+    """Import the built images into the running real node's containerd (hack/realnode.py); the tiny
+    preset also under the name the controller gives it for ``preset_registry``. Returns the names pods use."""
+    from hack import realnode
+    from kaito.presets.registry import default_registry
+
+    socket = realnode.state_dir() / "containerd" / "containerd.sock"
+    if not socket.exists():
+        raise img.ImageError(f"no real node runs here ({socket} is missing)")
+    ctr = ["ctr", "--address", str(socket), "--namespace", "k8s.io", "images"]
+    held = set(subprocess.run([*ctr, "ls", "-q"], capture_output=True, text=True, check=True).stdout.split())
+    names = dict(refs)
+    for name, ref in refs.items():
+        if name == "tiny-preset":
+            names[name] = default_registry().get(TINY_PRESET).image_ref(preset_registry)
+        if ref not in held:  # containerd's store outlives the node: a content-tagged ref is there once
+            t0 = time.monotonic()
+            img.load(ref, str(socket))
+            img._log(f"loaded {ref} into the real node in {time.monotonic() - t0:.0f}s")
+        if names[name] != ref:
+            subprocess.run([*ctr, "tag", "--force", ref, names[name]], capture_output=True, check=True)
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: build the named images and print ``NAME=REF`` lines."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", default=["tiny-preset", "curl"])
+    parser.add_argument(
+        "--load",
+        metavar="PRESET_REGISTRY",
+        help="also import them into the running real node, the tiny preset under the name the controller "
+        "gives it with --image-registry PRESET_REGISTRY (printed instead of the build ref)",
+    )
     args = parser.parse_args(argv)
-    for name, ref in build(args.names).items():
+    refs = build(args.names)
+    if args.load:
+        refs = load_into_real_node(refs, args.load)
+    for name, ref in refs.items():
         print(f"{name}={ref}")
     return 0
 
