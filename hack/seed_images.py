@@ -36,8 +36,7 @@ if __package__ in (None, ""):  # run as a script: make `hack` and `kaito` import
 from hack import images as img
 
 REPO = img.REPO_ROOT
-RUNTIME_PYTHON = REPO / ".venv-runtime" / "bin" / "python"
-TINY_MODEL_INPUTS = ("hack/tiny_model.py", "test/runtime/runtime_support.py")
+TINY_MODEL = REPO / "hack" / "tiny_model.py"
 TINY_IMAGE = f"{img.REGISTRY}/kaito-seed-tiny"
 CURL_IMAGE = f"{img.REGISTRY}/kaito-curl"
 CA_FILE_IN_IMAGE = "/usr/local/share/ca-certificates/kaito-seed-test-ca.crt"
@@ -99,18 +98,14 @@ def test_ca() -> TestCA:
 # ----------------------------------------------------------------------------------------- images
 
 
-def _weights_key() -> str:
-    """What the tiny model's files depend on: its generator and the runtime pins it runs under."""
-    files = [REPO / p for p in TINY_MODEL_INPUTS] + [REPO / "presets" / "requirements.txt"]
-    return img._sha([f.read_bytes() for f in files])[:16]
-
-
 def tiny_preset_image() -> str:
     """Build (or find) the tiny preset image; its ``localhost/kaito-py/kaito-seed-tiny:<key>`` reference.
 
-    The base stage is the one ``hack/images.py``'s ``presets-base`` builds (same base image, build args
-    and files), so buildah's layer cache shares the pip-install layer between them.
+    Its base stage is ``hack/images.py``'s ``presets-base`` (same Dockerfile, base image, build args and
+    files, so buildah's layer cache shares the pip-install layer), and the weights are written by
+    ``hack/tiny_model.py`` running in that image: the host needs no torch.
     """
+    presets_base = img.build_recipe(img.RECIPES["presets-base"])
     base = img.pip_base_image()
     ca = test_ca()
     dockerfile = REPO / "presets" / "Dockerfile"
@@ -118,17 +113,16 @@ def tiny_preset_image() -> str:
     key = img._sha(
         [
             img.build_key(dockerfile, REPO, base, args, "model").encode(),
-            _weights_key().encode(),
+            presets_base.encode(),
+            TINY_MODEL.read_bytes(),
             ca.cert.read_bytes(),
         ]
     )[:16]
     ref = f"{TINY_IMAGE}:{key}"
     if img.image_exists(ref):
         return ref
-    if not RUNTIME_PYTHON.exists():
-        raise img.ImageError(f"{RUNTIME_PYTHON} is missing: `make runtime-venv` makes the tiny model's venv")
     t0 = time.monotonic()
-    img._log(f"building {ref} (presets/Dockerfile --target model, tiny random model)")
+    img._log(f"building {ref} (presets/Dockerfile --target model with the tiny random model)")
     model = f"{TINY_IMAGE}-model:{key}"
     with tempfile.TemporaryDirectory(prefix="kaito-seed-ctx-", dir=img.cache_root()) as tmp:
         ctx = Path(tmp)
@@ -138,10 +132,16 @@ def tiny_preset_image() -> str:
             dst = ctx / f.relative_to(REPO)
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dst)
-        subprocess.run(
-            [str(RUNTIME_PYTHON), str(REPO / "hack" / "tiny_model.py"), str(ctx / "weights")],
-            check=True, stdout=sys.stderr,
-        )  # fmt: skip
+        (ctx / "weights").mkdir()
+        gen = img.buildah("from", "--pull=false", presets_base, capture=True).stdout.strip()
+        try:
+            img.buildah(
+                "run", "--network", "none", "--user", "0",
+                "--volume", f"{TINY_MODEL}:/opt/tiny_model.py:ro", "--volume", f"{ctx / 'weights'}:/out",
+                gen, "--", "python3", "/opt/tiny_model.py", "/out",
+            )  # fmt: skip
+        finally:
+            img.buildah("rm", gen, capture=True, check=False)
         argv = ["bud", "--network", "host", "--layers", "--pull=false", "--quiet"]
         argv += ["--volume", f"{img.CA_BUNDLE}:{img.CA_BUNDLE}:ro", "--target", "model"]
         for k, v in args.items():
@@ -158,7 +158,7 @@ def tiny_preset_image() -> str:
     finally:
         img.buildah("rm", c, capture=True, check=False)
     img.buildah("rmi", model, capture=True, check=False)  # only the tag: its layers are ref's
-    img._log(f"built {ref} in {time.monotonic() - t0:.0f}s ({img.image_size(ref) >> 20} MiB)")
+    img._log(f"built {ref} in {time.monotonic() - t0:.0f}s")
     return ref
 
 
