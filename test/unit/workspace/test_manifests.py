@@ -62,6 +62,9 @@ def test_phi3_deployment_shape(registry: PresetRegistry, skus: SkuCatalog) -> No
     assert c["ports"][0]["containerPort"] == 5000
     assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": 5000, "scheme": "HTTP"}
     assert c["livenessProbe"]["initialDelaySeconds"] == 600
+    # Rolls (an adapter or strength change) fail no request: the old pod serves until the Service let go.
+    assert c["lifecycle"] == {"preStop": {"sleep": {"seconds": mf.PRESTOP_SLEEP_SECONDS}}}
+    assert 0 < mf.PRESTOP_SLEEP_SECONDS < 30  # inside the default terminationGracePeriodSeconds
     assert {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"} in pod["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     exprs = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
