@@ -2,8 +2,8 @@
 # Builds the install-test tools from Go modules (no prebuilt downloads are possible here):
 #   helm        helm.sh/helm/v3/cmd/helm            (renders config/helm/kaito)
 #   kubeconform github.com/yannh/kubeconform/cmd/kubeconform  (offline schema validation)
-#   crds/monitoring.coreos.com_servicemonitors.yaml from the prometheus-operator Go module, so the
-#               install tests can register the real ServiceMonitor CRD on the local apiserver
+#   crds/monitoring.coreos.com_{servicemonitors,prometheusrules}.yaml from the prometheus-operator Go
+#               module, so the install tests can register the real CRDs on the local apiserver
 # Same scheme as hack/build-binaries.sh: one cache directory per version set, built under an
 # exclusive lock and published by an atomic rename, so concurrent runs never see a half-written dir.
 # Prints the directory that holds the tools on stdout; progress goes to stderr.
@@ -21,11 +21,31 @@ mkdir -p "$cache_root/bin"
 log() { printf '[build-tools] %s\n' "$*" >&2; }
 
 want=(helm kubeconform)
-servicemonitor_crd=crds/monitoring.coreos.com_servicemonitors.yaml
-complete() {
+crds=(crds/monitoring.coreos.com_servicemonitors.yaml crds/monitoring.coreos.com_prometheusrules.yaml)
+binaries_built() {
   local b
   for b in "${want[@]}"; do [ -x "$tools_dir/$b" ] || return 1; done
-  [ -s "$tools_dir/$servicemonitor_crd" ]
+}
+crds_fetched() {
+  local c
+  for c in "${crds[@]}"; do [ -s "$tools_dir/$c" ] || return 1; done
+}
+complete() { binaries_built && crds_fetched; }
+
+# Copies the prometheus-operator CRDs into $1/crds (from the Go module cache).
+fetch_crds() {
+  local dest="$1" mod_dir c
+  log "fetching the prometheus-operator $PROMETHEUS_OPERATOR_VERSION CRDs"
+  mod_dir="$(cd "$work" && go mod download -json \
+    "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+    | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  mkdir -p "$dest/crds"
+  for c in "${crds[@]}"; do
+    src="$mod_dir/example/prometheus-operator-crd/${c#crds/}"
+    [ -s "$src" ] || { log "no CRD at $src"; exit 1; }
+    cp "$src" "$dest/$c.tmp"
+    mv "$dest/$c.tmp" "$dest/$c"
+  done
 }
 
 if complete; then
@@ -48,6 +68,13 @@ fi
 
 work="$(mktemp -d "$cache_root/bin/.tools.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
+
+# Binaries already built by an older version of this script: only the CRD list grew.
+if binaries_built; then
+  fetch_crds "$tools_dir"
+  echo "$tools_dir"
+  exit 0
+fi
 out="$work/out"
 mkdir -p "$out"
 start=$SECONDS
@@ -68,14 +95,7 @@ log "building kubeconform $KUBECONFORM_VERSION"
 GOBIN="$out" go install -trimpath -ldflags "-s -w" \
   "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION" >&2
 
-log "fetching the ServiceMonitor CRD from prometheus-operator $PROMETHEUS_OPERATOR_VERSION"
-mod_dir="$(cd "$work" && go mod download -json \
-  "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
-  | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
-src="$mod_dir/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
-[ -s "$src" ] || { log "no ServiceMonitor CRD at $src"; exit 1; }
-mkdir -p "$out/crds"
-cp "$src" "$out/$servicemonitor_crd"
+fetch_crds "$out"
 
 rm -rf "$tools_dir"
 mv "$out" "$tools_dir"

@@ -12,7 +12,16 @@ Machines:
 - ``kaito_machine_registration_timeouts_total``: instances deleted because no Node registered in time;
 - ``kaito_machine_terminations_total{reason}``: instances removed (``deleted``: the Machine was deleted;
   ``garbage_collected``: the sweep removed an instance whose Machine was gone);
-- ``kaito_machine_termination_duration_seconds``: deletionTimestamp -> finalizer removed.
+- ``kaito_machine_termination_duration_seconds``: deletionTimestamp -> finalizer removed;
+- ``kaito_machine_provisioning_since_timestamp_seconds{machine}``: for each Machine that is neither Ready
+  nor being deleted, when it stopped being Ready (its Ready condition's last transition) or, never Ready,
+  its creation: ``time() - x`` is how long it has been provisioning (the KaitoMachineStuckProvisioning
+  alert in config/prometheus/alerts.yaml);
+- ``kaito_machine_deleting_since_timestamp_seconds{machine}``: the deletionTimestamp of each Machine being
+  deleted (KaitoMachineStuckDeleting).
+
+The gauges computed from the cache are reported by the leader only (see
+:func:`provisioner.lifecycle.setup`), so summing or taking the max over replicas counts each Machine once.
 """
 
 from __future__ import annotations
@@ -89,8 +98,26 @@ def phase_of(machine: Mapping[str, Any]) -> str:
 MachineSource = Callable[[], Iterable[Mapping[str, Any]]]
 
 
+def provisioning_since(machine: Mapping[str, Any]) -> float | None:
+    """Unix time since which a Machine has been on its way to Ready; None when Ready or deleting."""
+    if phase_of(machine) in ("Ready", "Terminating"):
+        return None
+    ready = cond.get(cond.conditions_of(machine.get("status")), cond.READY)
+    since = cond.parse_time(ready.get("lastTransitionTime")) if ready is not None else None
+    if since is None:
+        since = cond.parse_time((machine.get("metadata") or {}).get("creationTimestamp"))
+    return since.timestamp() if since is not None else None
+
+
+def deleting_since(machine: Mapping[str, Any]) -> float | None:
+    """The Machine's deletionTimestamp as Unix time; None when it is not being deleted."""
+    since = cond.parse_time((machine.get("metadata") or {}).get("deletionTimestamp"))
+    return since.timestamp() if since is not None else None
+
+
 class _PhaseCollector(Collector):
-    """Counts the Machines of every attached source by phase at scrape time."""
+    """Counts the Machines of every attached source by phase, and times the unfinished ones, at scrape
+    time."""
 
     def __init__(self) -> None:
         # Weak references: a stopped provisioner (e.g. in tests) must not keep reporting.
@@ -101,13 +128,30 @@ class _PhaseCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         tally: Tally[str] = Tally()
+        provisioning = GaugeMetricFamily(
+            "kaito_machine_provisioning_since_timestamp_seconds",
+            "Unix time since which a Machine that is neither Ready nor deleting has been provisioning.",
+            labels=["machine"],
+        )
+        deleting = GaugeMetricFamily(
+            "kaito_machine_deleting_since_timestamp_seconds",
+            "Unix time a Machine that is still present was asked to be deleted (its deletionTimestamp).",
+            labels=["machine"],
+        )
         for source in list(self._sources):
             for machine in source.list():
                 tally[phase_of(machine)] += 1
+                name = str((machine.get("metadata") or {}).get("name") or "")
+                if (since := provisioning_since(machine)) is not None:
+                    provisioning.add_metric([name], since)
+                if (since := deleting_since(machine)) is not None:
+                    deleting.add_metric([name], since)
         family = GaugeMetricFamily("kaito_machine_phase", "Machines by lifecycle phase.", labels=["phase"])
         for phase in PHASES:
             family.add_metric([phase], float(tally[phase]))
         yield family
+        yield provisioning
+        yield deleting
 
 
 class _Source:

@@ -3,7 +3,9 @@
 Every replica runs :class:`CertManager`. The key material lives in one Secret (default
 ``workspace-webhook-cert``): ``ca.crt`` (the trusted CA bundle, newest first), ``ca.key``, ``tls.crt``,
 ``tls.key``. The first replica to start creates it; the others read it (a create that hits
-AlreadyExists re-reads). Rotation is optimistic: whoever sees the serving certificate close to expiry
+AlreadyExists re-reads); where an installer created it empty (the Helm chart and config/webhook do, so
+that uninstalling removes it) the first replica fills it in, keeping the installer's labels and
+annotations. Rotation is optimistic: whoever sees the serving certificate close to expiry
 writes a new one with the Secret's resourceVersion, so two replicas cannot both win. When the CA itself
 is close to expiry a new CA is made and the old one stays in ``ca.crt`` until it expires, so replicas
 still presenting a certificate from the old CA stay trusted during the hand-over. Each pass also writes
@@ -305,6 +307,7 @@ class CertManager:
         check_interval: float = 300.0,
         on_change: Callable[[], None] | None = None,
     ) -> None:
+        self._api_client = api_client
         self.core = CoreV1Api(api_client)
         self.admission = AdmissionregistrationV1Api(api_client)
         self.namespace = namespace
@@ -319,31 +322,47 @@ class CertManager:
         self.on_change = on_change
         self.bundle: CertBundle | None = None
 
-    async def _read_secret(self) -> tuple[CertBundle | None, str | None, bool]:
-        """(bundle, resourceVersion, exists)."""
+    async def _read_secret(self) -> tuple[CertBundle | None, str | None, dict[str, Any] | None]:
+        """(bundle, resourceVersion, the metadata to keep on a rewrite: None when there is no Secret)."""
         try:
             secret = await self.core.read_namespaced_secret(self.secret_name, self.namespace)
         except ApiException as e:
             if e.status == 404:
-                return None, None, False
+                return None, None, None
             raise
-        return CertBundle.from_secret_data(secret.data), secret.metadata.resource_version, True
+        meta = secret.metadata
+        kept: dict[str, Any] = {
+            "labels": dict(meta.labels or {}),
+            "annotations": dict(meta.annotations or {}),
+        }
+        if meta.owner_references:
+            kept["ownerReferences"] = self._api_client.sanitize_for_serialization(meta.owner_references)
+        return CertBundle.from_secret_data(secret.data), meta.resource_version, kept
 
-    async def _store(self, bundle: CertBundle, resource_version: str | None, exists: bool) -> bool:
-        """Write the Secret; False when another replica won the race (then re-read)."""
+    async def _store(
+        self, bundle: CertBundle, resource_version: str | None, existing: dict[str, Any] | None
+    ) -> bool:
+        """Write the Secret; False when another replica won the race (then re-read).
+
+        A rewrite keeps the existing labels, annotations and owners (an installer's bookkeeping: Helm
+        finds its object unchanged), adding ours only where a label is unset."""
+        ours = {"app.kubernetes.io/managed-by": "kaito", "app.kubernetes.io/component": "webhook"}
+        kept = existing or {}
+        metadata: dict[str, Any] = {
+            "name": self.secret_name,
+            "namespace": self.namespace,
+            **kept,
+            "labels": {**ours, **kept.get("labels", {})},
+        }
         body: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {
-                "name": self.secret_name,
-                "namespace": self.namespace,
-                "labels": {"app.kubernetes.io/managed-by": "kaito", "app.kubernetes.io/component": "webhook"},
-            },
+            "metadata": metadata,
             "type": "Opaque",
             "data": bundle.to_secret_data(),
         }
         try:
-            if exists:
+            if existing is not None:
                 body["metadata"]["resourceVersion"] = resource_version
                 await self.core.replace_namespaced_secret(self.secret_name, self.namespace, cast(Any, body))
             else:
@@ -357,7 +376,7 @@ class CertManager:
     async def ensure(self) -> CertBundle:
         """One pass: make sure a valid bundle is stored, on disk and in the webhook configurations."""
         for _ in range(5):
-            current, rv, exists = await self._read_secret()
+            current, rv, existing = await self._read_secret()
             planned = await asyncio.to_thread(
                 plan_bundle, current, self.dns_names, self.ip_addresses, self.policy
             )
@@ -365,7 +384,7 @@ class CertManager:
                 assert current is not None
                 bundle = current
                 break
-            if await self._store(planned, rv, exists):
+            if await self._store(planned, rv, existing):
                 log.info("webhook certificate issued", secret=self.secret_name, namespace=self.namespace)
                 bundle = planned
                 break

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hack.localcluster import LocalCluster
-from test.integration.install.helpers import CONFIG, crd_files, servicemonitor_crd, tools_dir
+from test.integration.install.helpers import CONFIG, crd_files, prometheus_operator_crds, tools_dir
 
 HERE = Path(__file__).resolve().parent
 
@@ -21,12 +21,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="module")
 def crds_and_namespace(control_plane: LocalCluster) -> LocalCluster:
-    """Workspace, Machine and ServiceMonitor CRDs plus the kaito-system Namespace, applied for real.
+    """Workspace, Machine, ServiceMonitor and PrometheusRule CRDs plus the kaito-system Namespace, applied for real.
 
     Server-side apply under a shared field manager: idempotent and safe beside other suites that apply
     the same CRDs. A server dry-run of namespaced objects needs their Namespace to exist.
     """
-    for path in (*crd_files(), servicemonitor_crd()):
+    for path in (*crd_files(), *prometheus_operator_crds()):
         control_plane.kubectl(
             "apply", "--server-side", "--force-conflicts", "--field-manager=kaito-crds", "-f", str(path)
         )
@@ -37,6 +37,7 @@ def crds_and_namespace(control_plane: LocalCluster) -> LocalCluster:
         "crd/workspaces.kaito.sh",
         "crd/machines.karpenter.sh",
         "crd/servicemonitors.monitoring.coreos.com",
+        "crd/prometheusrules.monitoring.coreos.com",
     )
     control_plane.kubectl(
         "apply", "--server-side", "--field-manager=kaito-install", "-k", str(CONFIG / "namespace")

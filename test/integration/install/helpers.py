@@ -1,7 +1,7 @@
 """Rendering the install manifests (kustomize, Helm) and validating them offline.
 
 Shared by the install integration tests and the install e2e test. Tools come from
-``hack/build-tools.sh`` (helm, kubeconform, the ServiceMonitor CRD) and ``hack/build-binaries.sh``
+``hack/build-tools.sh`` (helm, kubeconform, the ServiceMonitor and PrometheusRule CRDs) and ``hack/build-binaries.sh``
 (the version-matched kubectl, whose built-in kustomize renders ``config/``).
 """
 
@@ -65,9 +65,13 @@ def generated_crds() -> list[Obj]:
     ]
 
 
-def servicemonitor_crd() -> Path:
-    """The Prometheus Operator's ServiceMonitor CRD (from its Go module, fetched by build-tools.sh)."""
-    return tools_dir() / "crds" / "monitoring.coreos.com_servicemonitors.yaml"
+def prometheus_operator_crds() -> list[Path]:
+    """The Prometheus Operator's ServiceMonitor and PrometheusRule CRDs (from its Go module, fetched by
+    build-tools.sh): the chart's default install renders both kinds."""
+    return [
+        tools_dir() / "crds" / f"monitoring.coreos.com_{plural}.yaml"
+        for plural in ("servicemonitors", "prometheusrules")
+    ]
 
 
 def run(

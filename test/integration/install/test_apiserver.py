@@ -3,7 +3,7 @@ and kubeconform against schemas generated from that apiserver's own OpenAPI docu
 
 kubeconform never downloads anything here: its only schema location is a directory this test writes
 from ``/openapi/v2`` of the local kube-apiserver (which, once the CRDs are applied, also publishes the
-Workspace, Machine and ServiceMonitor schemas).
+Workspace, Machine, ServiceMonitor and PrometheusRule schemas).
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ def test_kubeconform_validates_the_crds(schema_dir: Path) -> None:
             "readOnlyRootFileSystem",
         ),
         ("ServiceMonitor", lambda o: o["spec"]["endpoints"][0].update(prot="x"), "prot"),
+        ("PrometheusRule", lambda o: o["spec"]["groups"][0]["rules"][0].update(expression="x"), "expression"),
         ("ClusterRole", lambda o: o["rules"][0].update(verb=["get"]), "verb"),
     ],
 )

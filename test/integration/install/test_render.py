@@ -5,6 +5,7 @@ No cluster needed: kustomize (built into the version-matched kubectl) and helm r
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -46,11 +47,11 @@ def test_chart_crds_are_the_generated_ones() -> None:
     assert by_key(helm_crds) == by_key(generated)
 
 
-def test_base_is_default_without_servicemonitors() -> None:
+def test_base_is_default_without_the_prometheus_operator_objects() -> None:
     base = by_key(render_kustomize(CONFIG / "base"))
     default = by_key(render_kustomize(CONFIG / "default"))
     extra = {k for k in default if k not in base}
-    assert {k[1] for k in extra} == {"ServiceMonitor"}
+    assert {k[1] for k in extra} == {"ServiceMonitor", "PrometheusRule"}
     assert all(default[k] == base[k] for k in base)
 
 
@@ -182,6 +183,73 @@ def test_chart_values_reach_the_objects() -> None:
     assert sa["metadata"]["annotations"] == {"azure.workload.identity/client-id": "client-1"}
 
 
+def test_chart_runs_local_images_on_a_tainted_node_of_its_choice() -> None:
+    """What a local install on a real node needs: images already on the node (pullPolicy Never, a tag
+    of its own), a nodeSelector and a toleration per component. The security context stays the
+    production one."""
+    default = pod_specs(render_helm())
+    objs = render_helm(
+        "--set", "image.registry=localhost",
+        "--set", "image.pullPolicy=Never",
+        "--set", "workspace.image.tag=dev",
+        "--set", "provisioner.image.tag=dev2",
+        "--set", "provisioner.image.registry=registry.local:5000",
+        "--set", "provisioner.image.pullPolicy=IfNotPresent",
+        "--set", "workspace.nodeSelector.kaito\\.sh/node=real",
+        "--set", "provisioner.nodeSelector.kubernetes\\.io/os=plan9",
+        "--set", "tolerations[0].key=CriticalAddonsOnly,tolerations[0].operator=Exists",
+        "--set", "workspace.tolerations[0].key=kaito.sh/real-node,workspace.tolerations[0].operator=Exists,"
+        "workspace.tolerations[0].effect=NoSchedule",
+        "--set", "provisioner.tolerations[0].key=kaito.sh/real-node,provisioner.tolerations[0].operator=Equal,"
+        "provisioner.tolerations[0].value=yes,provisioner.tolerations[0].effect=NoSchedule",
+        "--set", "workspace.affinity=null",
+    )  # fmt: skip
+    specs = pod_specs(objs)
+    ws, gp = specs["kaito-workspace"], specs["gpu-provisioner"]
+    assert ws["containers"][0]["image"] == "localhost/kaito-controller:dev"
+    assert ws["containers"][0]["imagePullPolicy"] == "Never"
+    assert gp["containers"][0]["image"] == "registry.local:5000/gpu-provisioner:dev2"
+    assert gp["containers"][0]["imagePullPolicy"] == "IfNotPresent"
+    # The component's keys go on top of the global nodeSelector.
+    assert ws["nodeSelector"] == {"kubernetes.io/os": "linux", "kaito.sh/node": "real"}
+    assert gp["nodeSelector"] == {"kubernetes.io/os": "plan9"}
+    # The global tolerations, then the component's.
+    critical = {"key": "CriticalAddonsOnly", "operator": "Exists"}
+    assert ws["tolerations"] == [
+        critical,
+        {"key": "kaito.sh/real-node", "operator": "Exists", "effect": "NoSchedule"},
+    ]
+    assert gp["tolerations"] == [
+        critical,
+        {"key": "kaito.sh/real-node", "operator": "Equal", "value": "yes", "effect": "NoSchedule"},
+    ]
+    # Affinity: the component's own (null drops the default); the provisioner keeps its rule.
+    assert "affinity" not in ws
+    assert gp["affinity"] == default["gpu-provisioner"]["affinity"]
+    for name, spec in specs.items():
+        assert spec["securityContext"] == default[name]["securityContext"], name
+        assert spec["containers"][0]["securityContext"] == default[name]["containers"][0]["securityContext"]
+
+
+def test_chart_affinity_replaces_the_default() -> None:
+    term = {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["system"]}]}
+    objs = render_helm(
+        "--set-json",
+        "provisioner.affinity="
+        + json.dumps(
+            {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
+                }
+            }
+        ),
+    )
+    gp = pod_specs(objs)["gpu-provisioner"]
+    assert gp["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] == {
+        "nodeSelectorTerms": [term]
+    }
+
+
 def test_chart_switches() -> None:
     objs = render_helm("--set", "provisioner.enabled=false", "--set", "metrics.serviceMonitor.enabled=false")
     names = {(o["kind"], o["metadata"]["name"]) for o in objs}
@@ -219,6 +287,11 @@ def test_chart_follows_the_release_namespace() -> None:
         ("workspace.replica=3", "replica"),
         ("provisioner.replicas=3", "/provisioner/replicas"),
         ("logLevel=verbose", "/logLevel"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("workspace.image.pullPolicy=never", "/workspace/image/pullPolicy"),
+        ("workspace.tolerations[0].effect=NoScheduling", "/workspace/tolerations/0/effect"),
+        ("provisioner.affinity.nodeAfinity.x=y", "nodeAfinity"),
+        ("metrics.prometheusRule.enabled=maybe", "/metrics/prometheusRule/enabled"),
     ],
 )
 def test_chart_rejects_bad_values(setting: str, message: str) -> None:

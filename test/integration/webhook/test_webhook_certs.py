@@ -98,3 +98,36 @@ async def test_replicas_share_one_secret_and_rotation_patches_ca_bundle(
         assert task.cancelled()
     finally:
         await unregister(api_client, name)
+
+
+async def test_an_installer_created_empty_secret_is_filled_in_and_keeps_its_metadata(
+    api_client: Any, namespace: str, tmp_path: Path
+) -> None:
+    """The chart (and config/webhook) create the Secret empty so that uninstalling removes it: the
+    controller fills it in without dropping Helm's ownership labels and annotations."""
+    core = CoreV1Api(api_client)
+    helm_meta = {
+        "labels": {"app.kubernetes.io/managed-by": "Helm", "app.kubernetes.io/part-of": "kaito"},
+        "annotations": {"meta.helm.sh/release-name": "kaito", "meta.helm.sh/release-namespace": namespace},
+    }
+    await core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "workspace-webhook-cert", **helm_meta}, "type": "Opaque"}
+    )
+    bundle = await CertManager(api_client, namespace=namespace, cert_dir=tmp_path / "a").ensure()
+    secret = await core.read_namespaced_secret("workspace-webhook-cert", namespace)
+    assert set(secret.data) == {"ca.crt", "ca.key", "tls.crt", "tls.key"}
+    assert base64.b64decode(secret.data["tls.crt"]) == bundle.cert
+    assert helm_meta["labels"].items() <= secret.metadata.labels.items()
+    assert secret.metadata.labels["app.kubernetes.io/component"] == "webhook"
+    assert helm_meta["annotations"].items() <= secret.metadata.annotations.items()
+    # A rotation rewrites it again and still keeps them.
+    rotated = await CertManager(
+        api_client,
+        namespace=namespace,
+        cert_dir=tmp_path / "b",
+        policy=CertPolicy(ca_renew_before=timedelta(days=3651)),
+    ).ensure()
+    secret = await core.read_namespaced_secret("workspace-webhook-cert", namespace)
+    assert base64.b64decode(secret.data["ca.key"]) == rotated.ca_key != bundle.ca_key
+    assert helm_meta["annotations"].items() <= secret.metadata.annotations.items()
+    assert secret.metadata.labels["app.kubernetes.io/managed-by"] == "Helm"

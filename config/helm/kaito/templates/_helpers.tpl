@@ -16,8 +16,35 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
 {{- end }}
 
+{{/* <registry>/<repository>:<tag>; a component's image.registry overrides image.registry. */}}
 {{- define "kaito.image" -}}
-{{ printf "%s/%s:%s" .root.Values.image.registry .image.repository (default .root.Chart.AppVersion .image.tag) }}
+{{ printf "%s/%s:%s" (.image.registry | default .root.Values.image.registry) .image.repository (default .root.Chart.AppVersion .image.tag) }}
+{{- end }}
+
+{{/* A component's image.pullPolicy, else image.pullPolicy (Never: use only images already on the node). */}}
+{{- define "kaito.pullPolicy" -}}
+{{ .image.pullPolicy | default .root.Values.image.pullPolicy }}
+{{- end }}
+
+{{/*
+Where a component's pods may run: nodeSelector is the global map with the component's keys on top,
+tolerations are the global list followed by the component's, affinity is the component's own.
+Called with (dict "root" $ "values" .Values.<component>).
+*/}}
+{{- define "kaito.scheduling" -}}
+{{- $nodeSelector := merge (dict) (.values.nodeSelector | default dict) (.root.Values.nodeSelector | default dict) }}
+{{- with $nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with concat (.root.Values.tolerations | default list) (.values.tolerations | default list) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/* The ServiceAccount user name the webhooks skip (the controller's own writes). */}}

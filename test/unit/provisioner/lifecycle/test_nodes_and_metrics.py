@@ -123,6 +123,46 @@ def test_phase_gauge_counts_tracked_machines() -> None:
     assert REGISTRY.get_sample_value("kaito_machine_phase", {"phase": "Failed"}) == before
 
 
+def test_unfinished_machines_are_timed_from_when_they_left_ready_or_were_created() -> None:
+    """The gauges behind the stuck-Machine alerts: one series per unfinished Machine, none for the rest."""
+    from prometheus_client import REGISTRY
+
+    created, lost_ready, deleted = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", "2026-01-03T00:00:00Z"
+
+    def m(name: str, *conds: tuple[str, str, str | None], deleting: bool = False) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": name, "creationTimestamp": created}
+        if deleting:
+            meta["deletionTimestamp"] = deleted
+        cs = [{"type": t, "status": s, **({"lastTransitionTime": at} if at else {})} for t, s, at in conds]
+        return {"metadata": meta, "status": {"conditions": cs}}
+
+    machines = [
+        m("launching"),
+        m("failed", ("MachineLaunched", "False", lost_ready)),
+        m("node-lost", ("MachineLaunched", "True", None), ("Ready", "False", lost_ready)),
+        m("ready", ("Ready", "True", lost_ready)),
+        m("deleting", ("Ready", "True", lost_ready), deleting=True),
+    ]
+    handle = metrics.track_machines(lambda: machines)
+
+    def provisioning(name: str) -> float | None:
+        return REGISTRY.get_sample_value(
+            "kaito_machine_provisioning_since_timestamp_seconds", {"machine": name}
+        )
+
+    def deleting(name: str) -> float | None:
+        return REGISTRY.get_sample_value("kaito_machine_deleting_since_timestamp_seconds", {"machine": name})
+
+    assert provisioning("launching") == 1767225600.0  # never Ready: since its creation
+    assert provisioning("failed") == 1767225600.0  # a launch failure is not a Ready transition
+    assert provisioning("node-lost") == 1767312000.0  # since its Ready condition turned False
+    assert provisioning("ready") is None and provisioning("deleting") is None
+    assert deleting("deleting") == 1767398400.0
+    assert all(deleting(n) is None for n in ("launching", "failed", "node-lost", "ready"))
+    del handle
+    assert provisioning("launching") is None and deleting("deleting") is None
+
+
 def test_flags_defaults_and_environment() -> None:
     args = parse_args(["--cloud", "kwok"], env={})
     assert (args.leader_elect, args.metrics_port, args.probe_port, args.registration_timeout) == (
