@@ -205,7 +205,7 @@ def seed_curl(
         kubectl run -i --rm --restart=Never curl --image=<image> -- curl -X POST http://$CLUSTERIP/chat \\
             -H "accept: application/json" -H "Content-Type: application/json" -d '<body>'
 
-    Returns what the pod printed (kubectl's own "pod deleted" line removed).
+    Returns kubectl's output: what the pod printed, then kubectl's "pod ... deleted" (see :func:`first_json`).
     """
     argv = [
         "run", "-i", "--rm", "--restart=Never", "curl", f"--image={image}", "-n", namespace,
@@ -214,11 +214,16 @@ def seed_curl(
         "-H", "accept: application/json", "-H", "Content-Type: application/json", "-d", json.dumps(body),
     ]  # fmt: skip
     out = cluster.kubectl(*argv, check=False, timeout=timeout + 60)
-    text = "\n".join(
-        line for line in out.stdout.splitlines() if not line.startswith("pod ") or "deleted" not in line
-    )
     assert out.returncode == 0, f"kubectl {shlex.join(argv)} -> {out.returncode}\n{out.stdout}\n{out.stderr}"
-    return text
+    return str(out.stdout)
+
+
+def first_json(text: str) -> Any:
+    """The first JSON object in ``text`` (curl prints no newline, so kubectl's own lines may follow it)."""
+    start = text.find("{")
+    assert start >= 0, f"no JSON object in {text!r}"
+    value, _ = json.JSONDecoder().raw_decode(text[start:])
+    return value
 
 
 def service_ip(cluster: LocalCluster, namespace: str, name: str) -> str:

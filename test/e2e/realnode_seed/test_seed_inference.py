@@ -19,6 +19,7 @@ from test.e2e.realnode_seed.seedbed import (
     CPUTarget,
     conditions,
     events_for,
+    first_json,
     http_json,
     kget,
     report,
@@ -79,13 +80,13 @@ async def test_seed_inference_answers_through_the_service(
     )
     answer_s = time.monotonic() - started
     report("inference.apply_to_first_answer", answer_s)
-    body = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    body = first_json(out)
     assert isinstance(body.get("Result"), str) and body["Result"], out
 
     # Same question, greedy: the same answer every time (the model, not luck, answered).
     first = seed_curl(op.cluster, op.namespace, seed_images_loaded.curl, cluster_ip, SEEDED_CHAT)
     again = seed_curl(op.cluster, op.namespace, seed_images_loaded.curl, cluster_ip, SEEDED_CHAT)
-    assert json.loads(first.strip().splitlines()[-1]) == json.loads(again.strip().splitlines()[-1])
+    assert first_json(first) == first_json(again)
 
     # The OpenAI endpoints through the same Service (kube-proxy serves the ClusterIP to the host too).
     status_code, models = await http_json("GET", f"http://{cluster_ip}/v1/models")
