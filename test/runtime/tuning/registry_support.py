@@ -2,7 +2,7 @@
 
 Each registry gets its own generated config, storage directory and free port; readiness is polled on
 ``/v2/`` (200, or 401 when auth is on) with a deadline. By default it listens on loopback over plain
-HTTP; the real-node e2e tests (test/e2e/realnode_seed) bind it to the node's bridge address with TLS, so
+HTTP; the real-node e2e tests (test/e2e/realnode/seed) bind it to the node's bridge address with TLS, so
 that pods reach it like a cloud registry.
 """
 

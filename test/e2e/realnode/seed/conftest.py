@@ -1,32 +1,37 @@
 """The seed's CPU quick starts on the real node: images, peers and the operator for one test namespace.
 
-The real node (containerd + kubelet + kube-proxy joined to the full local cluster; hack/realnode.py).
-Here: the tiny preset and curl images built by
-``hack/seed_images.py`` and loaded into the node's containerd under the names the operator and the seed's
-command use; the dataset server and the authenticating TLS registry on the node's bridge address; the
-node labelled with a CPU instance type and the label the workspaces select; and the workspace controller
-(+ provisioner) as processes for the test's namespace, whose pods tolerate the real node's taint.
+The cluster and its real node (containerd + kubelet + kube-proxy; hack/realnode.py) are the real-node
+suite's (``../conftest.py``: one of each per module, skipped when not root). Here, per module: the tiny
+preset and curl images built by ``hack/seed_images.py`` and loaded into the node's containerd under the
+names the operator and the seed's command use; the dataset server and the authenticating TLS registry on
+the node's bridge address; the node labelled as a CPU VM with the label the workspaces select. Per test:
+a namespace whose pods tolerate the real node's taint, and the workspace controller (+ provisioner) as
+processes for it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hack.realnode import NODE_IP, TOLERATION, RealNode
 
 from hack import seed_images
 from hack.localcluster import LocalCluster
-from hack.realnode import NODE_IP, TOLERATION, RealNode, unmet_requirements
 from kaito.presets.registry import default_registry
-from test.e2e.realnode_seed.seedbed import (
+from test.e2e.realnode.seed.seedbed import (
     CPUTarget,
     DatasetServer,
     SeedRegistry,
+    install_crds,
     start_seed_registry,
     write_dataset,
 )
@@ -52,32 +57,29 @@ class SeedImages:
     curl: str
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def seed_images_loaded(real_node: RealNode) -> SeedImages:
     """Build (or find, by content) the tiny preset and curl images, and load them into the node."""
+    t0 = time.monotonic()
     refs = seed_images.build(["tiny-preset", "curl"])
     preset_ref = default_registry().get(TINY_PRESET).image_ref(PRESET_REGISTRY)
     real_node.load(refs["tiny-preset"], [preset_ref])
-    real_node.load(refs["curl"], [])
+    real_node.load(refs["curl"])
+    print(f"seed images on the node in {time.monotonic() - t0:.1f}s: {refs}")
     return SeedImages(tiny_preset=preset_ref, curl=refs["curl"])
 
 
-@pytest.fixture(scope="session")
-def cpu_target(real_node: RealNode) -> Iterator[CPUTarget]:
+@pytest.fixture(scope="module")
+def cpu_target(real_node: RealNode) -> CPUTarget:
     """The real node labelled as a CPU VM of :data:`CPU_INSTANCE_TYPE` that the seed workspaces select."""
-    cluster = real_node.cluster
-    node = real_node.name
-    cluster.kubectl(
-        "label", "node", node, "--overwrite",
+    real_node.cluster.kubectl(
+        "label", "node", real_node.name, "--overwrite",
         f"node.kubernetes.io/instance-type={CPU_INSTANCE_TYPE}", f"{SEED_LABEL[0]}={SEED_LABEL[1]}",
     )  # fmt: skip
-    try:
-        yield CPUTarget(node, CPU_INSTANCE_TYPE, SEED_LABEL, TINY_PRESET)
-    finally:
-        cluster.kubectl("label", "node", node, f"{SEED_LABEL[0]}-", check=False)
+    return CPUTarget(real_node.name, CPU_INSTANCE_TYPE, SEED_LABEL, TINY_PRESET)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dataset_server(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatasetServer]:
     """The parquet dataset the tuning workspaces download, served on the node's bridge address."""
     root = tmp_path_factory.mktemp("datasets")
@@ -87,7 +89,7 @@ def dataset_server(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def seed_registry(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeedRegistry]:
     """docker-registry with htpasswd auth over TLS on the node's bridge address."""
     ca = seed_images.test_ca()
@@ -98,37 +100,39 @@ def seed_registry(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory)
     registry.registry.stop()
 
 
-@pytest.fixture(scope="session")
-def real_node(full_cluster: LocalCluster) -> Iterator[RealNode]:
-    """The real node joined to the session's full cluster (one per machine: hack/realnode.py's lock)."""
-    reason = unmet_requirements()
-    if reason:
-        pytest.fail(f"the real node cannot start here: {reason}")
-    with RealNode(full_cluster) as node:
-        yield node
+@pytest.fixture
+def seed_namespace(node_cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace whose pods tolerate the real node's taint by default.
+
+    PodTolerationRestriction's namespace annotation (the plugin is on in hack/localcluster.py): the
+    workspaces' pods and the seed's ``kubectl run ... curl`` land on the real node as a user's would on
+    an untainted CPU node, their manifests unchanged.
+    """
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"s-{base}-{secrets.token_hex(3)}"
+    node_cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "annotations": {DEFAULT_TOLERATIONS: json.dumps([TOLERATION])}},
+        }
+    )
+    yield name
+    node_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 @pytest.fixture
 async def seed_operator(
-    real_node: RealNode,
+    node_cluster: LocalCluster,
     seed_images_loaded: SeedImages,
-    namespace: str,
+    seed_namespace: str,
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Operator]:
     """Controller (webhook, tuning on) + provisioner for the test's namespace, naming preset images as
-    loaded on the node.
-
-    The namespace's pods tolerate the real node's taint by default (the PodTolerationRestriction
-    admission plugin's namespace annotation): the workspaces' pods and the seed's ``kubectl run ...
-    curl`` land there as the user's would on an untainted CPU node, with their manifests unchanged.
-    """
-    cluster = real_node.cluster
-    cluster.kubectl(
-        "annotate", "namespace", namespace, "--overwrite",
-        f"{DEFAULT_TOLERATIONS}={json.dumps([TOLERATION])}",
-    )  # fmt: skip
-    op = Operator(cluster, namespace, tmp_path)
+    they are loaded on the node. The CRDs are installed once per cluster."""
+    install_crds(node_cluster)
+    op = Operator(node_cluster, seed_namespace, tmp_path)
     op.install_webhooks()
     try:
         ctrl = op.start_controller("--enable-tuning", "--image-registry", PRESET_REGISTRY)
@@ -139,7 +143,7 @@ async def seed_operator(
     finally:
         failed = getattr(request.node, "rep_call", None)
         op.cluster.kubectl(
-            "delete", "workspaces", "--all", "-n", namespace, "--timeout=120s", check=False, timeout=150
+            "delete", "workspaces", "--all", "-n", seed_namespace, "--timeout=120s", check=False, timeout=150
         )
         op.remove_webhooks()
         if os.environ.get("KAITO_SHOW_LOGS") or (failed is not None and failed.failed):

@@ -13,7 +13,7 @@ import pytest
 from kaito.api.quantity import to_gib
 from kaito.presets.cpu import cpu_memory_needed_gib
 from kaito.presets.registry import default_registry
-from test.e2e.realnode_seed.seedbed import (
+from test.e2e.realnode.seed.seedbed import (
     CPUTarget,
     DatasetServer,
     SeedRegistry,
@@ -22,7 +22,7 @@ from test.e2e.realnode_seed.seedbed import (
     kget,
     sample,
 )
-from test.e2e.realnode_seed.test_seed_tuning_adapters import registry_manifest
+from test.e2e.realnode.seed.test_seed_tuning_adapters import registry_manifest
 from test.e2e.workspace.conftest import Operator
 from test.waiting import eventually
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from hack import seed_images
-from test.e2e.realnode_seed.seedbed import (
+from test.e2e.realnode.seed.seedbed import (
     SEEDED_CHAT,
     CPUTarget,
     DatasetServer,
@@ -36,7 +36,7 @@ from test.e2e.realnode_seed.seedbed import (
     sample,
     service_ip,
 )
-from test.e2e.realnode_seed.test_seed_inference import wait_ready
+from test.e2e.realnode.seed.test_seed_inference import wait_ready
 from test.e2e.workspace.conftest import Operator
 from test.waiting import eventually
 
@@ -59,7 +59,7 @@ class TuningRun:
     node: str
 
 
-_RUNS: dict[str, TuningRun] = {}  # one tuning run per session, whichever test needs it first
+_RUNS: dict[str, TuningRun] = {}  # registry storage -> its tuning run, made by whichever test asks first
 
 
 def registry_manifest(registry: SeedRegistry, repository: str, tag: str) -> tuple[str, dict[str, Any]]:
@@ -125,12 +125,14 @@ async def run_seed_tuning(
 async def tuned(
     seed_operator: Operator, cpu_target: CPUTarget, seed_registry: SeedRegistry, dataset_server: DatasetServer
 ) -> TuningRun:
-    """The seed's tuning run (made once per session, in the namespace of the first test that asks)."""
-    if "run" not in _RUNS:
-        _RUNS["run"] = await run_seed_tuning(seed_operator, cpu_target, seed_registry, dataset_server)
-        report("tuning.job_duration", _RUNS["run"].job_seconds)
-        report("tuning.apply_to_succeeded", _RUNS["run"].apply_to_succeeded)
-    return _RUNS["run"]
+    """The seed's tuning run: made once per registry (the module's), in the namespace of the first test
+    that asks; the adapter it pushed stays in the registry for the others."""
+    key = str(seed_registry.registry.storage)
+    if key not in _RUNS:
+        _RUNS[key] = await run_seed_tuning(seed_operator, cpu_target, seed_registry, dataset_server)
+        report("tuning.job_duration", _RUNS[key].job_seconds)
+        report("tuning.apply_to_succeeded", _RUNS[key].apply_to_succeeded)
+    return _RUNS[key]
 
 
 async def test_seed_tuning_pushes_adapter_to_authenticated_registry(

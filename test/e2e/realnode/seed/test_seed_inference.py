@@ -13,8 +13,8 @@ import json
 import time
 from typing import Any
 
-from test.e2e.realnode_seed.conftest import SeedImages
-from test.e2e.realnode_seed.seedbed import (
+from test.e2e.realnode.seed.conftest import SeedImages
+from test.e2e.realnode.seed.seedbed import (
     SEEDED_CHAT,
     CPUTarget,
     conditions,
