@@ -1,7 +1,7 @@
 """The seed's tuning and adapter quick starts answered for real on the real node (CPU).
 
-Tuning: the seed's tuning manifest (``method: lora`` on a CPU VM), ``input.urls`` from an HTTP server the
-pod reaches, ``output.image`` pushed with ``imagePushSecret`` to a registry that authenticates over TLS;
+Tuning: the seed's tuning manifest (``method: lora`` on a CPU VM, ``tuning.config`` raising the learning
+rate: see :func:`training_config`), ``input.urls`` from an HTTP server the pod reaches, ``output.image`` pushed with ``imagePushSecret`` to a registry that authenticates over TLS;
 the Job runs as a real pod to WorkspaceSucceeded=True. Adapters: the seed's adapter manifest serving the
 base preset with that pushed artifact at ``strength: "1.0"`` (the init step pulls it), answering
 differently from the base model for the same greedy request; changing the strength and then the adapter
@@ -20,9 +20,11 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+import yaml
 
 from hack import seed_images
 from test.e2e.realnode.seed.seedbed import (
+    REPO,
     SEEDED_CHAT,
     CPUTarget,
     DatasetServer,
@@ -45,6 +47,8 @@ ADAPTER_WS = "workspace-phi-3-mini-adapter"
 ADAPTER_NAME = "phi-3-adapter"
 SECRET = "seed-registry-secret"
 ARTIFACT_TYPE = "application/vnd.kaito.adapter.v1"
+TRAINING_CONFIG = "seed-lora-config"
+LORA_TEMPLATE_FILE = REPO / "presets" / "tuning" / "templates" / "lora-params.yaml"
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,23 @@ class TuningRun:
 
 
 _RUNS: dict[str, TuningRun] = {}  # registry storage -> its tuning run, made by whichever test asks first
+
+
+def training_config() -> dict[str, Any]:
+    """The default LoRA ConfigMap (presets/tuning/templates) with a learning rate of 0.01.
+
+    The default's (transformers' 5e-5) moves a tiny random model so little in 96 steps that its greedy
+    answer stays the same with the adapter merged; a user tunes it with ``tuning.config`` like this.
+    """
+    doc = yaml.safe_load(LORA_TEMPLATE_FILE.read_text())
+    config = yaml.safe_load(doc["data"]["training_config.yaml"])
+    config["training_config"]["TrainingArguments"]["learning_rate"] = 0.01
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": TRAINING_CONFIG},
+        "data": {"training_config.yaml": yaml.safe_dump(config, sort_keys=False)},
+    }
 
 
 def registry_manifest(registry: SeedRegistry, repository: str, tag: str) -> tuple[str, dict[str, Any]]:
@@ -83,6 +104,7 @@ async def run_seed_tuning(
 ) -> TuningRun:
     """Apply the seed's tuning manifest pointed at the local peers and wait for WorkspaceSucceeded=True."""
     apply(op, registry.push_secret(SECRET))
+    apply(op, training_config())
     repository = f"seed/{op.namespace}/adapter"
     image = f"{registry.host}/{repository}:0.0.1"
 
@@ -91,6 +113,7 @@ async def run_seed_tuning(
         doc["tuning"]["method"] = "lora"  # the seed's qlora needs a GPU (refused on CPU: test_seed_bad_input)
         doc["tuning"]["input"]["urls"] = [datasets.url("train.parquet")]
         doc["tuning"]["output"] = {"image": image, "imagePushSecret": SECRET}
+        doc["tuning"]["config"] = TRAINING_CONFIG
 
     started = time.monotonic()
     apply(op, sample("kaito_workspace_tuning_phi_3.yaml", shape))
