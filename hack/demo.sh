@@ -19,7 +19,6 @@ SAMPLE=config/samples/kaito_workspace_phi_3.yaml
 WS=workspace-phi-3-mini
 CPU_SAMPLE=config/samples/kaito_workspace_tiny_llama_cpu.yaml
 CPU_WS=workspace-tiny-llama
-REAL_NODE=kaito-realnode  # hack/realnode.py's node
 PIDS=()
 
 free_port() { "$PY" -c 'from hack.localcluster import free_port; print(free_port())'; }
@@ -126,7 +125,9 @@ kubectl get workspace
 # The CPU path on the real node
 # ---------------------------------------------------------------------------------------------------
 echo
-if ! kubectl get node "$REAL_NODE" >/dev/null 2>&1; then
+# hack/realnode.py's node carries this label (and a taint of the same key).
+REAL_NODE=$(kubectl get nodes -l kaito.sh/real-node=true -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)
+if [ -z "$REAL_NODE" ]; then
   echo "== no real node in this cluster: the CPU path (a real container answering the seed's curl) needs"
   echo "   root and hack/install-node-deps.sh; \`python hack/localcluster.py run --profile full --real-node -- bash hack/demo.sh\`"
   exit 0

@@ -26,6 +26,10 @@ from test.e2e.realnode.seed.test_seed_tuning_adapters import registry_manifest
 from test.e2e.workspace.conftest import Operator
 from test.waiting import eventually
 
+# The module's first test also waits for its cluster, its real node and the images (built once per
+# machine, ~10 min; then cached by content).
+pytestmark = pytest.mark.timeout(1800)
+
 BYPASS = "kaito.sh/bypass-resource-checks"
 
 

@@ -13,6 +13,8 @@ import json
 import time
 from typing import Any
 
+import pytest
+
 from test.e2e.realnode.seed.conftest import SeedImages
 from test.e2e.realnode.seed.seedbed import (
     SEEDED_CHAT,
@@ -29,6 +31,10 @@ from test.e2e.realnode.seed.seedbed import (
 )
 from test.e2e.workspace.conftest import Operator
 from test.waiting import eventually
+
+# The module's first test also waits for its cluster, its real node and the images (built once per
+# machine, ~10 min; then cached by content).
+pytestmark = pytest.mark.timeout(1800)
 
 NAME = "workspace-phi-3-mini"  # the seed's name, kept
 

@@ -42,6 +42,10 @@ from test.e2e.realnode.seed.test_seed_inference import wait_ready
 from test.e2e.workspace.conftest import Operator
 from test.waiting import eventually
 
+# The module's first test also waits for its cluster, its real node and the images (built once per
+# machine, ~10 min; then cached by content).
+pytestmark = pytest.mark.timeout(1800)
+
 TUNING_NAME = "workspace-phi-3-mini"  # the seed's names, kept
 ADAPTER_WS = "workspace-phi-3-mini-adapter"
 ADAPTER_NAME = "phi-3-adapter"
