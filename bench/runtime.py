@@ -1,7 +1,15 @@
-"""Benchmark of the inference server's overhead (SPEC §10: ``/chat`` tokens/s >= 0.95x direct generate()).
+"""Benchmarks of the inference server (SPEC §10), on a small random Llama built locally (nothing downloaded).
 
-Builds a small random Llama locally (nothing downloaded), then, interleaving rounds so that background
-load on the machine hits both sides alike:
+``--mode load`` (the default): the server under 1, 4, 8 and 16 concurrent clients (each sends one
+fixed-length greedy ``/v1/completions`` request per round) against the same model in this process:
+``generate()`` of one prompt, and a static batch of 16 copies. Configurations run interleaved, round
+after round, so that background load on a shared machine hits all of them alike; it prints the median
+aggregate tokens/s of each, p50/p99 request latency, the ratios the targets are about and the load
+average. Targets: 16 clients >= 4x one client and >= 0.8x the static batch; p99 at 16 clients <= 6x the
+single-client p50; one client >= 0.95x direct generate().
+
+``--mode overhead``: one client, interleaving rounds so that background load on the machine hits both
+sides alike:
 
 * direct: ``model.generate()`` in this process on the model loaded by the server's own loader;
 * /chat: the same request through the real server (``inference_api.py`` in a subprocess, HTTP on
@@ -12,12 +20,14 @@ load on the machine hits both sides alike:
 Every generation has a fixed length (``min_new_tokens == max_new_tokens``, greedy), so tokens/s compare
 like with like. Run with the runtime's virtualenv::
 
-    .venv-runtime/bin/python bench/runtime.py [--layers 6 --hidden 384 --new-tokens 128 --rounds 8]
+    .venv-runtime/bin/python bench/runtime.py [--mode load|overhead] [--layers 4 --hidden 384
+        --new-tokens 64 --rounds 8 --threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -88,6 +98,7 @@ def start_server(
         f"--port={port}",
         "--host=127.0.0.1",
         "--log_level=warning",
+        f"--torch_threads={threads}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, start_new_session=True, env=env)
@@ -105,49 +116,51 @@ def start_server(
     raise SystemExit("server did not become healthy in 300 s")
 
 
-def main() -> int:
-    """Run the benchmark and print (and optionally write) the numbers."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def prepare(model_dir: Path, args: argparse.Namespace) -> tuple[int, Any, list[int], dict[str, Any]]:
+    """Build the model in ``model_dir`` and load it with the server's loader; return its parameter
+    count, the model, the prompt's ids and fixed-length greedy generate() arguments."""
+    tokenizer = build_tokenizer(model_dir)
+    params = build_model(model_dir, tokenizer, args.hidden, args.layers)
+    cfg = ServerConfig(
+        pretrained_model_name_or_path=str(model_dir),
+        torch_dtype=args.dtype,
+        device_map=args.device_map,
+        adapters_dir=str(model_dir / "no-adapters"),
+        torch_threads=args.threads,
     )
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device-map", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads on both sides")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
+    loaded = load_model(cfg)
+    tok = loaded.tokenizer
+    n = args.new_tokens
+    gen = {"do_sample": False, "max_new_tokens": n, "min_new_tokens": n, "pad_token_id": tok.pad_token_id}
+    return params, loaded.model, tok(PROMPT)["input_ids"], gen
+
+
+def timed_generate(model: Any, ids: list[int], gen: dict[str, Any], batch: int) -> float:
+    """Seconds for generate() on ``batch`` copies of the prompt (no padding needed)."""
+    inputs = torch.tensor([ids] * batch, device=model.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), **gen)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    assert out.shape[1] - len(ids) == gen["max_new_tokens"]
+    return time.perf_counter() - t0
+
+
+def overhead(args: argparse.Namespace) -> dict[str, Any]:
+    """One client: /chat and streaming against direct generate() (SPEC §10's 0.95x)."""
     # Same intra-op thread count on both sides; one thread also keeps OpenMP spin-waiting from turning
     # noise from other processes on a small machine into huge outliers.
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="kaito-bench-") as tmp:
         model_dir = Path(tmp)
-        tokenizer = build_tokenizer(model_dir)
-        params = build_model(model_dir, tokenizer, args.hidden, args.layers)
-        cfg = ServerConfig(
-            pretrained_model_name_or_path=str(model_dir),
-            torch_dtype=args.dtype,
-            device_map=args.device_map,
-            adapters_dir=str(model_dir / "no-adapters"),
-        )
-        loaded = load_model(cfg)
-        model, tok = loaded.model, loaded.tokenizer
-        ids = tok(PROMPT)["input_ids"]
+        params, model, ids, gen = prepare(model_dir, args)
         n = args.new_tokens
-        gen = {"do_sample": False, "max_new_tokens": n, "min_new_tokens": n, "pad_token_id": tok.pad_token_id}
         inputs = torch.tensor([ids], device=model.device)
 
         def direct() -> float:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), **gen)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            assert out.shape[1] - len(ids) == n
-            return time.perf_counter() - t0
+            return timed_generate(model, ids, gen, 1)
 
         def direct_ttft() -> float:
             from transformers.generation.streamers import BaseStreamer
@@ -250,6 +263,147 @@ def main() -> int:
     target = 0.95
     verdict = "PASS" if results["ratio_median_of_pairs"] >= target else "FAIL"
     print(f"{'target (median of pairs)':34s} >= {target}: {verdict}")
+    return results
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def load(args: argparse.Namespace) -> dict[str, Any]:
+    """Concurrent clients through the server against direct and static-batch generate()."""
+    torch.set_num_threads(args.threads)
+    clients = [int(c) for c in args.clients.split(",")]
+    with tempfile.TemporaryDirectory(prefix="kaito-bench-") as tmp:
+        model_dir = Path(tmp)
+        params, model, ids, gen = prepare(model_dir, args)
+        n = args.new_tokens
+
+        def generate(batch: int) -> float:
+            return timed_generate(model, ids, gen, batch)
+
+        port = free_port()
+        proc = start_server(model_dir, port, args.dtype, args.device_map, args.threads)
+        body = {"model": "bench", "prompt": PROMPT, "max_tokens": n, "min_tokens": n, "temperature": 0}
+
+        async def run_clients(h: httpx.AsyncClient, count: int) -> tuple[float, list[float]]:
+            async def one() -> float:
+                t0 = time.perf_counter()
+                r = await h.post("/v1/completions", json=body)
+                r.raise_for_status()
+                assert r.json()["usage"]["completion_tokens"] == n
+                return time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            latencies = await asyncio.gather(*(one() for _ in range(count)))
+            return time.perf_counter() - t0, list(latencies)
+
+        rates: dict[str, list[float]] = {"direct": [], "static16": [], **{f"c{c}": [] for c in clients}}
+        latencies: dict[int, list[float]] = {c: [] for c in clients}
+        per_round: dict[int, list[list[float]]] = {c: [] for c in clients}
+        loads: list[float] = []
+
+        async def bench() -> None:
+            limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits
+            ) as h:
+                await run_clients(h, max(clients))  # warm-up
+                generate(1), generate(16)
+                for i in range(args.rounds):
+                    order = ["direct", "static16", *(f"c{c}" for c in clients)]
+                    # Rotate the order each round so no configuration always follows the same one.
+                    order = order[i % len(order) :] + order[: i % len(order)]
+                    for name in order:
+                        if name == "direct":
+                            rates[name].append(n / generate(1))
+                        elif name == "static16":
+                            rates[name].append(16 * n / generate(16))
+                        else:
+                            count = int(name[1:])
+                            wall, lat = await run_clients(h, count)
+                            rates[name].append(count * n / wall)
+                            latencies[count].extend(lat)
+                            per_round[count].append(lat)
+                    loads.append(os.getloadavg()[0])
+
+        try:
+            asyncio.run(bench())
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    top = max(clients)
+    results: dict[str, Any] = {
+        "model_params": params,
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "device": args.device_map,
+        "torch_threads": args.threads,
+        "prompt_tokens": len(ids),
+        "new_tokens": n,
+        "rounds": args.rounds,
+        "load_average_median": statistics.median(loads),
+        "load_average_range": f"{min(loads):.1f}-{max(loads):.1f}",
+        "direct_tokens_per_s": med["direct"],
+        "static_batch16_tokens_per_s": med["static16"],
+    }
+    for c in clients:
+        results[f"clients{c}_tokens_per_s"] = med[f"c{c}"]
+        results[f"clients{c}_p50_ms"] = 1000 * statistics.median(latencies[c])
+        results[f"clients{c}_p99_ms"] = 1000 * percentile(latencies[c], 99)
+    one = clients[0]
+    # Tail latency against the same round's single client: a load spike from other processes on a shared
+    # machine then hits both sides of the ratio, as the interleaving intends.
+    tail_by_round = statistics.median(
+        percentile(hi, 99) / statistics.median(lo)
+        for hi, lo in zip(per_round[top], per_round[one], strict=True)
+    )
+    checks = {
+        f"clients{top} / clients{one} (>= 4)": (med[f"c{top}"] / med[f"c{one}"], 4.0, True),
+        f"clients{top} / static batch 16 (>= 0.8)": (med[f"c{top}"] / med["static16"], 0.8, True),
+        f"p99 at {top} / p50 at {one}, pooled (<= 6)": (
+            percentile(latencies[top], 99) / statistics.median(latencies[one]),
+            6.0,
+            False,
+        ),
+        f"p99 at {top} / p50 at {one}, median of rounds (<= 6)": (tail_by_round, 6.0, False),
+        f"clients{one} / direct generate() (>= 0.95)": (med[f"c{one}"] / med["direct"], 0.95, True),
+    }
+    for key, value in results.items():
+        print(f"{key:52s} {value:.1f}" if isinstance(value, float) else f"{key:52s} {value}")
+    for key, (value, target, at_least) in checks.items():
+        ok = value >= target if at_least else value <= target
+        results[key] = value
+        print(f"{key:52s} {value:.2f} {'PASS' if ok else 'FAIL'}")
+    return results
+
+
+def main() -> int:
+    """Run the benchmark and print (and optionally write) the numbers."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mode", choices=("load", "overhead"), default="load")
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=None, help="default: 4 (load), 6 (overhead)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: 64 (load), 128 (overhead)")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--clients", default="1,4,8,16", help="concurrent clients of the load mode")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device-map", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads on both sides")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.layers is None:
+        args.layers = 4 if args.mode == "load" else 6
+    if args.new_tokens is None:
+        args.new_tokens = 64 if args.mode == "load" else 128
+    results = load(args) if args.mode == "load" else overhead(args)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -36,7 +36,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def base_server(tiny_model_dir: Path) -> Iterator[RunningServer]:
     """One server over the tiny base model shared by the endpoint tests (they do not change it)."""
-    running = start_server(make_config(tiny_model_dir, max_concurrent_generations=2))
+    running = start_server(make_config(tiny_model_dir))
     assert running.runtime.state == "ready", running.failures
     yield running
     running.stop()

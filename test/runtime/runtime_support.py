@@ -112,6 +112,9 @@ def make_config(model_dir: Path, adapters_dir: Path | None = None, **overrides: 
         device_map="cpu",
         adapters_dir=str(adapters_dir) if adapters_dir is not None else str(model_dir / "no-adapters"),
         port=0,
+        # One intra-op thread: on the shared 2-core test machine, OpenMP threads that spin-wait for each
+        # other while other processes hold the cores make a tiny model ten times slower.
+        torch_threads=1,
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)

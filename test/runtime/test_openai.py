@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,7 @@ def test_prometheus_metrics(base_server: RunningServer) -> None:
 
 
 async def test_concurrent_requests(base_server: RunningServer) -> None:
-    """Many requests at once (two generate on threads side by side): each gets its own right answer."""
+    """Many requests at once (batched together): each gets its own right answer."""
     prompts = [f"Prompt number {i} about nodes" for i in range(8)]
     expected = [
         greedy_reference(base_server, base_server.runtime.engine.encode_prompt(p), 10)[0] for p in prompts
@@ -323,14 +324,85 @@ async def test_stream_disconnect_stops_generation(tiny_model_dir: Path, server_f
                 assert '"text":' in await asyncio.wait_for(first_text(), 20)
                 await asyncio.to_thread(lambda: entered.wait(30))
                 assert entered.is_set()
-            # Leaving the block closed the connection while the generation waits inside forward().
-        await asyncio.to_thread(
-            wait_for, lambda: any(c.cancel.is_set() for c in engine._controls), 10, "cancel flag"
-        )
+            # Leaving the block closed the connection while the generation waits inside forward():
+            # the request is released at once, without waiting for the model.
+            await asyncio.to_thread(wait_for, lambda: engine.pending == 0, 10, "request released")
     finally:
         release.set()
-    await asyncio.to_thread(wait_for, lambda: not engine._controls, 10, "generation to finish")
+    await asyncio.to_thread(
+        wait_for, lambda: engine.scheduler.running_rows == 0, 10, "row to leave the batch"
+    )
     assert engine.model.forward_calls["n"] < 12, "generation ran on after the client left"
+
+
+def test_models_retrieve(base_server: RunningServer) -> None:
+    """The official client's models.retrieve (GET /v1/models/{id}); an unknown id is a 404."""
+    c = client(base_server)
+    model = c.models.retrieve(MODEL_ID)
+    assert model.id == MODEL_ID
+    assert model.object == "model"
+    with pytest.raises(openai.NotFoundError) as err:
+        c.models.retrieve("gpt-4")
+    assert err.value.code == "model_not_found"
+
+
+def test_token_id_prompts(base_server: RunningServer) -> None:
+    """OpenAI's token-id prompts: one list of ids is one prompt, a list of lists is several."""
+    c = client(base_server)
+    ids = base_server.runtime.engine.encode_prompt("Kubernetes schedules pods")
+    expected, _n = greedy_reference(base_server, ids, 6)
+    one = c.completions.create(model=MODEL_ID, prompt=ids, max_tokens=6, temperature=0)
+    assert [ch.text for ch in one.choices] == [expected]
+    assert one.usage is not None and one.usage.prompt_tokens == len(ids)
+    other = base_server.runtime.engine.encode_prompt("Hello world")
+    many = c.completions.create(model=MODEL_ID, prompt=[ids, other], max_tokens=6, temperature=0)
+    assert [ch.text for ch in many.choices] == [expected, greedy_reference(base_server, other, 6)[0]]
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        c.completions.create(model=MODEL_ID, prompt=[1, 10**6], max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=MODEL_ID, prompt=[1, -5], max_tokens=2)
+
+
+def test_include_usage_chunks_carry_null_usage(base_server: RunningServer) -> None:
+    """Under include_usage every chunk before the last has "usage": null; the last has the counts."""
+    body = {
+        "model": MODEL_ID,
+        "prompt": "Hello",
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", base_server.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert len(events) >= 3
+    assert all("usage" in e and e["usage"] is None for e in events[:-1])
+    assert events[-1]["usage"]["completion_tokens"] == 5
+    assert events[-1]["choices"] == []
+    # Without include_usage no chunk has the key (OpenAI sends none).
+    body["stream_options"] = None
+    with httpx.stream("POST", base_server.url + "/v1/completions", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events and all("usage" not in e for e in events)
+
+
+def test_error_code_is_a_string_or_null(base_server: RunningServer) -> None:
+    r = http_post(base_server.url + "/v1/chat/completions", json={"model": MODEL_ID, "messages": []})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] is None or isinstance(r.json()["error"]["code"], str)
+    r = http_post(base_server.url + "/v1/chat/completions", json={"model": "nope", "messages": MESSAGES})
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "model_not_found"
+
+
+def test_bad_seed_on_a_stream_is_400_before_the_stream(base_server: RunningServer) -> None:
+    body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2, "stream": True, "seed": 2**70}
+    r = http_post(base_server.url + "/v1/completions", json=body)
+    assert r.status_code == 400
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["param"] is None or "seed" in r.json()["error"]["message"]
+    assert "seed" in r.json()["error"]["message"]
 
 
 def test_chat_template_flag_and_missing_template(

@@ -59,7 +59,15 @@ class ServerConfig:
     adapters_dir: str = DEFAULT_ADAPTERS_DIR
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
-    max_concurrent_generations: int = 1
+    # Sequences decoded together in the continuously batched forward pass; more wait for a free row.
+    max_concurrent_generations: int = 32
+    # torch intra-op threads; None = from the container's CPU limit (threads.default_torch_threads).
+    torch_threads: int | None = None
+    # Request bodies: the largest accepted, and how long the client may take to send one.
+    max_body_bytes: int = 8 * 1024 * 1024
+    body_timeout_s: float = 30.0
+    # Prompts in one /v1/completions request (each is one more sequence in the batch).
+    max_prompts_per_request: int = 16
     # Generations admitted at once (running + queued); beyond it requests get 503 so a load balancer or
     # client retries elsewhere instead of waiting behind minutes of queued work. 0 = unlimited.
     max_pending_generations: int = 256
@@ -89,6 +97,16 @@ class ServerConfig:
             )
         if self.max_concurrent_generations < 1:
             raise ConfigError("max_concurrent_generations must be at least 1")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError(
+                "torch_threads must be at least 1 (omit it to follow the container's CPU limit)"
+            )
+        if self.max_body_bytes < 1024:
+            raise ConfigError("max_body_bytes must be at least 1024")
+        if not self.body_timeout_s > 0:
+            raise ConfigError("body_timeout_s must be positive")
+        if self.max_prompts_per_request < 1:
+            raise ConfigError("max_prompts_per_request must be at least 1")
         if self.max_pending_generations < 0:
             raise ConfigError("max_pending_generations must be 0 (unlimited) or more")
         if not 0 < self.port < 65536 and self.port != 0:
@@ -116,7 +134,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="0.0.0.0")
     # Upstream listens on 5000 + LOCAL_RANK so every accelerate/torchrun worker gets its own port.
     parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--max_concurrent_generations", type=int, default=1)
+    parser.add_argument("--max_concurrent_generations", type=int, default=32)
+    parser.add_argument("--torch_threads", type=int, default=None)
+    parser.add_argument("--max_body_bytes", type=int, default=8 * 1024 * 1024)
+    parser.add_argument("--body_timeout_s", type=float, default=30.0)
+    parser.add_argument("--max_prompts_per_request", type=int, default=16)
     parser.add_argument("--max_pending_generations", type=int, default=256)
     parser.add_argument("--log_level", default="info")
     return parser
@@ -177,6 +199,10 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Server
         port=port,
         max_concurrent_generations=ns.max_concurrent_generations,
         max_pending_generations=ns.max_pending_generations,
+        torch_threads=ns.torch_threads,
+        max_body_bytes=ns.max_body_bytes,
+        body_timeout_s=ns.body_timeout_s,
+        max_prompts_per_request=ns.max_prompts_per_request,
         log_level=ns.log_level,
         extra_model_kwargs=_coerce_extra(rest),
     )

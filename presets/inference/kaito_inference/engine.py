@@ -1,9 +1,9 @@
-"""Model loading and generation.
+"""Model loading and the async generation API over the continuous-batching scheduler.
 
-Generation is blocking torch work, so it runs on a dedicated thread pool owned by :class:`Engine`; the
-event loop only awaits futures and, for streaming, reads token ids that the generating thread hands over
-with ``loop.call_soon_threadsafe``. Every generation carries a cancel flag that a stopping criterion reads
-after each token, so a client that goes away (or a stop string that matched) frees the worker at once.
+Generation is blocking torch work on the scheduler's thread (:mod:`.batching`); the event loop only
+reads the token events that thread hands over once per decode step. Every request carries a cancel flag
+the scheduler reads before each step, so a client that goes away (or a stop string that matched) frees
+its rows of the batch at the next step.
 """
 
 from __future__ import annotations
@@ -13,15 +13,34 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from .adapters import AdapterSpec, discover_adapters, merge_adapters
+from .batching import BatchFailed, BatchScheduler, Event, Job, SchedulerClosed, TokenEvent
 from .config import TORCH_DTYPES, ServerConfig
+from .sampling import SamplingParams
+from .text import IncrementalDetokenizer, find_stop, safe_prefix_length
+from .threads import default_torch_threads
+
+__all__ = [
+    "Engine",
+    "EngineOverloaded",
+    "GenerationCancelled",
+    "GenerationError",
+    "GenerationRequest",
+    "GenerationResult",
+    "IncrementalDetokenizer",
+    "LoadedModel",
+    "SamplingParams",
+    "StreamDelta",
+    "find_stop",
+    "load_chat_template",
+    "load_model",
+    "resolve_dtype",
+    "safe_prefix_length",
+]
 
 log = logging.getLogger("kaito_inference")
 
@@ -98,7 +117,13 @@ def load_model(cfg: ServerConfig, environ: Mapping[str, str] | None = None) -> L
     Adapters are validated before the (slow) model load so a broken one is reported within seconds.
     """
     adapters = discover_adapters(cfg.adapters_dir, environ)
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    threads = cfg.torch_threads if cfg.torch_threads is not None else default_torch_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    log.info("torch uses %d CPU threads", threads)
 
     common: dict[str, Any] = {
         "revision": cfg.revision,
@@ -130,76 +155,16 @@ def load_model(cfg: ServerConfig, environ: Mapping[str, str] | None = None) -> L
 
 
 # --------------------------------------------------------------------------------------------------
-# Text helpers (pure; unit-tested)
-
-
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas whose concatenation equals the full decode.
-
-    Decodes a small window (previous chunk + new ids) instead of everything each step, and holds text
-    back while it ends in an incomplete UTF-8 sequence (the replacement character).
-    """
-
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
-        self._tok = tokenizer
-        self._skip = skip_special_tokens
-        self.ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        text: str = self._tok.decode(ids, skip_special_tokens=self._skip, clean_up_tokenization_spaces=False)
-        return text
-
-    def push(self, new_ids: list[int]) -> str:
-        """Add ids; return the text they complete (possibly empty)."""
-        self.ids.extend(new_ids)
-        prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self.ids[self._prefix_offset :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self.ids)
-            return new_text[len(prefix_text) :]
-        return ""
-
-
-def find_stop(text: str, stops: list[str]) -> int | None:
-    """Index of the earliest stop string in ``text``, or None."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
-
-
-def safe_prefix_length(text: str, stops: list[str]) -> int:
-    """How much of ``text`` can be streamed without risking to emit part of a stop string.
-
-    Text up to an earliest full stop match is safe; otherwise the longest suffix that is a proper prefix
-    of some stop string is held back until the next tokens decide.
-    """
-    hit = find_stop(text, stops)
-    if hit is not None:
-        return hit
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return len(text) - hold
-
-
-# --------------------------------------------------------------------------------------------------
 # Generation
 
 
 @dataclass
 class GenerationRequest:
-    """What to generate: prompt ids, generate() keyword arguments and post-processing options."""
+    """What to generate: prompt ids, the sampling parameters and post-processing options."""
 
     input_ids: list[int]
-    generate_kwargs: dict[str, Any]
-    stop: list[str] = field(default_factory=list)
+    params: SamplingParams
     clean_up_tokenization_spaces: bool = False
-    seed: int | None = None
 
 
 @dataclass
@@ -236,49 +201,43 @@ class StreamDelta:
     final: GenerationResult | None = None
 
 
-_END = object()
-
-
-async def _wait_settled(fut: asyncio.Future[Any]) -> None:
-    """Wait for a worker-thread future even while the calling task is being cancelled.
-
-    Starlette runs streaming responses in anyio task groups whose cancellation is level-triggered: every
-    await in a cancelled scope fails again at once. A shielded scope lets the owner still wait for the
-    thread it started (it stops within one token once its cancel flag is set).
-    """
-    if fut.done():
-        return
-    with anyio.CancelScope(shield=True):
-        await asyncio.wait({fut})
-
-
 class _Control:
-    """Per-request state shared between the event loop and the generating thread."""
+    """One admitted request: its cancel flag and the queue the scheduler's events arrive on."""
 
     def __init__(self) -> None:
         self.cancel = threading.Event()
-        self.first_token_at: float | None = None
+        self.events: asyncio.Queue[list[Event]] = asyncio.Queue()
+        self.queued_at = time.perf_counter()
+
+
+def _raise_for(exc: BaseException) -> None:
+    if isinstance(exc, SchedulerClosed):
+        raise GenerationCancelled(str(exc))
+    if isinstance(exc, BatchFailed) and exc.oom:
+        raise EngineOverloaded(str(exc))
+    raise exc
 
 
 class Engine:
-    """Runs generation for a :class:`LoadedModel` on its own worker threads.
+    """The async face of a :class:`LoadedModel`: admission, generation and streaming.
 
-    Owns the thread pool: :meth:`close` cancels running generations and waits for the threads.
+    Owns the :class:`BatchScheduler` (and with it the model thread): :meth:`close` stops it.
     """
 
-    def __init__(self, loaded: LoadedModel, max_workers: int = 1, max_pending: int = 0) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch: int = 32, max_pending: int = 0) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.context_length = loaded.context_length
+        self.vocab_size = _vocab_size(loaded)
         self._eos = loaded.eos_token_ids
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate")
         self._controls: set[_Control] = set()
         self._max_pending = max_pending
         self._closed = False
         # A fast tokenizer resets its truncation/padding state (a mutable borrow in Rust) on the first
         # call; doing it now keeps later concurrent encodes and decodes on different threads read-only.
         self.tokenizer("warm-up")
+        self.scheduler = BatchScheduler(self.model, self.tokenizer, self._eos, max_batch)
 
     # -- tokenisation ---------------------------------------------------------------------------
 
@@ -299,109 +258,15 @@ class Engine:
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
-    # -- blocking part (worker thread) ------------------------------------------------------------
+    # -- admission ------------------------------------------------------------------------------
 
-    def _criteria(self, control: _Control, stop: list[str], prompt_len: int) -> Any:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        tokenizer = self.tokenizer
-        tail = max((len(s) for s in stop), default=0) + 4
-
-        class _Criteria(StoppingCriteria):
-            """Marks the first token's time, honours cancellation and stop strings."""
-
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                if control.first_token_at is None:
-                    control.first_token_at = time.perf_counter()
-                batch = input_ids.shape[0]
-                if control.cancel.is_set():
-                    return torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-                if not stop:
-                    return torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-                done = []
-                for row in input_ids[:, prompt_len:].tolist():
-                    text = tokenizer.decode(row[-tail:], skip_special_tokens=True)
-                    done.append(find_stop(text, stop) is not None)
-                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-        return StoppingCriteriaList([_Criteria()])
-
-    def _finish(
-        self, row: list[int], req: GenerationRequest, cancelled: bool, batched: bool
-    ) -> SequenceOutput:
-        # generate() pads only rows of a batch (n > 1) that finished early; a single row has no padding,
-        # and the pad id may be a token the model legitimately produces.
-        pad = self.tokenizer.pad_token_id if batched else None
-        ended_by_eos = False
-        out: list[int] = []
-        for tok in row:
-            if tok in self._eos:
-                ended_by_eos = True
-                break
-            if pad is not None and tok == pad:
-                break
-            out.append(tok)
-        text: str = self.tokenizer.decode(
-            out, skip_special_tokens=True, clean_up_tokenization_spaces=req.clean_up_tokenization_spaces
-        )
-        reason = "stop" if ended_by_eos else "length"
-        hit = find_stop(text, req.stop) if req.stop else None
-        if hit is not None:
-            text = text[:hit]
-            reason = "stop"
-        elif cancelled:
-            reason = "stop"
-        return SequenceOutput(text=text, token_ids=out, finish_reason=reason)
-
-    def _generate_blocking(
-        self, req: GenerationRequest, control: _Control, streamer: Any, queued_at: float
-    ) -> GenerationResult:
-        import torch
-
-        started = time.perf_counter()
-        if control.cancel.is_set():
-            raise GenerationCancelled("generation cancelled before it started")
-        device = self.model.device
-        input_ids = torch.tensor([req.input_ids], dtype=torch.long, device=device)
-        kwargs = dict(req.generate_kwargs)
-        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        if req.seed is not None:
-            torch.manual_seed(req.seed)
-        try:
-            with torch.inference_mode():
-                output = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    stopping_criteria=self._criteria(control, req.stop, len(req.input_ids)),
-                    streamer=streamer,
-                    **kwargs,
-                )
-        except (ValueError, TypeError) as exc:
-            # generate() validates its keyword arguments and raises these for bad client input.
-            raise GenerationError(str(exc)) from None
-        except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # give the memory of this failed request back to the others
-            raise EngineOverloaded(
-                "out of accelerator memory for this request; retry with a shorter prompt or fewer tokens"
-            ) from None
-        finished = time.perf_counter()
-        rows = output[:, len(req.input_ids) :].tolist()
-        cancelled = control.cancel.is_set()
-        return GenerationResult(
-            sequences=[self._finish(r, req, cancelled, len(rows) > 1) for r in rows],
-            prompt_tokens=len(req.input_ids),
-            queued_at=queued_at,
-            started_at=started,
-            first_token_at=control.first_token_at,
-            finished_at=finished,
-        )
-
-    # -- async API ---------------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Requests admitted and not finished (running or waiting for room in the batch)."""
+        return len(self._controls)
 
     def check_capacity(self) -> None:
-        """Raise :class:`EngineOverloaded` when ``max_pending`` generations are already admitted.
+        """Raise :class:`EngineOverloaded` when ``max_pending`` requests are already admitted.
 
         Streaming handlers call it before sending response headers, so an overloaded stream still gets a
         proper 503 rather than a 200 with an in-band error.
@@ -411,105 +276,132 @@ class Engine:
                 f"server busy: {len(self._controls)} generations already running or queued; retry later"
             )
 
-    def _control(self) -> _Control:
+    def _start(self, req: GenerationRequest, stream: bool) -> tuple[_Control, Job]:
         if self._closed:
             raise GenerationCancelled("server is shutting down")
         self.check_capacity()
         control = _Control()
-        self._controls.add(control)
-        return control
-
-    async def generate(self, req: GenerationRequest) -> GenerationResult:
-        """Generate without streaming; the event loop stays free while the worker thread runs."""
-        loop = asyncio.get_running_loop()
-        control = self._control()
-        fut = loop.run_in_executor(
-            self._executor, self._generate_blocking, req, control, None, time.perf_counter()
+        job = Job(
+            input_ids=req.input_ids,
+            params=req.params,
+            cancel=control.cancel,
+            loop=asyncio.get_running_loop(),
+            deliver=control.events.put_nowait,
+            stream=stream,
         )
         try:
-            return await asyncio.shield(fut)
+            self.scheduler.submit(job)
+        except SchedulerClosed as exc:
+            raise GenerationCancelled(str(exc)) from None
+        self._controls.add(control)
+        return control, job
+
+    def _stop(self, control: _Control) -> None:
+        # The scheduler drops the request's rows before its next step.
+        control.cancel.set()
+        self._controls.discard(control)
+
+    # -- results --------------------------------------------------------------------------------
+
+    def _sequence(self, ids: list[int], finish: str, req: GenerationRequest) -> SequenceOutput:
+        text: str = self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=req.clean_up_tokenization_spaces
+        )
+        hit = find_stop(text, list(req.params.stop)) if req.params.stop else None
+        if hit is not None:
+            text = text[:hit]
+            finish = "stop"
+        return SequenceOutput(text=text, token_ids=ids, finish_reason=finish)
+
+    def _result(
+        self, req: GenerationRequest, control: _Control, job: Job, tokens: list[list[int]], finish: list[str]
+    ) -> GenerationResult:
+        now = time.perf_counter()
+        return GenerationResult(
+            sequences=[self._sequence(t, f, req) for t, f in zip(tokens, finish, strict=True)],
+            prompt_tokens=len(req.input_ids),
+            queued_at=control.queued_at,
+            started_at=job.started_at if job.started_at is not None else now,
+            first_token_at=job.first_token_at,
+            finished_at=now,
+        )
+
+    # -- async API ------------------------------------------------------------------------------
+
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        """Generate without streaming; cancelling the awaiting task frees the request's rows."""
+        control, job = self._start(req, stream=False)
+        n = req.params.n
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        try:
+            while any(f is None for f in finish):
+                for ev in await control.events.get():
+                    if not isinstance(ev, TokenEvent):
+                        _raise_for(ev)
+                        continue
+                    tokens[ev.seq].extend(ev.tokens)
+                    if ev.finish is not None:
+                        finish[ev.seq] = ev.finish
         finally:
-            # If the awaiting request was cancelled, stop the thread and still wait for it: the future
-            # is owned here and must not outlive the request.
-            control.cancel.set()
-            await _wait_settled(fut)
-            self._controls.discard(control)
+            self._stop(control)
+        return self._result(req, control, job, tokens, [f or "stop" for f in finish])
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        """Yield text deltas as tokens are produced, then one delta with ``final`` set.
+        """Yield text deltas as tokens are produced, then one delta with ``final`` set (``n`` must be 1).
 
         The concatenated deltas equal the non-streamed text for the same tokens: text that might turn
         into a stop string is held back, and the last delta reconciles with the final decode.
         """
-        from transformers.generation.streamers import BaseStreamer
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        control = self._control()
-
-        class _QueueStreamer(BaseStreamer):
-            """Hands new token ids from the generating thread to the event loop."""
-
-            def __init__(self) -> None:
-                self._prompt_seen = False
-
-            def put(self, value: Any) -> None:
-                if not self._prompt_seen:  # generate() first passes the prompt itself
-                    self._prompt_seen = True
-                    return
-                loop.call_soon_threadsafe(queue.put_nowait, value.reshape(-1).tolist())
-
-            def end(self) -> None:
-                pass
-
-        def run() -> GenerationResult:
-            try:
-                return self._generate_blocking(req, control, _QueueStreamer(), queued_at)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
-
-        queued_at = time.perf_counter()
-        fut = loop.run_in_executor(self._executor, run)
+        control, job = self._start(req, stream=True)
+        stops = list(req.params.stop)
         detok = IncrementalDetokenizer(self.tokenizer)
+        ids: list[int] = []
         text = ""
         emitted = 0
+        finish: str | None = None
         try:
-            ended = False
-            while not ended:
-                item = await queue.get()
-                if item is _END:
-                    break
-                # Coalesce whatever else has arrived: when the client or the loop is slower than the
-                # model, one chunk carries several tokens instead of falling further behind.
-                while not queue.empty():
-                    more = queue.get_nowait()
-                    if more is _END:
-                        ended = True
-                        break
-                    item = item + more
-                if control.cancel.is_set():
-                    continue
-                if any(t in self._eos for t in item):
-                    item = [t for t in item if t not in self._eos]
-                text += detok.push(item)
-                safe = safe_prefix_length(text, req.stop) if req.stop else len(text)
+            while finish is None:
+                new: list[int] = []
+                # Take whatever has arrived: when the client or the loop is slower than the model, one
+                # chunk carries several tokens instead of falling further behind.
+                batches = [await control.events.get()]
+                while not control.events.empty():
+                    batches.append(control.events.get_nowait())
+                for evs in batches:
+                    for ev in evs:
+                        if not isinstance(ev, TokenEvent):
+                            _raise_for(ev)
+                            continue
+                        new.extend(ev.tokens)
+                        if ev.finish is not None:
+                            finish = ev.finish
+                ids.extend(new)
+                text += detok.push(new)
+                safe = safe_prefix_length(text, stops) if stops else len(text)
                 if safe > emitted:
                     yield StreamDelta(text=text[emitted:safe])
                     emitted = safe
-                if req.stop and find_stop(text, req.stop) is not None:
-                    control.cancel.set()
-            result = await fut
+            result = self._result(req, control, job, [ids], [finish])
             final_text = result.sequences[0].text
             tail = final_text[emitted:] if final_text.startswith(text[:emitted]) else ""
             yield StreamDelta(text=tail, final=result)
         finally:
-            control.cancel.set()
-            await _wait_settled(fut)
-            self._controls.discard(control)
+            self._stop(control)
 
     async def close(self) -> None:
-        """Cancel running generations and wait for the worker threads to exit."""
+        """Cancel running generations and stop the scheduler thread."""
         self._closed = True
         for control in list(self._controls):
             control.cancel.set()
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self.scheduler.close)
+
+
+def _vocab_size(loaded: LoadedModel) -> int:
+    """Rows of the output embedding: token ids at or above it do not exist for this model."""
+    out = loaded.model.get_output_embeddings() if hasattr(loaded.model, "get_output_embeddings") else None
+    weight = getattr(out, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    size = getattr(getattr(loaded.model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) else len(loaded.tokenizer)

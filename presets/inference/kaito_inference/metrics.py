@@ -44,7 +44,7 @@ class RuntimeMetrics:
         )
         self.queue_time = Histogram(
             "kaito_inference_queue_seconds",
-            "Time a generation waited for a free worker.",
+            "Time a generation waited for a row in the running batch.",
             ["endpoint"],
             buckets=_TTFT_BUCKETS,
             registry=self.registry,
