@@ -5,7 +5,8 @@ VENV := .venv
 RUNTIME_VENV := .venv-runtime
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint lint-runtime unit integration e2e test-runtime binaries sysdeps venv runtime-venv crds clean
+.PHONY: demo test lint lint-runtime unit integration e2e test-runtime binaries sysdeps venv runtime-venv crds clean \
+	realnode-prereqs images e2e-realnode
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +26,24 @@ binaries:
 sysdeps:
 	@bash hack/install-system-deps.sh
 
+# The real node's prerequisites (root only; the real-node e2e tests skip, saying why, when not root):
+# containerd, runc, CNI plugins, buildah, mmdebstrap (hack/install-node-deps.sh); kubelet, kube-proxy and
+# crictl from Go modules (hack/build-node-binaries.sh); the images from a Debian rootfs (hack/images.py).
+# All cached in ~/.cache/kaito-py; an unchanged tree rebuilds nothing.
+realnode-prereqs: venv
+	@if [ "$$(id -u)" = 0 ]; then \
+	  bash hack/install-node-deps.sh && \
+	  bash hack/build-node-binaries.sh >/dev/null && \
+	  $(BIN)/python hack/images.py build pause base controller provisioner >/dev/null; \
+	else echo "realnode-prereqs: not root, the real-node e2e tests will be skipped"; fi
+
+images: venv
+	$(BIN)/python hack/images.py build pause base controller provisioner
+
+# Only the real-node suite (images, a real node, the Helm chart installed on it).
+e2e-realnode: venv binaries sysdeps realnode-prereqs
+	$(BIN)/python -m pytest test/e2e/realnode
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -36,7 +55,7 @@ unit: venv
 integration: venv binaries
 	$(BIN)/python -m pytest test/integration
 
-e2e: venv binaries
+e2e: venv binaries sysdeps realnode-prereqs
 	$(BIN)/python -m pytest test/e2e
 
 # The model runtime (presets/) has its own dependencies (torch, transformers) in its own venv.
@@ -63,7 +82,7 @@ test-runtime: lint-runtime
 
 # Everything: lint + types, then unit, integration (real apiserver) and e2e (full local cluster) suites,
 # then the model runtime's suite.
-test: venv binaries sysdeps lint
+test: venv binaries sysdeps realnode-prereqs lint
 	$(BIN)/python -m pytest test/unit test/integration test/e2e
 	$(MAKE) --no-print-directory test-runtime
 

@@ -124,6 +124,15 @@ def _pdeathsig() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def pdeathsig_if_main_thread() -> Any:
+    """``preexec_fn`` for Popen: the parent-death signal, only when forking from the main thread.
+
+    The signal fires when the *thread* that forked exits, so from a worker thread it would kill the
+    child early; a start from a worker thread relies on stop()/atexit instead.
+    """
+    return _pdeathsig if threading.current_thread() is threading.main_thread() else None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -263,9 +272,7 @@ class Component:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            # The parent-death signal fires when the *thread* that forked exits, so it is only safe
-            # from the main thread; a start from a worker thread relies on stop()/atexit instead.
-            preexec_fn=_pdeathsig if threading.current_thread() is threading.main_thread() else None,  # noqa: PLW1509
+            preexec_fn=pdeathsig_if_main_thread(),  # noqa: PLW1509 - only prctl, no locks
         )
 
     def alive(self) -> bool:
@@ -482,6 +489,9 @@ class LocalCluster:
             "--service-cluster-ip-range=10.0.0.0/16",  # room for thousands of Services (bench/scale.py)
             "--allow-privileged=true",
             "--endpoint-reconciler-type=none",
+            # logs/exec/port-forward/proxy to a real node (hack/realnode.py) go to the address its kubelet
+            # listens on; its Hostname address would be tried first and the node proxy refuses loopback.
+            "--kubelet-preferred-address-types=InternalIP",
             "--enable-priority-and-fairness=false",
             "--max-requests-inflight=0",
             "--max-mutating-requests-inflight=0",
@@ -747,6 +757,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sp.add_argument("--profile", choices=PROFILES, default="full")
         sp.add_argument("--kubeconfig-out", help="also copy the kubeconfig to this path")
         sp.add_argument("--timeout", type=float, default=60.0)
+        sp.add_argument(
+            "--real-node",
+            action="store_true",
+            help="also join a real node (containerd, kubelet, kube-proxy; hack/realnode.py; needs root)",
+        )
     sub.choices["run"].add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("build", help="build or find the cached binaries and print their directory")
     args = p.parse_args(argv)
@@ -755,14 +770,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(build_binaries())
         return 0
 
+    if args.real_node and args.profile != "full":
+        p.error("--real-node needs --profile full (the scheduler and controllers)")
     cluster = LocalCluster(profile=args.profile)
+    node: Any = None
     with _signals_raise():
         try:
             t0 = time.monotonic()
             cluster.start(timeout=args.timeout)
+            if args.real_node:
+                if __package__ in (None, ""):
+                    sys.path.insert(0, str(REPO_ROOT))
+                from hack.realnode import RealNode
+
+                node = RealNode(cluster)
+                node.start()
             print(
-                f"local cluster ({args.profile}) ready in {time.monotonic() - t0:.1f}s: "
-                f"{cluster.server}  kubeconfig={cluster.kubeconfig}",
+                f"local cluster ({args.profile}{', real node ' + node.name if node else ''}) ready in "
+                f"{time.monotonic() - t0:.1f}s: {cluster.server}  kubeconfig={cluster.kubeconfig}",
                 file=sys.stderr,
             )
             if args.kubeconfig_out:
@@ -779,6 +804,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
         finally:
+            if node is not None:
+                node.stop()
             cluster.stop()
 
 
