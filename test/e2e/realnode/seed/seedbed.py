@@ -239,6 +239,29 @@ def seed_curl(
     return str(out.stdout)
 
 
+def seed_curl_answer(
+    cluster: LocalCluster,
+    namespace: str,
+    image: str,
+    cluster_ip: str,
+    body: Mapping[str, Any],
+    tries: int = 3,
+) -> Any:
+    """The JSON the seed's command printed.
+
+    ``kubectl run -i`` attaches after the container started; a curl that is done by then leaves kubectl
+    to fall back to the logs, which ``--rm`` may already be deleting, and the output is lost although
+    the command succeeded (exit 0). That race is kubectl's, so such a run is repeated; a failed curl is
+    not (``seed_curl`` asserts its exit code).
+    """
+    out = ""
+    for _ in range(tries):
+        out = seed_curl(cluster, namespace, image, cluster_ip, body)
+        if "{" in out:
+            return first_json(out)
+    raise AssertionError(f"the seed's curl printed no JSON in {tries} runs: {out!r}")
+
+
 def first_json(text: str) -> Any:
     """The first JSON object in ``text`` (curl prints no newline, so kubectl's own lines may follow it)."""
     start = text.find("{")
