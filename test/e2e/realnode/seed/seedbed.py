@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shlex
-import subprocess
 import sys
 import threading
 import time
@@ -31,7 +30,6 @@ from test.e2e.workspace.conftest import CRDS, SYSTEM_NS
 
 REPO = Path(__file__).resolve().parents[4]
 SAMPLES = REPO / "config" / "samples"
-RUNTIME_PYTHON = REPO / ".venv-runtime" / "bin" / "python"
 
 sys.path.insert(0, str(REPO / "test" / "runtime" / "tuning"))
 from registry_support import Registry, start_registry  # noqa: E402
@@ -93,15 +91,10 @@ class DatasetServer:
 
 
 def write_dataset(path: Path, rows: int = 32) -> Path:
-    """A conversational parquet dataset (the dolly-15k shape of the seed's URL), written with pyarrow from
-    the runtime venv by the runtime tests' own helper."""
-    code = (
-        "import sys; sys.path.insert(0, 'test/runtime/tuning');"
-        "from pathlib import Path; from tuning_support import conversational_rows, write_parquet;"
-        f"write_parquet(Path({str(path)!r}), conversational_rows({rows}))"
-    )
-    subprocess.run([str(RUNTIME_PYTHON), "-c", code], cwd=REPO, check=True, capture_output=True)
-    return path
+    """A conversational parquet dataset (the dolly-15k shape of the seed's URL), by the tuning tests' helper."""
+    from tuning_support import conversational_rows, write_parquet
+
+    return write_parquet(path, conversational_rows(rows))
 
 
 @dataclass
