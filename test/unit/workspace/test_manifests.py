@@ -130,6 +130,8 @@ def test_service_ports_and_loadbalancer(registry: PresetRegistry, skus: SkuCatal
     assert svc["metadata"]["name"] == "workspace-phi-3-mini"
     assert svc["spec"]["type"] == "ClusterIP"
     assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(80, 5000), (29500, 29500)]
+    # Requests reach ready pods only: not one still loading its model or shutting down in a roll.
+    assert svc["spec"]["publishNotReadyAddresses"] is False
     (lb,) = build(workspace(annotations={"kaito.sh/enablelb": "True"}), registry, skus).services
     assert lb["spec"]["type"] == "LoadBalancer"
 

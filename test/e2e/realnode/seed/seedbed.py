@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.server
 import json
 import os
@@ -300,7 +301,8 @@ class KeepAsking:
     url: str
     body: Mapping[str, Any]
     ok: int = 0
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # "+<seconds since start>s <what>"
+    started: float = field(default_factory=time.monotonic)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
@@ -316,14 +318,19 @@ class KeepAsking:
                 if status == 200 and isinstance(data, dict) and "Result" in data:
                     self.ok += 1
                 else:
-                    self.failures.append(f"HTTP {status}: {str(data)[:200]}")
+                    self._fail(f"HTTP {status}: {str(data)[:200]}")
             except Exception as e:  # every kind of failure is what this client counts
-                self.failures.append(f"{type(e).__name__}: {e}"[:300])
+                cause = getattr(e, "os_error", None) or e.__cause__
+                self._fail(f"{type(e).__name__}: {e} ({cause!r})"[:300])
             # Pace: at most ~10 requests per second, so a roll of a minute sees hundreds.
             await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
 
+    def _fail(self, what: str) -> None:
+        self.failures.append(f"+{time.monotonic() - self.started:.1f}s {what}")
+
     def start(self) -> None:
         """Start asking (in the running loop)."""
+        self.started = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
@@ -350,3 +357,52 @@ def report(metric: str, value: float, unit: str = "s") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(line) + "\n")
+
+
+@dataclass
+class EndpointLog:
+    """What the Service's EndpointSlices said, polled every half second: one line per change (for a
+    failure's message: when the Service had which endpoints in which state)."""
+
+    cluster: LocalCluster
+    namespace: str
+    service: str
+    lines: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    _task: asyncio.Task[None] | None = None
+
+    def _snapshot(self) -> str:
+        out = kget(
+            self.cluster,
+            "endpointslices",
+            "-n",
+            self.namespace,
+            "-l",
+            f"kubernetes.io/service-name={self.service}",
+        )
+        states = []
+        for item in (out or {}).get("items") or []:
+            for ep in item.get("endpoints") or []:
+                c = ep.get("conditions") or {}
+                flags = "".join(k[0] for k in ("ready", "serving", "terminating") if c.get(k))
+                states.append(f"{','.join(ep.get('addresses') or [])}[{flags}]")
+        return " ".join(sorted(states)) or "(none)"
+
+    async def _loop(self) -> None:
+        last = ""
+        while True:
+            now = await asyncio.to_thread(self._snapshot)
+            if now != last:
+                self.lines.append(f"+{time.monotonic() - self.started:.1f}s {now}")
+                last = now
+            await asyncio.sleep(0.5)
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -28,6 +28,7 @@ from test.e2e.realnode.seed.seedbed import (
     SEEDED_CHAT,
     CPUTarget,
     DatasetServer,
+    EndpointLog,
     KeepAsking,
     SeedRegistry,
     conditions,
@@ -209,7 +210,9 @@ async def test_seed_adapter_served_with_strength_and_rolls_without_failures(
     assert status == 200, with_adapter
 
     client = KeepAsking(url, SEEDED_CHAT)
+    endpoints = EndpointLog(op.cluster, op.namespace, ADAPTER_WS)
     client.start()
+    endpoints.start()
     try:
         await roll(op, {"inference": {"adapters": [adapter_entry(tuned, "0.5")]}})  # the strength
         await roll(op, {"inference": {"adapters": None}})  # the adapter list
@@ -220,9 +223,13 @@ async def test_seed_adapter_served_with_strength_and_rolls_without_failures(
         await eventually(enough, 120, "at least 100 requests during the rolls", interval=0.5)
     finally:
         await client.stop()
+        await endpoints.stop()
     report("adapter.roll_requests", client.total, unit="requests")
     report("adapter.roll_failed_requests", len(client.failures), unit="requests")
-    assert client.failures == [], f"{len(client.failures)}/{client.total} failed: {client.failures[:5]}"
+    assert client.failures == [], (
+        f"{len(client.failures)}/{client.total} failed: {client.failures[:3]} ... {client.failures[-3:]}\n"
+        "endpoints: " + "\n  ".join(endpoints.lines)
+    )
 
     status, base = await http_json("POST", url, SEEDED_CHAT)
     assert status == 200, base
