@@ -37,9 +37,11 @@ def apply(op: Operator, doc: dict[str, Any], check: bool = True) -> Any:
     return op.cluster.kubectl("apply", "-n", op.namespace, "-f", "-", input=json.dumps(doc), check=check)
 
 
-async def failed_with(op: Operator, name: str, reason: str, timeout: float = 240) -> dict[str, Any]:
-    """Wait until the workspace reports ``reason`` (status.reason or a condition's) and a Warning Event
-    says so; return the workspace."""
+async def failed_with(
+    op: Operator, name: str, reason: str, words: str, timeout: float = 240
+) -> dict[str, Any]:
+    """Wait until the workspace's status carries ``reason`` (status.reason or a condition's) and a
+    Warning Event about it says ``words`` (the problem in the program's or the scheduler's words)."""
 
     async def check() -> Any:
         ws = kget(op.cluster, "workspace", name, "-n", op.namespace)
@@ -51,12 +53,12 @@ async def failed_with(op: Operator, name: str, reason: str, timeout: float = 240
         warned = [
             e
             for e in events_for(op.cluster, op.namespace, name)
-            if e.get("type") == "Warning" and reason in f"{e.get('reason')} {e.get('message')}"
+            if e.get("type") == "Warning" and words in f"{e.get('reason')} {e.get('message')}"
         ]
         return ws if warned else None
 
     result: dict[str, Any] = await eventually(
-        check, timeout, f"{name}: reason {reason} + Event", interval=1.0
+        check, timeout, f"{name}: {reason} + a Warning Event saying {words!r}", interval=1.0
     )
     return result
 
@@ -112,7 +114,7 @@ async def test_cpu_preset_bigger_than_the_node_is_unschedulable_in_status(
         doc["inference"]["preset"]["name"] = too_big[0].name
 
     apply(op, sample("kaito_workspace_phi_3.yaml", big))
-    ws = await failed_with(op, "workspace-phi-3-mini", "Unschedulable")
+    ws = await failed_with(op, "workspace-phi-3-mini", "Unschedulable", "Insufficient memory")
     assert conditions(ws)["WorkspaceReady"] != "True"
     assert "Insufficient memory" in json.dumps(ws["status"]), ws["status"]
 
@@ -129,7 +131,7 @@ async def test_qlora_on_a_cpu_node_is_refused(seed_operator: Operator, cpu_targe
 
     doc["metadata"]["annotations"] = {BYPASS: "true"}
     apply(op, doc)
-    ws = await failed_with(op, "workspace-phi-3-mini", "MethodNeedsGPU", timeout=60)
+    ws = await failed_with(op, "workspace-phi-3-mini", "MethodNeedsGPU", "NVIDIA GPU", timeout=60)
     assert ws["status"]["state"] == "Failed"
     assert kget(op.cluster, "job", "workspace-phi-3-mini", "-n", op.namespace) is None
 
@@ -159,7 +161,7 @@ async def test_tuning_bad_input_fails_fast_with_a_typed_reason(
         url, reason, words = dataset_server.url("missing.parquet"), "DatasetDownloadFailed", "404"
 
     apply(op, _tuning(cpu_target, url=url, image=image, secret=secret))
-    ws = await failed_with(op, "workspace-phi-3-mini", reason)
+    ws = await failed_with(op, "workspace-phi-3-mini", reason, words)
     status = ws["status"]
     assert status["state"] == "Failed" and status["reason"] == reason, status
     text = json.dumps(status)
