@@ -189,10 +189,11 @@ def _docker_config_volume(name: str, secret: str, *, optional: bool = False) -> 
 
 
 def _push_check(ws: Workspace, image: str) -> Obj:
-    """The first init container: may the push secret push to ``output.image``? (``kaito_oci check-push``)
+    """The init container after the dataset's: may the push secret push to ``output.image``?
+    (``kaito_oci check-push``)
 
-    It runs before the dataset is fetched and hours before the trainer would push, so a missing or
-    refused push secret fails the Job in seconds with the registry's answer. The secret volume is
+    It runs before the training, hours before the trainer would push, so a missing or refused push
+    secret fails the Job in seconds with the registry's answer. The secret volume is
     optional for this reason: a Secret that does not exist would otherwise hold the pod in
     ContainerCreating for ever (the controller may not read Secrets to check), while here it is an empty
     directory and the check says so.
@@ -353,7 +354,7 @@ def build_job(
         "imagePullSecrets": [{"name": s} for s in pull_secrets],
         "tolerations": mf.inference_tolerations(options),
         "affinity": mf.node_affinity(ws.resource.label_selector.as_map(), nodes),
-        "initContainers": [_push_check(ws, image), init],
+        "initContainers": [init, _push_check(ws, image)],
         "containers": [trainer],
         "volumes": [
             {"name": "config-volume", "configMap": {"name": config_name(ws)}},

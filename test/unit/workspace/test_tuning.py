@@ -75,8 +75,8 @@ def test_seed_job_matches_readme(registry: PresetRegistry, skus: SkuCatalog) -> 
     assert {"key": "app", "operator": "In", "values": ["phi-3-adapter"]} in exprs
     assert {"key": "kubernetes.io/hostname", "operator": "In", "values": ["node-a"]} in exprs
 
-    check, init = pod["initContainers"]
-    # First: may the push secret push there? (fails in seconds, before the dataset and the training)
+    init, check = pod["initContainers"]
+    # Before the training: may the push secret push there? (fails in seconds, not after hours)
     assert check["name"] == "push-check" and check["image"] == init["image"]
     assert check["command"] == [
         "python3", "-m", "kaito_oci", "check-push", "--docker-config", "/tmp/.docker/config",
@@ -131,7 +131,7 @@ def test_seed_job_matches_readme(registry: PresetRegistry, skus: SkuCatalog) -> 
 def test_image_input_uses_extractor_with_pull_secrets(registry: PresetRegistry, skus: SkuCatalog) -> None:
     ws = workspace({"input": {"image": "reg.io/data:1", "imagePullSecrets": ["in-a", "in-b"]}})
     pod = job_for(ws, registry, skus)["spec"]["template"]["spec"]
-    _, init = pod["initContainers"]
+    init, _ = pod["initContainers"]
     assert init["name"] == "data-extractor"
     assert init["command"] == [
         "python3",
