@@ -34,7 +34,8 @@ sysdeps:
 realnode-prereqs: venv
 	@if [ "$$(id -u)" = 0 ]; then \
 	  bash hack/install-node-deps.sh || exit 1; \
-	  $(BIN)/python hack/images.py build pause base controller provisioner >/dev/null & images=$$!; \
+	  { $(BIN)/python hack/images.py build pause base controller provisioner >/dev/null && \
+	    $(BIN)/python hack/seed_images.py tiny-preset curl >/dev/null; } & images=$$!; \
 	  bash hack/build-binaries.sh >/dev/null && bash hack/build-node-binaries.sh >/dev/null; rc=$$?; \
 	  wait $$images && exit $$rc; \
 	else echo "realnode-prereqs: not root, the real-node e2e tests will be skipped"; fi
@@ -89,8 +90,9 @@ test: venv realnode-prereqs binaries sysdeps lint
 	$(MAKE) --no-print-directory test-runtime
 
 # Brings up the full local cluster, runs the operator on the seed's phi-3 Workspace, prints the result.
-demo: venv binaries
-	$(BIN)/python hack/localcluster.py run --profile full -- bash hack/demo.sh
+# As root (CI, a dev VM) the CPU half runs on a real node; otherwise only the kwok GPU half runs.
+demo: venv binaries realnode-prereqs
+	$(BIN)/python hack/localcluster.py run --profile full $$([ "$$(id -u)" = 0 ] && echo --real-node) -- bash hack/demo.sh
 
 clean:
 	rm -rf $(VENV) $(RUNTIME_VENV) .pytest_cache .mypy_cache .ruff_cache

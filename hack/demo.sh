@@ -4,8 +4,11 @@
 #
 # Installs the CRDs, starts the workspace controller (with its admission webhook on https://127.0.0.1)
 # and the gpu-provisioner (kwok cloud) as processes, applies the seed's phi-3 Workspace, waits until
-# WORKSPACEREADY is True, shows what was created, deletes the workspace (its Machine and Node go too)
-# and stops both processes. Logs: $DEMO_LOG_DIR (default: a temp dir, removed after a successful run).
+# WORKSPACEREADY is True, shows what was created, deletes the workspace (its Machine and Node go too).
+# Then, when the cluster has a real node (hack/realnode.py), the CPU path: the tiny-llama preset image
+# built by presets/Dockerfile runs in a real container on that node (a CPU VM to the operator), and the
+# seed's `kubectl run ... curl -X POST http://$CLUSTERIP/chat` is answered through the Service.
+# Stops both processes at the end. Logs: $DEMO_LOG_DIR (default: a temp dir, removed after a success).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +17,8 @@ PY=${PY:-.venv/bin/python}
 LOG_DIR=${DEMO_LOG_DIR:-$(mktemp -d -t kaito-demo-XXXXXX)}
 SAMPLE=config/samples/kaito_workspace_phi_3.yaml
 WS=workspace-phi-3-mini
+CPU_SAMPLE=config/samples/kaito_workspace_tiny_llama_cpu.yaml
+CPU_WS=workspace-tiny-llama
 PIDS=()
 
 free_port() { "$PY" -c 'from hack.localcluster import free_port; print(free_port())'; }
@@ -115,3 +120,61 @@ kubectl apply -f "$SAMPLE" >/dev/null
 kubectl wait --for=condition=WorkspaceReady --timeout=180s "workspace/$WS" >/dev/null
 echo "\$ kubectl get workspace"
 kubectl get workspace
+
+# ---------------------------------------------------------------------------------------------------
+# The CPU path on the real node
+# ---------------------------------------------------------------------------------------------------
+echo
+# hack/realnode.py's node carries this label (and a taint of the same key).
+REAL_NODE=$(kubectl get nodes -l kaito.sh/real-node=true -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)
+if [ -z "$REAL_NODE" ]; then
+  echo "== no real node in this cluster: the CPU path (a real container answering the seed's curl) needs"
+  echo "   root and hack/install-node-deps.sh; \`python hack/localcluster.py run --profile full --real-node -- bash hack/demo.sh\`"
+  exit 0
+fi
+secs() { echo $(( $(date +%s) - $1 )); }
+echo "== CPU path: node $REAL_NODE runs containers (containerd + kubelet + kube-proxy)"
+t=$(date +%s)
+echo "   building the tiny-llama preset image (presets/Dockerfile, a tiny random model, cached by content) and a"
+echo "   curl image, and loading them into the node's containerd (the first run downloads torch: ~10 min)"
+REGISTRY=$("$PY" -c 'from kaito.presets.registry import DEFAULT_REGISTRY; print(DEFAULT_REGISTRY)')
+refs=$("$PY" hack/seed_images.py --load "$REGISTRY" tiny-preset curl)
+CURL_IMAGE=$(sed -n 's/^curl=//p' <<<"$refs")
+echo "   images ready in $(secs "$t")s: $(sed -n 's/^tiny-preset=//p' <<<"$refs"), $CURL_IMAGE"
+
+# A user's CPU node pool: the instance type and the label the workspace selects. The real node is
+# tainted so that no other pod lands on it; this namespace's pods tolerate it (PodTolerationRestriction).
+kubectl label node "$REAL_NODE" --overwrite node.kubernetes.io/instance-type=Standard_D2s_v3 apps=tiny-llama >/dev/null
+kubectl annotate namespace default --overwrite \
+  'scheduler.alpha.kubernetes.io/defaultTolerations=[{"key":"kaito.sh/real-node","operator":"Equal","value":"true","effect":"NoSchedule"}]' >/dev/null
+echo
+echo "\$ kubectl apply -f $CPU_SAMPLE"
+t=$(date +%s)
+kubectl apply -f "$CPU_SAMPLE"
+kubectl wait --for=condition=WorkspaceReady --timeout=600s "workspace/$CPU_WS" >/dev/null
+echo "   WORKSPACEREADY after $(secs "$t")s (the model loaded in a real container; the readiness probe said so)"
+echo "\$ kubectl get workspace $CPU_WS"
+kubectl get workspace "$CPU_WS"
+echo
+echo "\$ kubectl get pods -o wide -l kaito.sh/workspace=$CPU_WS"
+kubectl get pods -o wide -l "kaito.sh/workspace=$CPU_WS"
+echo
+echo "\$ kubectl get svc $CPU_WS"
+kubectl get svc "$CPU_WS"
+CLUSTERIP=$(kubectl get svc "$CPU_WS" -o jsonpath="{.spec.clusterIPs[0]}")
+echo
+echo "\$ export CLUSTERIP=\$(kubectl get svc $CPU_WS -o jsonpath=\"{.spec.clusterIPs[0]}\")"
+echo "\$ kubectl run -i --rm --restart=Never curl --image=$CURL_IMAGE -- curl -X POST http://\$CLUSTERIP/chat -H \"accept: application/json\" -H \"Content-Type: application/json\" -d \"{\\\"prompt\\\":\\\"YOUR QUESTION HERE\\\"}\""
+for try in 1 2 3; do
+  answer=$(kubectl run -i --rm --restart=Never curl --image="$CURL_IMAGE" -- curl -sS -X POST "http://$CLUSTERIP/chat" \
+    -H "accept: application/json" -H "Content-Type: application/json" -d "{\"prompt\":\"YOUR QUESTION HERE\"}" \
+    2>"$LOG_DIR/curl.err") || { cat "$LOG_DIR/curl.err" >&2; exit 1; }
+  grep -q '"Result"' <<<"$answer" && break
+  # kubectl attaches once the container runs; a curl already done by then loses its output to the race.
+  [ "$try" = 3 ] && { echo "the seed's curl printed no {\"Result\": ...}: $answer" >&2; exit 1; }
+done
+grep -v '^pod "curl" deleted' <<<"$answer" | cut -c1-300
+echo
+echo
+echo "   (a tiny model with random weights: the answer is random text, from a real pod through the Service)"
+echo "   CPU path: $(secs "$t")s from kubectl apply to the answer"

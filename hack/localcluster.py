@@ -497,6 +497,9 @@ class LocalCluster:
             "--max-mutating-requests-inflight=0",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
             "--profiling=true",  # /debug/pprof for bench diagnosis (admin only)
+            # A namespace's scheduler.alpha.kubernetes.io/defaultTolerations annotation: the real-node
+            # e2e tests let one namespace's pods onto the tainted real node, manifests unchanged.
+            "--enable-admission-plugins=PodTolerationRestriction",
             "--v=1",
         ]
         if self.profile == "apiserver":

@@ -10,15 +10,7 @@ make --no-print-directory runtime-venv >&2
 
 model_dir=$(mktemp -d -t kaito-tiny-model-XXXXXX)
 trap 'rm -rf "$model_dir"' EXIT
-PYTHONPATH=presets/inference:. .venv-runtime/bin/python - "$model_dir" <<'PY'
-import sys
-from pathlib import Path
-
-from test.runtime.runtime_support import build_model, build_tokenizer
-
-path = Path(sys.argv[1])
-build_model(path, build_tokenizer(path))
-PY
+.venv-runtime/bin/python hack/tiny_model.py "$model_dir"
 echo "serving a tiny random Llama from $model_dir on http://127.0.0.1:${PORT:-5000}" >&2
 .venv-runtime/bin/python presets/inference/inference_api.py --pipeline=text-generation \
   --pretrained_model_name_or_path="$model_dir" --served_model_name=tiny-llama --torch_dtype=float32 \

@@ -309,7 +309,7 @@ class WorkspaceReconciler:
                 except ChildConflict as e:
                     obs.spec_error = st.StepOutcome(st.Phase.FAILED, "ChildConflict", str(e))
         if job is not None:
-            obs.tuning = jobs.outcome(key, job)
+            obs.tuning = jobs.outcome(key, job, ws.tuning.output.image_push_secret)
         await self.status.write(key, raw, obs)
         if obs.tuning is not None and obs.tuning.phase != st.Phase.PENDING:
             return DONE  # finished: the Job is the result and is never re-created

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ RESULTS_DIR = "/mnt/results"
 DOCKER_CONFIG_DIR = "/tmp/.docker/config"
 WORKDIR = "/workspace/tfs"
 PHI3_TARGET_MODULES = "k_proj,q_proj,v_proj,o_proj,gate_proj,down_proj,up_proj"
+PUSH_CHECK_CONTAINER = "push-check"
+OCI_EXIT_USAGE, OCI_EXIT_AUTH = 2, 3  # kaito_oci's exit codes (presets/oci/cli.py)
+DATA_CONTAINERS = ("data-downloader", "data-extractor")
 
 # Upstream's default ConfigMaps (chart charts/kaito/workspace/templates/{lora,qlora}-params.yaml), one
 # file each under presets/tuning/templates, the one copy the controller and the runtime tests read. The
@@ -176,12 +180,36 @@ def tuning_image(ws: Workspace, preset: Preset, options: mf.ManifestOptions) -> 
     return preset.image_ref(options.registry), secrets
 
 
-def _docker_config_volume(name: str, secret: str) -> Obj:
+def _docker_config_volume(name: str, secret: str, *, optional: bool = False) -> Obj:
     # Only the dockerconfigjson key is projected, as the file name the OCI client reads.
+    source: Obj = {"secretName": secret, "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}
+    if optional:
+        source["optional"] = True
+    return {"name": name, "secret": source}
+
+
+def _push_check(ws: Workspace, image: str) -> Obj:
+    """The init container after the dataset's: may the push secret push to ``output.image``?
+    (``kaito_oci check-push``)
+
+    It runs before the training, hours before the trainer would push, so a missing or refused push
+    secret fails the Job in seconds with the registry's answer. The secret volume is
+    optional for this reason: a Secret that does not exist would otherwise hold the pod in
+    ContainerCreating for ever (the controller may not read Secrets to check), while here it is an empty
+    directory and the check says so.
+    """
+    assert ws.tuning is not None
     return {
-        "name": name,
-        "secret": {"secretName": secret, "items": [{"key": ".dockerconfigjson", "path": "config.json"}]},
-    }
+        "name": PUSH_CHECK_CONTAINER,
+        "image": image,
+        "workingDir": WORKDIR,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "command": [
+            "python3", "-m", "kaito_oci", "check-push", "--docker-config", DOCKER_CONFIG_DIR,
+            str(ws.tuning.output.image),
+        ],
+        "volumeMounts": [{"name": "docker-config", "mountPath": DOCKER_CONFIG_DIR, "readOnly": True}],
+    }  # fmt: skip
 
 
 def _data_init(ws: Workspace, image: str) -> tuple[Obj, list[Obj]]:
@@ -326,13 +354,13 @@ def build_job(
         "imagePullSecrets": [{"name": s} for s in pull_secrets],
         "tolerations": mf.inference_tolerations(options),
         "affinity": mf.node_affinity(ws.resource.label_selector.as_map(), nodes),
-        "initContainers": [init],
+        "initContainers": [init, _push_check(ws, image)],
         "containers": [trainer],
         "volumes": [
             {"name": "config-volume", "configMap": {"name": config_name(ws)}},
             {"name": "data-volume", "emptyDir": {}},
             {"name": "results-volume", "emptyDir": {}},
-            _docker_config_volume("docker-config", out.image_push_secret),
+            _docker_config_volume("docker-config", out.image_push_secret, optional=True),
             *init_volumes,
         ],
     }
@@ -358,34 +386,95 @@ def _job_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | No
     return None
 
 
-def termination_message(pods: Iterable[Mapping[str, Any]]) -> str:
-    """The first failed container's termination message (what the programs write), or ''."""
+@dataclass(frozen=True)
+class FailedContainer:
+    """The first container of a tuning pod that exited non-zero."""
+
+    name: str
+    exit_code: int
+    reason: str  # the kubelet's (Error, OOMKilled, ...)
+    message: str  # what the program wrote to its termination log (or its last log lines)
+
+    def describe(self) -> str:
+        detail = self.message or self.reason
+        return f"container {self.name} exited {self.exit_code}" + (f": {detail}" if detail else "")
+
+
+def failed_container(pods: Iterable[Mapping[str, Any]]) -> FailedContainer | None:
+    """The first failed container (init containers first, pods by name), or None."""
     for pod in sorted(pods, key=lambda p: str((p.get("metadata") or {}).get("name", ""))):
         status = pod.get("status") or {}
         for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
             term = (cs.get("state") or {}).get("terminated") or {}
             if term and int(term.get("exitCode") or 0) != 0:
-                msg = str(term.get("message") or term.get("reason") or "").strip()
-                return f"container {cs.get('name', '?')} exited {term.get('exitCode')}" + (
-                    f": {msg}" if msg else ""
+                return FailedContainer(
+                    str(cs.get("name", "?")),
+                    int(term.get("exitCode") or 0),
+                    str(term.get("reason") or ""),
+                    str(term.get("message") or "").strip(),
                 )
+    return None
+
+
+def termination_message(pods: Iterable[Mapping[str, Any]]) -> str:
+    """The first failed container's termination message (what the programs write), or ''."""
+    failed = failed_container(pods)
+    return failed.describe() if failed is not None else ""
+
+
+def failure_reason(failed: FailedContainer) -> str | None:
+    """A typed reason for the step that failed, or None to keep the Job's own.
+
+    The push check exits with ``kaito_oci``'s codes (presets/oci/cli.py: 1 registry unreachable, 2 bad
+    docker config, e.g. the Secret does not exist, 3 credentials refused).
+    """
+    if failed.reason == "OOMKilled":
+        return "OOMKilled"
+    if failed.name == PUSH_CHECK_CONTAINER:
+        return {OCI_EXIT_USAGE: "PushSecretInvalid", OCI_EXIT_AUTH: "PushRefused"}.get(
+            failed.exit_code, "RegistryUnreachable"
+        )
+    if failed.name in DATA_CONTAINERS:
+        return "DatasetDownloadFailed"
+    # The trainer's container runs training then the push, whose exit codes overlap (3 is a dataset
+    # error to the trainer, refused credentials to the push): its message says which.
+    return None
+
+
+def _hint(ws_secret: str | None, reason: str) -> str:
+    if reason in ("PushSecretInvalid", "PushRefused") and ws_secret:
+        return (
+            f"; check tuning.output.imagePushSecret {ws_secret}: a kubernetes.io/dockerconfigjson Secret "
+            "in the workspace's namespace whose credentials may push to tuning.output.image"
+        )
+    if reason == "DatasetDownloadFailed":
+        return "; check tuning.input"
     return ""
 
 
-def job_outcome(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]] = ()) -> st.StepOutcome:
-    """READY when the Job completed, FAILED (reason = the Job's) when it failed, else PENDING (running)."""
+def job_outcome(
+    job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]] = (), push_secret: str | None = None
+) -> st.StepOutcome:
+    """READY when the Job completed, FAILED when it failed, else PENDING (running).
+
+    A failure's reason is the failed step's (:func:`failure_reason`: PushSecretInvalid, PushRefused,
+    RegistryUnreachable, DatasetDownloadFailed, OOMKilled) or else the Job's; the message carries the
+    program's own words and, for the push secret and the dataset, which field to check.
+    """
     name = (job.get("metadata") or {}).get("name", "")
     if _job_condition(job, "Complete") is not None:
         return st.StepOutcome(st.Phase.READY, "Succeeded", f"tuning job {name} completed")
     failed = _job_condition(job, "Failed")
     if failed is not None:
-        reason = str(failed.get("reason") or "JobFailed")
-        msg = f"tuning job {name} failed: {reason}"
+        job_reason = str(failed.get("reason") or "JobFailed")
+        msg = f"tuning job {name} failed: {job_reason}"
         if failed.get("message"):
             msg += f": {failed['message']}"
-        detail = termination_message(pods)
-        if detail:
-            msg += f"; {detail}"
+        container = failed_container(pods)
+        reason = job_reason
+        if container is not None:
+            reason = failure_reason(container) or job_reason
+            msg += f"; {container.describe()}{_hint(push_secret, reason)}"
         return st.StepOutcome(st.Phase.FAILED, reason, msg)
     active = int((job.get("status") or {}).get("active") or 0)
     return st.StepOutcome(

@@ -57,9 +57,10 @@ class TuningJobs:
         """The workspace's Job as the cache has it."""
         return self.jobs.store.get_by_name(name, namespace)
 
-    def outcome(self, key: str, job: Obj) -> st.StepOutcome:
-        """The Job's progress (with what its pods report)."""
-        return tn.job_outcome(job, self.pods.store.by_index(POD_WS_INDEX, key))
+    def outcome(self, key: str, job: Obj, push_secret: str | None = None) -> st.StepOutcome:
+        """The Job's progress (with what its pods report; ``push_secret`` names the Secret a failed push
+        check blames)."""
+        return tn.job_outcome(job, self.pods.store.by_index(POD_WS_INDEX, key), push_secret)
 
     async def ensure(
         self, ws: Workspace, preset: Preset, workers: list[str], worker_gpus: list[int]

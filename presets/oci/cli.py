@@ -1,4 +1,5 @@
-"""Command line: ``push SOURCE_DIR IMAGE`` and ``pull IMAGE DEST_DIR``.
+"""Command line: ``push SOURCE_DIR IMAGE``, ``pull IMAGE DEST_DIR`` and ``check-push IMAGE`` (may these
+credentials push there? run by the tuning Job before training, so a bad push secret fails in seconds).
 
 Exit codes (also summarised in the container's termination message, so a Job's status carries them):
 0 done; 1 registry or network failure; 2 bad usage, reference or docker config; 3 credentials refused
@@ -101,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait-timeout", type=float, default=0.0, help="give up waiting after N seconds (0: never)"
     )
 
+    check = sub.add_parser(
+        "check-push",
+        parents=[common],
+        help="check that the credentials may push to IMAGE's repository (starts and cancels an upload)",
+    )
+    check.add_argument("image", help="registry/repository:tag the adapter will be pushed to")
+
     pull = sub.add_parser(
         "pull", parents=[common], help="fetch an adapter artifact's /data files into a directory"
     )
@@ -175,6 +183,10 @@ def run(args: argparse.Namespace) -> tuple[int, str]:
             )
             print(f"pushed {ref}@{digest}", flush=True)
             return EXIT_OK, f"pushed {ref}@{digest}"
+        if args.command == "check-push":
+            _client(args, ref).check_push()
+            print(f"push to {ref} allowed", flush=True)
+            return EXIT_OK, f"push to {ref} allowed"
         names = pull_to_directory(_client(args, ref), args.dest)
         print(f"pulled {ref} into {args.dest}: {', '.join(names)}", flush=True)
         return EXIT_OK, f"pulled {ref} into {args.dest}"

@@ -326,6 +326,35 @@ class RegistryClient:
             body=lambda: path.open("rb"),
         )
 
+    def check_push(self) -> None:
+        """Prove the credentials may push to the repository, writing nothing: start a blob upload (the
+        first request a push makes) and cancel it. Raises :class:`AuthError` when the registry refuses.
+
+        A token's granted scope alone proves nothing (token servers grant less than asked without an
+        error); the upload POST is where a registry enforces push rights.
+        """
+        started = self.request(
+            "POST",
+            f"{self._repo}/blobs/uploads/",
+            scope=f"repository:{self.ref.repository}:pull,push",
+            ok=(202,),
+            what="start upload",
+            headers={"Content-Length": "0"},
+            body=lambda: b"",
+        )
+        location = started.headers.get("Location")
+        if location:
+            try:  # an unfinished upload expires anyway; cancelling is only tidiness
+                self.request(
+                    "DELETE",
+                    urllib.parse.urljoin(started.url, location),
+                    scope=f"repository:{self.ref.repository}:pull,push",
+                    ok=(200, 202, 204, 404),
+                    what="cancel upload",
+                )
+            except RegistryError as exc:
+                log.info("could not cancel the probe upload: %s", exc)
+
     def put_manifest(self, manifest: bytes, media_type: str, tag: str) -> str:
         """PUT the manifest under ``tag``; return its digest (what the registry computed, checked)."""
         digest = "sha256:" + hashlib.sha256(manifest).hexdigest()

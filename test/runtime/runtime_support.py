@@ -8,6 +8,7 @@ Nothing is downloaded: the tokenizer is a byte-level BPE trained here on a few s
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,78 +16,25 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 from kaito_inference.config import ServerConfig
 from kaito_inference.engine import LoadedModel, load_model
 
+# The tiny model itself lives in hack/ (the preset image builder runs it too); re-exported for the tests
+# and the benches (which run without the repository root on sys.path).
+if str(Path(__file__).resolve().parents[2]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from hack.tiny_model import CHAT_TEMPLATE, CORPUS, build_model, build_tokenizer
 from test.waiting import wait_until
+
+__all__ = [
+    "CHAT_TEMPLATE", "CORPUS", "MODEL_ID", "RunningServer", "build_model", "build_tokenizer", "free_port",
+    "http_get", "http_post", "make_config", "start_server",
+]  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[2]
 RUNTIME_DIR = REPO / "presets" / "inference"
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Kubernetes schedules pods onto nodes with GPUs.",
-    "KAITO deploys a model preset and answers chat requests.",
-    "Hello world! How are you today? I am fine, thank you.",
-    "A tiny random model produces random but deterministic text.",
-]
 MODEL_ID = "tiny-llama"
-
-
-def build_tokenizer(path: Path) -> Any:
-    """Train a byte-level BPE tokenizer (every byte is in the vocabulary, so no text is unknown)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=384,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=256
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    return fast
-
-
-def build_model(path: Path, tokenizer: Any, seed: int = 0) -> None:
-    """A two-layer Llama with random weights; the EOS logit is pushed down so greedy runs are long."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        # Random weights would otherwise pick EOS now and then and make token counts flaky; the final
-        # RMSNorm output is not sign-controlled, so zero the row and let a bias-free logit of 0 lose.
-        model.lm_head.weight[tokenizer.eos_token_id].zero_()
-        model.lm_head.weight[tokenizer.pad_token_id].zero_()
-        model.lm_head.weight.mul_(20.0)
-    model.save_pretrained(path, safe_serialization=True)
 
 
 def free_port() -> int:

@@ -54,7 +54,7 @@ async def test_tuning_sample_job_succeeds(operator: Operator) -> None:
     assert j["spec"]["backoffLimit"] == 0
     assert j["metadata"]["ownerReferences"][0]["kind"] == "Workspace"
     pod = j["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod["initContainers"]] == ["data-downloader"]
+    assert [c["name"] for c in pod["initContainers"]] == ["data-downloader", "push-check"]
     assert pod["imagePullSecrets"] == [{"name": PUSH_SECRET}]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {v["name"]: v for v in pod["volumes"]}["config-volume"]["configMap"]["name"] == (
@@ -94,7 +94,7 @@ async def test_tuning_job_failure_is_reported(operator: Operator) -> None:
     apply_sample(op, "kaito_workspace_tuning_phi_3.yaml", failing)
     ws = await wait_condition_reason(op, "workspaceFailed")
     assert ws["status"]["state"] == "Failed"
-    assert ws["status"]["reason"] == "BackoffLimitExceeded"
+    assert ws["status"]["reason"] == "DatasetDownloadFailed"  # the failed step's, not the Job's
     msg = next(c["message"] for c in ws["status"]["conditions"] if c["type"] == "WorkspaceSucceeded")
     assert "BackoffLimitExceeded" in msg
     assert "container data-downloader exited 1: error: download failed: https://[redacted]@kwok" in msg

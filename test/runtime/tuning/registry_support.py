@@ -1,7 +1,9 @@
 """A real OCI registry for the tests: Debian's ``docker-registry`` (distribution 2.8) on loopback.
 
 Each registry gets its own generated config, storage directory and free port; readiness is polled on
-``/v2/`` (200, or 401 when auth is on) with a deadline.
+``/v2/`` (200, or 401 when auth is on) with a deadline. By default it listens on loopback over plain
+HTTP; the real-node e2e tests (test/e2e/realnode/seed) bind it to the node's bridge address with TLS, so
+that pods reach it like a cloud registry.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import base64
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -24,10 +27,10 @@ USER, PASSWORD = "kaito-pusher", "pw-9f3b7c"  # test-only credentials of the aut
 TOKEN_ISSUER = "kaito-test-issuer"
 
 
-def free_port() -> int:
-    """A port free on loopback right now."""
+def free_port(address: str = "127.0.0.1") -> int:
+    """A port free on ``address`` (loopback by default) right now."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return int(s.getsockname()[1])
 
 
@@ -44,6 +47,7 @@ class Registry:
     storage: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    scheme: str = "http"
 
     def stop(self) -> None:
         """Terminate the process and wait for it."""
@@ -59,9 +63,9 @@ class Registry:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
-def _status(url: str) -> int:
+def _status(url: str, context: ssl.SSLContext | None = None) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=2, context=context) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as err:
         return int(err.code)
@@ -72,11 +76,17 @@ def start_registry(
     users: dict[str, str] | None = None,
     token_server: TokenServer | None = None,
     timeout: float = 30.0,
+    *,
+    bind: str = "127.0.0.1",
+    tls: tuple[Path, Path, Path] | None = None,
 ) -> Registry:
     """Start a registry storing under ``workdir``; with ``users``, htpasswd (bcrypt) basic auth; with
-    ``token_server``, bearer-token auth (distribution's ``auth.token``) trusting that server's key."""
+    ``token_server``, bearer-token auth (distribution's ``auth.token``) trusting that server's key.
+
+    ``bind`` is the address to listen on; ``tls`` (certificate, key, CA that signed them) serves HTTPS.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = free_port(bind)
     storage = workdir / "storage"
     storage.mkdir()
     lines = [
@@ -91,9 +101,11 @@ def start_registry(
         "  delete:",
         "    enabled: true",
         "http:",
-        f"  addr: 127.0.0.1:{port}",
+        f"  addr: {bind}:{port}",
         "  secret: kaito-test-secret",
     ]
+    if tls is not None:
+        lines += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
     if users:
         import bcrypt  # distribution's htpasswd accepts bcrypt hashes only
 
@@ -121,14 +133,16 @@ def start_registry(
         process = subprocess.Popen(
             [REGISTRY_BINARY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
         )
-    registry = Registry(f"127.0.0.1:{port}", storage, process, log_path)
+    scheme = "https" if tls is not None else "http"
+    registry = Registry(f"{bind}:{port}", storage, process, log_path, scheme)
+    context = ssl.create_default_context(cafile=str(tls[2])) if tls is not None else None
     ready = {200, 401} if users or token_server else {200}
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
             raise AssertionError(f"registry exited with {process.returncode}: {registry.log()}")
         try:
-            if _status(f"http://{registry.host}/v2/") in ready:
+            if _status(f"{scheme}://{registry.host}/v2/", context) in ready:
                 return registry
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass

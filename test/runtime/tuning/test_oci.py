@@ -10,6 +10,7 @@ import io
 import json
 import tarfile
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import ClassVar
@@ -211,6 +212,78 @@ def test_cli_with_basic_auth_and_push_secret(
     for text in (out.out, out.err, term.read_text()):
         assert PASSWORD not in text and "not-the-password" not in text
         assert base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode() not in text
+
+
+def test_check_push_answers_before_training_and_writes_nothing(
+    auth_registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tuning Job's first step: the push secret's credentials may push, or the exit code says why."""
+    image = f"{auth_registry.host}/kaito/checked:0.0.1"
+    term = tmp_path / "termination-log"
+    good = tmp_path / "good"
+    good.mkdir()
+    docker_config(good / "config.json", auth_registry.host, USER, PASSWORD)
+    assert (
+        main(
+            [
+                "check-push",
+                "--plain-http",
+                "--docker-config",
+                str(good),
+                image,
+                "--termination-log",
+                str(term),
+            ]
+        )
+        == 0
+    )
+    assert term.read_text().strip() == f"push to {image} allowed"
+    # Nothing was pushed: the probe upload was cancelled and no tag exists.
+    creds = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    req = urllib.request.Request(
+        f"http://{auth_registry.host}/v2/kaito/checked/tags/list", headers={"Authorization": f"Basic {creds}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 404
+
+    wrong = tmp_path / "wrong.json"
+    docker_config(wrong, auth_registry.host, USER, "not-the-password")
+    assert (
+        main(
+            [
+                "check-push",
+                "--plain-http",
+                "--docker-config",
+                str(wrong),
+                image,
+                "--termination-log",
+                str(term),
+            ]
+        )
+        == 3
+    )
+    assert "401" in term.read_text() and "not-the-password" not in term.read_text()
+
+    # The imagePushSecret does not exist: the optional secret volume is an empty directory.
+    empty = tmp_path / "empty-secret-volume"
+    empty.mkdir()
+    assert (
+        main(
+            [
+                "check-push",
+                "--plain-http",
+                "--docker-config",
+                str(empty),
+                image,
+                "--termination-log",
+                str(term),
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in term.read_text()
+    assert PASSWORD not in capsys.readouterr().err
 
 
 def test_cli_errors_map_to_exit_codes(registry: Registry, tmp_path: Path) -> None:

@@ -62,6 +62,9 @@ def test_phi3_deployment_shape(registry: PresetRegistry, skus: SkuCatalog) -> No
     assert c["ports"][0]["containerPort"] == 5000
     assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": 5000, "scheme": "HTTP"}
     assert c["livenessProbe"]["initialDelaySeconds"] == 600
+    # Rolls (an adapter or strength change) fail no request: the old pod serves until the Service let go.
+    assert c["lifecycle"] == {"preStop": {"sleep": {"seconds": mf.PRESTOP_SLEEP_SECONDS}}}
+    assert 0 < mf.PRESTOP_SLEEP_SECONDS < 30  # inside the default terminationGracePeriodSeconds
     assert {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"} in pod["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     exprs = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
@@ -127,6 +130,8 @@ def test_service_ports_and_loadbalancer(registry: PresetRegistry, skus: SkuCatal
     assert svc["metadata"]["name"] == "workspace-phi-3-mini"
     assert svc["spec"]["type"] == "ClusterIP"
     assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(80, 5000), (29500, 29500)]
+    # Requests reach ready pods only: not one still loading its model or shutting down in a roll.
+    assert svc["spec"]["publishNotReadyAddresses"] is False
     (lb,) = build(workspace(annotations={"kaito.sh/enablelb": "True"}), registry, skus).services
     assert lb["spec"]["type"] == "LoadBalancer"
 

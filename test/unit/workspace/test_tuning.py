@@ -75,7 +75,16 @@ def test_seed_job_matches_readme(registry: PresetRegistry, skus: SkuCatalog) -> 
     assert {"key": "app", "operator": "In", "values": ["phi-3-adapter"]} in exprs
     assert {"key": "kubernetes.io/hostname", "operator": "In", "values": ["node-a"]} in exprs
 
-    (init,) = pod["initContainers"]
+    init, check = pod["initContainers"]
+    # Before the training: may the push secret push there? (fails in seconds, not after hours)
+    assert check["name"] == "push-check" and check["image"] == init["image"]
+    assert check["command"] == [
+        "python3", "-m", "kaito_oci", "check-push", "--docker-config", "/tmp/.docker/config",
+        "ACR_REPO_HERE.azurecr.io/IMAGE_NAME_HERE:0.0.1",
+    ]  # fmt: skip
+    assert check["volumeMounts"] == [
+        {"name": "docker-config", "mountPath": "/tmp/.docker/config", "readOnly": True}
+    ]
     assert init["name"] == "data-downloader"
     assert init["command"] == ["python3", "-m", "kaito_tuning.download", "--dest", "/mnt/data"]
     assert init["env"] == [{"name": "DATA_URLS", "value": DOLLY}]
@@ -112,6 +121,8 @@ def test_seed_job_matches_readme(registry: PresetRegistry, skus: SkuCatalog) -> 
             "secret": {
                 "secretName": "ACR_REGISTRY_SECRET_HERE",
                 "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
+                # A missing Secret must not hold the pod in ContainerCreating: the check reports it.
+                "optional": True,
             },
         },
     ]
@@ -120,7 +131,7 @@ def test_seed_job_matches_readme(registry: PresetRegistry, skus: SkuCatalog) -> 
 def test_image_input_uses_extractor_with_pull_secrets(registry: PresetRegistry, skus: SkuCatalog) -> None:
     ws = workspace({"input": {"image": "reg.io/data:1", "imagePullSecrets": ["in-a", "in-b"]}})
     pod = job_for(ws, registry, skus)["spec"]["template"]["spec"]
-    (init,) = pod["initContainers"]
+    init, _ = pod["initContainers"]
     assert init["name"] == "data-extractor"
     assert init["command"] == [
         "python3",
@@ -244,6 +255,45 @@ def test_credentials_in_a_termination_message_reach_neither_status_nor_event() -
     for secret in ("hunter2", "s1gn4ture", "abc.def.ghi"):
         assert secret not in written, written
     assert "https://[redacted]@blob.example/d.parquet?sv=1&sig=[redacted]" in written
+
+
+def _failed_job_pod(
+    container: str, exit_code: int, message: str, init: bool = True, reason: str = "Error"
+) -> Any:
+    key = "initContainerStatuses" if init else "containerStatuses"
+    term = {"exitCode": exit_code, "reason": reason, "message": message}
+    return {
+        "metadata": {"name": "j-abc"},
+        "status": {key: [{"name": container, "state": {"terminated": term}}]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("container", "code", "init", "kubelet_reason", "reason", "hint"),
+    [
+        ("push-check", 2, True, "Error", "PushSecretInvalid", "imagePushSecret push-secret"),
+        ("push-check", 3, True, "Error", "PushRefused", "imagePushSecret push-secret"),
+        ("push-check", 1, True, "Error", "RegistryUnreachable", ""),
+        ("data-downloader", 1, True, "Error", "DatasetDownloadFailed", "check tuning.input"),
+        ("data-extractor", 3, True, "Error", "DatasetDownloadFailed", "check tuning.input"),
+        ("j", 137, False, "OOMKilled", "OOMKilled", ""),
+        ("j", 1, False, "Error", "BackoffLimitExceeded", ""),  # training failed: the Job's reason
+    ],
+)
+def test_job_failure_reason_names_the_step(
+    container: str, code: int, init: bool, kubelet_reason: str, reason: str, hint: str
+) -> None:
+    """Each step's failure is a typed reason (status + Event), its program's words and what to check."""
+    failed = {
+        "metadata": {"name": "j"},
+        "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]},
+    }
+    out = tn.job_outcome(
+        failed, [_failed_job_pod(container, code, "error: the words", init, kubelet_reason)], "push-secret"
+    )
+    assert out.phase == st.Phase.FAILED and out.reason == reason
+    assert f"container {container} exited {code}: error: the words" in out.message
+    assert hint in out.message
 
 
 def _template_file(method: str) -> tuple[str, str]:
