@@ -11,6 +11,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
+# shellcheck source=k8s-wrapper.sh
+source "$here/k8s-wrapper.sh"
 
 cache_root="${KAITO_BIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kaito-py}"
 bin_dir="$cache_root/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION"
@@ -48,33 +50,14 @@ mkdir -p "$out"
 start=$SECONDS
 
 # --- Kubernetes: wrapper module that maps every staging module to its published v0.X.Y ----------
-k8s_minor_tag="v0.${K8S_VERSION#v1.}"
-mod_file="$(cd "$work" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
-[ -f "$mod_file" ] || { log "could not download k8s.io/kubernetes@$K8S_VERSION go.mod"; exit 1; }
-go_line="$(grep -m1 '^go ' "$mod_file")"
 mkdir -p "$work/k8s"
-{
-  echo "module kaito.local/k8sbuild"
-  echo
-  echo "$go_line"
-  echo
-  echo "require k8s.io/kubernetes $K8S_VERSION"
-  echo
-  echo "replace ("
-  sed -n 's#^\s*\(k8s\.io/[a-z0-9-]*\) => \./staging/src/.*#\1#p' "$mod_file" | while read -r m; do
-    printf '\t%s => %s %s\n' "$m" "$m" "$k8s_minor_tag"
-  done
-  echo ")"
-} > "$work/k8s/go.mod"
-log "wrapper go.mod: $(grep -c '=>' "$work/k8s/go.mod") staging replaces to $k8s_minor_tag"
+k8s_wrapper_mod "$work/k8s" kaito.local/k8sbuild || exit 1
+log "wrapper go.mod: $(grep -c '=>' "$work/k8s/go.mod") staging replaces"
 
 commit="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"Hash": "\(.*\)".*/\1/p' | head -c 12 || true)"
 major="${K8S_VERSION#v}"; major="${major%%.*}"
 minor="${K8S_VERSION#v*.}"; minor="${minor%%.*}"
-pkg="k8s.io/component-base/version"
-ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor \
- -X $pkg.gitTreeState=clean -X $pkg.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ) \
- -X $pkg.gitCommit=${commit:-unknown}"
+ldflags="$(k8s_ldflags "${commit:-unknown}")"
 # client-go carries its own copy of the stamp used by kubectl's client version.
 ldflags="$ldflags -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION \
  -X k8s.io/client-go/pkg/version.gitMajor=$major -X k8s.io/client-go/pkg/version.gitMinor=$minor"

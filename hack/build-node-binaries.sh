@@ -10,6 +10,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
+# shellcheck source=k8s-wrapper.sh
+source "$here/k8s-wrapper.sh"
 
 cache_root="${KAITO_BIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kaito-py}"
 bin_dir="$cache_root/bin/node-k8s-$K8S_VERSION-critools-$CRI_TOOLS_VERSION"
@@ -47,28 +49,8 @@ mkdir -p "$out" "$work/k8s"
 start=$SECONDS
 
 # Wrapper module: k8s.io/kubernetes with every staging module mapped to its published v0.X.Y.
-k8s_minor_tag="v0.${K8S_VERSION#v1.}"
-mod_file="$(cd "$work" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
-[ -f "$mod_file" ] || { log "could not download k8s.io/kubernetes@$K8S_VERSION go.mod"; exit 1; }
-{
-  echo "module kaito.local/k8snodebuild"
-  echo
-  grep -m1 '^go ' "$mod_file"
-  echo
-  echo "require k8s.io/kubernetes $K8S_VERSION"
-  echo
-  echo "replace ("
-  sed -n 's#^\s*\(k8s\.io/[a-z0-9-]*\) => \./staging/src/.*#\1#p' "$mod_file" | while read -r m; do
-    printf '\t%s => %s %s\n' "$m" "$m" "$k8s_minor_tag"
-  done
-  echo ")"
-} > "$work/k8s/go.mod"
-
-major="${K8S_VERSION#v}"; major="${major%%.*}"
-minor="${K8S_VERSION#v*.}"; minor="${minor%%.*}"
-pkg="k8s.io/component-base/version"
-ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor \
- -X $pkg.gitTreeState=clean -X $pkg.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+k8s_wrapper_mod "$work/k8s" kaito.local/k8snodebuild || exit 1
+ldflags="$(k8s_ldflags)"
 
 cmds=(kubelet kube-proxy)
 (

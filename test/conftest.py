@@ -41,7 +41,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(getattr(pytest.mark, SUITE_MARKERS[suite]))
 
 
-def _start(profile: str) -> Iterator[LocalCluster]:
+def local_cluster(profile: str) -> Iterator[LocalCluster]:
+    """A started local cluster of ``profile`` (generator: stopped when resumed), for fixtures of any scope."""
     cluster = LocalCluster(profile=profile, keep_workdir=bool(os.environ.get("KAITO_KEEP_CLUSTER_DIR")))
     cluster.start(timeout=float(os.environ.get("KAITO_CLUSTER_START_TIMEOUT", "90")))
     try:
@@ -53,13 +54,13 @@ def _start(profile: str) -> Iterator[LocalCluster]:
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[LocalCluster]:
     """etcd + kube-apiserver (RBAC, admin token) for the whole test session."""
-    yield from _start("apiserver")
+    yield from local_cluster("apiserver")
 
 
 @pytest.fixture(scope="session")
 def full_cluster() -> Iterator[LocalCluster]:
     """Plus controller-manager, scheduler and kwok, for the whole test session."""
-    yield from _start("full")
+    yield from local_cluster("full")
 
 
 @pytest.fixture

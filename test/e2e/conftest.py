@@ -85,3 +85,13 @@ def no_credentials_leaked() -> Iterator[None]:
             f"{len(hits)} credential(s) leaked into logs, Events or status:\n" + "\n".join(hits[:50]),
             pytrace=False,
         )
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    """Keep each test's call report on its item (``request.node.rep_call``): fixtures print the
+    controllers' logs on teardown when the test failed."""
+    rep = yield
+    if rep.when == "call":
+        item.rep_call = rep  # type: ignore[attr-defined]
+    return rep

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +29,7 @@ from hack.localcluster import LocalCluster
 from kaito.runtime.kube import KubeClient
 from kaito.runtime.leader_election import LeaderElectionConfig, LeaderElector
 from kaito.webhook.certs import CertManager
+from test.conftest import local_cluster
 from test.integration.install.helpers import CHART, prometheus_operator_crds, tools_dir
 from test.waiting import eventually
 
@@ -50,12 +50,7 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
-    plane = LocalCluster(profile="full", keep_workdir=bool(os.environ.get("KAITO_KEEP_CLUSTER_DIR")))
-    plane.start(timeout=float(os.environ.get("KAITO_CLUSTER_START_TIMEOUT", "90")))
-    try:
-        yield plane
-    finally:
-        plane.stop()
+    yield from local_cluster("full")
 
 
 def helm(cluster: LocalCluster, *args: str) -> str:

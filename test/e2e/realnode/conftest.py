@@ -21,6 +21,7 @@ import pytest
 from hack import images
 from hack.localcluster import LocalCluster
 from hack.realnode import MACHINE_LOCK, RealNode, unmet_requirements
+from test.conftest import local_cluster
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -53,12 +54,7 @@ def machine_lock() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def node_cluster(machine_lock: None) -> Iterator[LocalCluster]:
     """A full cluster of this module's own."""
-    plane = LocalCluster(profile="full", keep_workdir=bool(os.environ.get("KAITO_KEEP_CLUSTER_DIR")))
-    plane.start(timeout=float(os.environ.get("KAITO_CLUSTER_START_TIMEOUT", "90")))
-    try:
-        yield plane
-    finally:
-        plane.stop()
+    yield from local_cluster("full")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +34,14 @@ SAMPLES = REPO / "config" / "samples"
 SYSTEM_NS = "kaito-system"
 
 
-@pytest.fixture(scope="session")
-def crds(full_cluster: LocalCluster) -> LocalCluster:
-    """Workspace, Machine and NodeClaim CRDs installed (server-side apply: idempotent beside other suites)."""
+def install_crds(cluster: LocalCluster) -> None:
+    """Workspace, Machine and NodeClaim CRDs (server-side apply: idempotent beside other suites) and the
+    system namespace."""
     for crd in CRDS:
-        full_cluster.kubectl(
+        cluster.kubectl(
             "apply", "--server-side", "--force-conflicts", "--field-manager=kaito-crds", "-f", str(crd)
         )
-    full_cluster.kubectl(
+    cluster.kubectl(
         "wait",
         "--for=condition=Established",
         "--timeout=60s",
@@ -49,8 +49,14 @@ def crds(full_cluster: LocalCluster) -> LocalCluster:
         "crd/machines.karpenter.sh",
         "crd/nodeclaims.karpenter.sh",
     )
-    if full_cluster.kubectl("get", "namespace", SYSTEM_NS, check=False).returncode != 0:
-        full_cluster.kubectl("create", "namespace", SYSTEM_NS, check=False)
+    if cluster.kubectl("get", "namespace", SYSTEM_NS, check=False).returncode != 0:
+        cluster.kubectl("create", "namespace", SYSTEM_NS, check=False)
+
+
+@pytest.fixture(scope="session")
+def crds(full_cluster: LocalCluster) -> LocalCluster:
+    """The session's full cluster with :func:`install_crds` done."""
+    install_crds(full_cluster)
     return full_cluster
 
 
@@ -305,11 +311,3 @@ async def operator(
         if os.environ.get("KAITO_SHOW_LOGS") or (failed is not None and failed.failed):
             print(op.dump())
         op.stop_all()
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
-    rep = yield
-    if rep.when == "call":
-        item.rep_call = rep  # type: ignore[attr-defined]
-    return rep

@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -31,11 +30,10 @@ from test.e2e.realnode.seed.seedbed import (
     CPUTarget,
     DatasetServer,
     SeedRegistry,
-    install_crds,
     start_seed_registry,
     write_dataset,
 )
-from test.e2e.workspace.conftest import Operator
+from test.e2e.workspace.conftest import Operator, install_crds
 
 # The images' registry as the operator names preset images (--image-registry); they are loaded into
 # containerd under these names, so nothing is ever pulled from a registry.
@@ -149,11 +147,3 @@ async def seed_operator(
         if os.environ.get("KAITO_SHOW_LOGS") or (failed is not None and failed.failed):
             print(op.dump())
         op.stop_all()
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
-    rep = yield
-    if rep.when == "call":
-        item.rep_call = rep  # type: ignore[attr-defined]
-    return rep

@@ -27,7 +27,6 @@ from typing import Any
 import yaml
 
 from hack.localcluster import LocalCluster
-from test.e2e.workspace.conftest import CRDS, SYSTEM_NS
 
 REPO = Path(__file__).resolve().parents[4]
 SAMPLES = REPO / "config" / "samples"
@@ -133,26 +132,6 @@ def start_seed_registry(workdir: Path, address: str, tls: tuple[Path, Path, Path
     user, password = "kaito-seed", secrets.token_hex(12)
     running = start_registry(workdir, users={user: password}, bind=address, tls=tls)
     return SeedRegistry(running, user, password)
-
-
-# ------------------------------------------------------------------------------------- the cluster
-
-
-def install_crds(cluster: LocalCluster) -> None:
-    """Workspace and Machine CRDs (server-side apply: idempotent) and the system namespace."""
-    for crd in CRDS:
-        cluster.kubectl(
-            "apply", "--server-side", "--force-conflicts", "--field-manager=kaito-crds", "-f", str(crd)
-        )
-    cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/workspaces.kaito.sh",
-        "crd/machines.karpenter.sh",
-    )
-    if cluster.kubectl("get", "namespace", SYSTEM_NS, check=False).returncode != 0:
-        cluster.kubectl("create", "namespace", SYSTEM_NS, check=False)
 
 
 # ----------------------------------------------------------------------------------- the manifests
