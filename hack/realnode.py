@@ -152,14 +152,14 @@ class TcpForwarder:
         s.bind(self.listen)
         s.listen(128)
         self._sock = s
-        self._thread = threading.Thread(target=self._accept, name="apiserver-forward", daemon=True)
+        # The thread gets its own reference: stop() clears self._sock while accept() may be running.
+        self._thread = threading.Thread(target=self._accept, args=(s,), name="apiserver-forward", daemon=True)
         self._thread.start()
 
-    def _accept(self) -> None:
-        assert self._sock is not None
+    def _accept(self, sock: socket.socket) -> None:
         while True:
             try:
-                client, _ = self._sock.accept()
+                client, _ = sock.accept()
             except OSError:
                 return  # closed by stop()
             try:
